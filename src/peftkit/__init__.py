@@ -1,0 +1,38 @@
+"""peftkit: parameter-efficient fine-tuning for PyTorch, with HF PEFT's names and adapter files."""
+
+from .config import PeftConfig, TaskType
+from .errors import (
+    AdapterFileError,
+    AdapterNameError,
+    NoTrainableParametersError,
+    PeftConfigError,
+    PeftError,
+    TargetModulesError,
+)
+from .methods.lora import LoraConfig
+from .model import (
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "AdapterNameError",
+    "LoraConfig",
+    "NoTrainableParametersError",
+    "PeftConfig",
+    "PeftConfigError",
+    "PeftError",
+    "PeftModel",
+    "TargetModulesError",
+    "TaskType",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
+]

@@ -1,0 +1,246 @@
+"""The interface every layer method shares, the method registry, and the modules_to_save wrapper.
+
+An :class:`AdapterLayer` wraps one frozen base module (``self.base_layer``, untouched) and holds any
+number of named adapters. Its adapter parameters live in ``nn.ModuleDict`` / ``nn.ParameterDict``
+attributes keyed by adapter name and listed in ``ADAPTER_ATTRS``; from that one list the shared code
+derives saving, loading, counting, freezing and deleting, with HF PEFT's key suffixes
+(``lora_A.weight``, ``lora_embedding_A``) — no method needs its own bookkeeping for those.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..config import PeftConfig, register_config
+from ..errors import AdapterFileError, PeftError, TargetModulesError
+
+
+class AdapterLayer(nn.Module):
+    """A frozen ``base_layer`` plus named adapters. Subclasses implement ``update_layer`` and ``forward``;
+    mergeable ones implement ``delta_weight`` (and get ``merge``/``unmerge`` for free)."""
+
+    ADAPTER_ATTRS: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # ---- what subclasses provide ------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
+        raise NotImplementedError  # abstract
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The change this adapter makes to ``base_layer.weight`` (same shape and layout)."""
+        raise PeftError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    # ---- names and parameters ---------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in self.ADAPTER_ATTRS:
+            names.update(dict.fromkeys(getattr(self, attr).keys()))
+        return list(names)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors, keyed by HF PEFT's suffix (``lora_A.weight``, ``lora_embedding_A``)."""
+        out: dict[str, torch.Tensor] = {}
+        for attr in self.ADAPTER_ATTRS:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter | torch.Tensor):
+                out[attr] = item
+            else:
+                for pname, p in item.named_parameters():
+                    out[f"{attr}.{pname}"] = p
+        return out
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        yield from self.adapter_state_dict(adapter_name).values()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise PeftError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+        for attr in self.ADAPTER_ATTRS:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        self._forget(adapter_name)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def _forget(self, adapter_name: str) -> None:
+        """Drop per-adapter non-parameter state (hyper-parameters held in plain dicts)."""
+
+    def set_adapter(self, adapter_names: list[str]) -> None:
+        self.active_adapters = [a for a in adapter_names if a in self.adapter_names]
+
+    # ---- merging ----------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = [a for a in (adapter_names or self.active_adapters) if a in self.adapter_names]
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters:
+                continue
+            delta = self.delta_weight(name)
+            if safe_merge:
+                merged = weight.data.float() + delta
+                if not torch.isfinite(merged).all():
+                    raise PeftError(
+                        f"merging adapter {name!r} into {type(self.base_layer).__name__} gives NaN/inf "
+                        "weights; the adapter is broken (check its training) — nothing was changed"
+                    )
+                weight.data.copy_(merged.to(weight.dtype))
+            else:
+                weight.data += delta.to(weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data -= self.delta_weight(name).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full per adapter (a task head): ``original_module`` stays frozen, each adapter
+    gets its own trainable copy in ``modules_to_save[name]``; the active adapter's copy runs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+
+    def add(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+
+    def set_adapter(self, adapter_names: list[str]) -> None:
+        self.active_adapter = next((a for a in adapter_names if a in self.modules_to_save), None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    @property
+    def current(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.current(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current, name)  # e.g. head.weight, head.out_features
+
+
+# ---- the method registry ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodSpec:
+    """How a peft_type adapts a module: ``layer_for(module)`` returns the AdapterLayer class that wraps
+    this kind of module (or None if the method cannot adapt it)."""
+
+    config_cls: type[PeftConfig]
+    layer_base: type[AdapterLayer]
+    layer_for: Callable[[nn.Module], type[AdapterLayer] | None]
+    supported: str  # for error messages: "Linear, Conv1D, Embedding, Conv2d"
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    register_config(spec.config_cls)
+    METHODS[spec.config_cls.PEFT_TYPE] = spec
+    return spec
+
+
+def method_for(config: PeftConfig) -> MethodSpec:
+    try:
+        return METHODS[config.PEFT_TYPE]
+    except KeyError:
+        raise PeftError(f"peft_type {config.PEFT_TYPE!r} has no layer method registered") from None
+
+
+def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> list[str]:
+    """Wrap every module ``config`` targets and add adapter ``adapter_name`` to it.
+
+    All targets are checked before any module is replaced, so a bad target leaves the model untouched.
+    Returns the names of the adapted modules."""
+    from ..targeting import find_targets
+
+    spec = method_for(config)
+    plan: list[tuple[str, nn.Module, type[AdapterLayer] | None]] = []
+    for name in find_targets(model, config):
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            if not isinstance(module, spec.layer_base):
+                raise TargetModulesError(
+                    f"module {name!r} already holds a {type(module).__name__} adapter; one module can hold "
+                    f"adapters of one method family — exclude it with exclude_modules"
+                )
+            if adapter_name in module.adapter_names:
+                raise PeftError(f"module {name!r} already has an adapter named {adapter_name!r}")
+            plan.append((name, module, None))
+            continue
+        layer_cls = spec.layer_for(module)
+        if layer_cls is None:
+            raise TargetModulesError(
+                f"target {name!r} is a {type(module).__name__}, which {config.PEFT_TYPE} cannot adapt "
+                f"(supported: {spec.supported}); narrow target_modules or add it to exclude_modules"
+            )
+        plan.append((name, module, layer_cls))
+    for name, module, layer_cls in plan:
+        if layer_cls is not None:
+            module = layer_cls(module)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        module.update_layer(adapter_name, config, name)
+    return [name for name, _, _ in plan]
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def modules_to_save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module
+
+
+def check_shapes(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], where: str) -> None:
+    for key, tensor in given.items():
+        if key not in expected:
+            raise AdapterFileError(f"{where}: key {key!r} does not exist in this model; the file is for another model")
+        if tuple(expected[key].shape) != tuple(tensor.shape):
+            raise AdapterFileError(
+                f"{where}: {key!r} has shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(expected[key].shape)} in this model; the adapter was made for another model or rank"
+            )

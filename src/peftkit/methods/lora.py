@@ -1,0 +1,299 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") and rsLoRA.
+
+    y = W x + s · B A dropout(x),      s = lora_alpha / r      (rsLoRA: s = lora_alpha / sqrt(r))
+
+Shapes for a Linear target with d_in inputs and d_out outputs: A is (r, d_in), B is (d_out, r).
+Initialisation (HF PEFT's, so a fresh adapter is a no-op): A Kaiming-uniform(a=sqrt(5)) and B = 0;
+``"gaussian"``: A ~ N(0, 1/r); ``False``: both random (a non-zero adapter, for tests). For embeddings
+A (r, num_embeddings) = 0 and B (dim, r) ~ N(0, 1), stored as ``lora_embedding_A/B``.
+Conv2d: A is a Conv2d(d_in, r, kernel, stride, padding), B a 1x1 Conv2d(r, d_out).
+Adapter weights are fp32 by default even on a bf16/fp16 base (``autocast_adapter_dtype``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import SEQ_CLS_HEAD_NAMES, PeftConfig
+from ..errors import PeftConfigError
+from ..targeting import is_conv1d
+from .base import AdapterLayer, MethodSpec, register_method
+
+
+# ---- the maths, as pure functions ------------------------------------------------------------------
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski 2023)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def lora_delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """ΔW = s · B A, shaped like the base weight ((d_out, d_in), or (d_in, d_out) for Conv1D)."""
+    delta = (B @ A) * scaling
+    return delta.T if fan_in_fan_out else delta
+
+
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """rank_pattern / alpha_pattern lookup, HF PEFT's rule: the first key that matches the end of the name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+# ---- the config ----------------------------------------------------------------------------------
+@dataclass
+class LoraConfig(PeftConfig):
+    """HF PEFT's LoraConfig fields and defaults (those that change the maths and that peftkit implements)."""
+
+    PEFT_TYPE: ClassVar[str] = "LORA"
+    UNSUPPORTED_KEYS: ClassVar[frozenset[str]] = frozenset({
+        "lora_bias", "layer_replication", "trainable_token_indices", "use_dora", "loftq_config",
+        "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
+        "use_qalora", "monteclora_config", "target_parameters", "use_bdlora", "arrow_config",
+        "kasa_config", "megatron_config", "ensure_weight_tying",
+    })
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    autocast_adapter_dtype: bool = True
+    qalora_group_size: int = 16  # only read by QA-LoRA (use_qalora), accepted for HF files
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, set | tuple):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, set | tuple):
+            self.exclude_modules = sorted(self.exclude_modules)
+        for name, value in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise PeftConfigError(f"{name} must be a positive integer, got {value!r}; use e.g. r=8")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise PeftConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise PeftConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise PeftConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise PeftConfigError("layers_pattern needs layers_to_transform; set both or neither")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise PeftConfigError(
+                "layers_to_transform cannot be used with a regex target_modules; give a list of names"
+            )
+        if self.task_type == "SEQ_CLS":
+            # HF PEFT trains and saves the classification head with a SEQ_CLS adapter
+            extra = [h for h in SEQ_CLS_HEAD_NAMES if h not in (self.modules_to_save or [])]
+            self.modules_to_save = list(self.modules_to_save or []) + extra
+
+
+# ---- the layers ------------------------------------------------------------------------------------
+class LoraLayer(AdapterLayer):
+    """Per-adapter hyper-parameters shared by every LoRA layer type."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+
+    def _set_hyper(self, adapter_name: str, config: LoraConfig, module_name: str) -> tuple[int, float]:
+        r = pattern_value(config.rank_pattern, module_name, config.r)
+        alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        return r, alpha
+
+    def _forget(self, adapter_name: str) -> None:
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(adapter_name, None)
+        if adapter_name in self.lora_dropout:
+            del self.lora_dropout[adapter_name]
+
+    def _adapter_dtype(self, config: LoraConfig) -> torch.dtype:
+        dtype = self.base_layer.weight.dtype
+        if config.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """Multiply the adapter's effective scaling by ``scale`` (HF PEFT's set_scale)."""
+        self.scaling[adapter_name] = scale * lora_scaling(self.lora_alpha[adapter_name], self.r[adapter_name])
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (weight stored transposed: fan_in_fan_out)."""
+
+    ADAPTER_ATTRS = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        if config.fan_in_fan_out != self.fan_in_fan_out:
+            warnings.warn(
+                f"{module_name}: fan_in_fan_out={config.fan_in_fan_out} does not fit a "
+                f"{type(self.base_layer).__name__}; using {self.fan_in_fan_out}", stacklevel=3,
+            )
+        r, _ = self._set_hyper(adapter_name, config, module_name)
+        kw = {"device": self.base_layer.weight.device, "dtype": self._adapter_dtype(config)}
+        A = nn.Linear(self.in_features, r, bias=False, **kw)
+        B = nn.Linear(r, self.out_features, bias=False, **kw)
+        if config.init_lora_weights is True:
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            nn.init.zeros_(B.weight)
+        elif config.init_lora_weights == "gaussian":
+            nn.init.normal_(A.weight, std=1 / r)
+            nn.init.zeros_(B.weight)
+        self.lora_A[adapter_name] = A
+        self.lora_B[adapter_name] = B
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return lora_delta_weight(
+            self.lora_A[adapter_name].weight.float(), self.lora_B[adapter_name].weight.float(),
+            self.scaling[adapter_name], self.fan_in_fan_out,
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self.active_adapters:
+            A = self.lora_A[name]
+            xa = self.lora_dropout[name](x.to(A.weight.dtype))
+            result = result + (self.lora_B[name](A(xa)) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: y = E[ids] + s · (A^T[ids]) B^T. No dropout (as in HF PEFT)."""
+
+    ADAPTER_ATTRS = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r, _ = self._set_hyper(adapter_name, config, module_name)
+        base = self.base_layer
+        kw = {"device": base.weight.device, "dtype": self._adapter_dtype(config)}
+        A = torch.empty(r, base.num_embeddings, **kw)
+        B = torch.empty(base.embedding_dim, r, **kw)
+        if config.init_lora_weights is True:
+            nn.init.zeros_(A)
+        else:
+            nn.init.normal_(A)
+        nn.init.normal_(B)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(A)
+        self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A = self.lora_embedding_A[adapter_name].float()
+        B = self.lora_embedding_B[adapter_name].float()
+        return lora_delta_weight(A, B, self.scaling[adapter_name]).T  # (num_embeddings, dim)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        base = self.base_layer
+        for name in self.active_adapters:
+            A = self.lora_embedding_A[name]
+            after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
+                                  base.scale_grad_by_freq, base.sparse)
+            result = result + ((after_a @ self.lora_embedding_B[name].T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA on ``nn.Conv2d``: A has the base's kernel, stride and padding; B is a 1x1 convolution."""
+
+    ADAPTER_ATTRS = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r, _ = self._set_hyper(adapter_name, config, module_name)
+        base = self.base_layer
+        kw = {"device": base.weight.device, "dtype": self._adapter_dtype(config)}
+        A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                      bias=False, **kw)
+        B = nn.Conv2d(r, base.out_channels, 1, 1, bias=False, **kw)
+        if config.init_lora_weights is True:
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            nn.init.zeros_(B.weight)
+        elif config.init_lora_weights == "gaussian":
+            nn.init.normal_(A.weight, std=1 / r)
+            nn.init.zeros_(B.weight)
+        self.lora_A[adapter_name] = A
+        self.lora_B[adapter_name] = B
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A = self.lora_A[adapter_name].weight.float()  # (r, in, kh, kw)
+        B = self.lora_B[adapter_name].weight.float()  # (out, r, 1, 1)
+        return torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A) * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self.active_adapters:
+            A = self.lora_A[name]
+            xa = self.lora_dropout[name](x.to(A.weight.dtype))
+            result = result + (self.lora_B[name](A(xa)) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
+        return LoraConv2d
+    return None
+
+
+LORA = register_method(MethodSpec(
+    config_cls=LoraConfig, layer_base=LoraLayer, layer_for=lora_layer_for,
+    supported="Linear, transformers Conv1D, Embedding, Conv2d (groups=1)",
+))

@@ -1,0 +1,424 @@
+"""PeftModel: owns the named adapters of a wrapped model and decides which are active and trainable.
+
+Mirrors HF PEFT's user-facing API (get_peft_model, PeftModel.from_pretrained, add_adapter, set_adapter,
+disable_adapter, merge_and_unload, save_pretrained, ...). State is explicit: the configs by adapter name
+live in ``peft_config``; each adapted module knows its own adapters and which are active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .config import PeftConfig
+from .errors import AdapterFileError, AdapterNameError, NoTrainableParametersError, PeftError
+from .io import (
+    PEFT_PREFIX,
+    adapter_tensors,
+    check_against_model,
+    copy_into,
+    read_adapter_weights,
+    trained_biases,
+    write_adapter_folder,
+)
+from .methods.base import (
+    AdapterLayer,
+    ModulesToSaveWrapper,
+    adapter_layers,
+    inject_adapter,
+    modules_to_save_wrappers,
+)
+
+# ---- model-level verbs, usable on any nn.Module (PeftModel and inject_adapter_in_model share them) ---
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _add_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    if not isinstance(config, PeftConfig):
+        raise PeftError(f"expected a peftkit config (e.g. LoraConfig), got {type(config).__name__}")
+    inject_adapter(model, config, adapter_name)
+    names = getattr(config, "modules_to_save", None) or []
+    if not names:
+        return
+    inner: list[str] = []
+    for path, module in list(model.named_modules()):
+        if not path or any(path.startswith(p + ".") for p in inner):
+            continue
+        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
+            inner.append(path)
+        if any(path == n or path.endswith("." + n) for n in names):
+            if isinstance(module, AdapterLayer):
+                continue
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                _replace(model, path, module)
+            module.add(adapter_name)
+
+
+def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Delete an adapter everywhere; modules left with no adapter go back to their original module."""
+    for path, layer in list(adapter_layers(model)):
+        if adapter_name in layer.adapter_names:
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                _replace(model, path, layer.base_layer)
+    for path, wrapper in list(modules_to_save_wrappers(model)):
+        wrapper.delete_adapter(adapter_name)
+        if not len(wrapper.modules_to_save):
+            _replace(model, path, wrapper.original_module)
+
+
+def _activate(model: nn.Module, adapter_names: list[str]) -> None:
+    for _, layer in adapter_layers(model):
+        layer.set_adapter(adapter_names)
+    for _, wrapper in modules_to_save_wrappers(model):
+        wrapper.set_adapter(adapter_names)
+
+
+def _mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], active: list[str]) -> None:
+    """Freeze everything, then unfreeze the active, trainable adapters (and their heads and biases)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in active:
+        config = configs[name]
+        if config.inference_mode:
+            continue
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters(name):
+                p.requires_grad_(True)
+        for _, wrapper in modules_to_save_wrappers(model):
+            if name in wrapper.modules_to_save:
+                wrapper.modules_to_save[name].requires_grad_(True)
+        for _, p in trained_biases(model, name, getattr(config, "bias", "none")):
+            p.requires_grad_(True)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """Add adapter layers to ``model`` in place (no PeftModel wrapper), active and trainable; HF PEFT's name."""
+    _add_adapter(model, peft_config, adapter_name)
+    _activate(model, [adapter_name])
+    _mark_trainable(model, {adapter_name: peft_config}, [adapter_name])
+    return model
+
+
+class _IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel)
+
+
+def get_peft_model_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under HF PEFT's file keys (detached copies are not made; don't mutate)."""
+    root, prefix, config = _root_prefix_config(model, adapter_name)
+    tensors = adapter_tensors(root, adapter_name, config, prefix)
+    if state_dict is not None:  # take the values from a full state_dict of ``model`` (its own key names)
+        own_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        tensors = {k: state_dict[own_name[id(v)]] for k, v in tensors.items()}
+    return {k: v.detach() for k, v in tensors.items()}
+
+
+def set_peft_model_state_dict(
+    model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
+    strict: bool = True,
+) -> _IncompatibleKeys:
+    """Load adapter tensors (HF PEFT's file keys) into ``model``. Strict by default: every key and shape
+    is checked before anything is written; ``strict=False`` loads the keys that fit and reports the rest."""
+    root, prefix, config = _root_prefix_config(model, adapter_name)
+    expected = adapter_tensors(root, adapter_name, config, prefix)
+    given = dict(peft_model_state_dict)
+    if strict:
+        check_against_model(expected, given, "adapter state")
+    else:
+        unexpected = [k for k in given if k not in expected]
+        missing = [k for k in expected if k not in given]
+        expected = {k: v for k, v in expected.items() if k in given}
+        given = {k: given[k] for k in expected}
+        check_against_model(expected, given, "adapter state")
+        copy_into(expected, given)
+        return _IncompatibleKeys(missing, unexpected)
+    copy_into(expected, given)
+    return _IncompatibleKeys([], [])
+
+
+def _root_prefix_config(model: nn.Module, adapter_name: str) -> tuple[nn.Module, str, PeftConfig]:
+    if _is_peft_model(model):
+        if adapter_name not in model.peft_config:
+            raise AdapterNameError(
+                f"no adapter named {adapter_name!r}; this model has: {sorted(model.peft_config)}"
+            )
+        return model.base_model.model, PEFT_PREFIX, model.peft_config[adapter_name]
+    configs = getattr(model, "peft_config", None) or {}
+    config = configs.get(adapter_name) if isinstance(configs, dict) else None
+    if config is None:
+        from .methods.lora import LoraConfig
+
+        config = LoraConfig()  # only its bias="none" is read: adapter layers carry everything else
+    return model, "", config
+
+
+# ---- PeftModel -------------------------------------------------------------------------------------
+
+
+class _Host(nn.Module):
+    """Holds the user's model as ``.model`` so parameter names read ``base_model.model.<path>`` as in HF PEFT."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A model with named adapters. ``forward``, ``generate`` and unknown attributes go to the wrapped model."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = _Host(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self.train(model.training)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # ---- attribute forwarding ---------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "peft_config", "_active"):
+                raise
+            return getattr(self.base_model.model, name)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.base_model.model
+
+    # ---- running ----------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.base_model.model.training and torch.is_grad_enabled() and not any(p.requires_grad for p in self.parameters()):
+            raise NoTrainableParametersError(
+                f"training a PeftModel with no trainable parameters (adapter(s) {self._active} "
+                f"{'loaded with is_trainable=False' if self._all_inference() else 'are frozen'}); load with "
+                "PeftModel.from_pretrained(..., is_trainable=True), or call model.eval() to run inference"
+            )
+        return self.base_model.model(*args, **kwargs)
+
+    def _all_inference(self) -> bool:
+        return all(self.peft_config[a].inference_mode for a in self._active)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model.generate(*args, **kwargs)
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    def _check_name(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterNameError(
+                f"no adapter named {adapter_name!r}; this model has: {sorted(self.peft_config)}"
+            )
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (not active until ``set_adapter``, as in HF PEFT)."""
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(
+                f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
+            )
+        other = {c.PEFT_TYPE for c in self.peft_config.values()}
+        if other and peft_config.PEFT_TYPE not in other:
+            raise PeftError(
+                f"this model holds {other.pop()} adapters; a {peft_config.PEFT_TYPE} adapter cannot join them "
+                "in one PeftModel — wrap a fresh base model for it"
+            )
+        _add_adapter(self.base_model.model, peft_config, adapter_name)
+        self.peft_config[adapter_name] = peft_config
+        self._refresh()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` (or several, summed) the active and trainable adapter(s)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_name(name)
+        self._active = names
+        self._refresh()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_name(adapter_name)
+        _remove_adapter(self.base_model.model, adapter_name)
+        del self.peft_config[adapter_name]
+        self._active = [a for a in self._active if a != adapter_name] or list(self.peft_config)[:1]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        model = self.base_model.model
+        _activate(model, self._active)
+        _mark_trainable(model, self.peft_config, self._active)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model (and original heads) inside the block: ``with model.disable_adapter(): ...``"""
+        modules = [m for _, m in adapter_layers(self)] + [m for _, m in modules_to_save_wrappers(self)]
+        before = [m.disable_adapters for m in modules]
+        for m in modules:
+            m.disable_adapters = True
+        try:
+            yield
+        finally:
+            for m, flag in zip(modules, before, strict=True):
+                m.disable_adapters = flag
+
+    # ---- merging ----------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = adapter_names or self._active
+        for name in names:
+            self._check_name(name)
+        layers = [layer for _, layer in adapter_layers(self)]
+        if safe_merge:  # check every layer before writing any, so a bad adapter changes nothing
+            for layer in layers:
+                for name in names:
+                    if name in layer.adapter_names and not torch.isfinite(layer.delta_weight(name)).all():
+                        raise PeftError(f"adapter {name!r} has NaN/inf weights; nothing was merged")
+        for layer in layers:
+            layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in adapter_layers(self):
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the active adapters into the base weights and return the plain model (heads trained with the
+        adapter replace the original heads)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unwrap()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer without merging and return the base model with its original weights."""
+        self.unmerge_adapter()
+        return self._unwrap()
+
+    def _unwrap(self) -> nn.Module:
+        model = self.base_model.model
+        for path, layer in list(adapter_layers(model)):
+            _replace(model, path, layer.base_layer)
+        for path, wrapper in list(modules_to_save_wrappers(model)):
+            keep = wrapper.current if wrapper.active_adapter else wrapper.original_module
+            _replace(model, path, keep)
+        return model
+
+    # ---- counting ---------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- files ------------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True, is_main_process: bool = True, **kwargs: Any,
+    ) -> None:
+        """Write each adapter as a folder in HF PEFT's layout: "default" at the root, others in sub-folders."""
+        if not safe_serialization:
+            raise PeftError("peftkit writes safetensors only; drop safe_serialization=False")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_name(name)
+        if not is_main_process:
+            return
+        for name in names:
+            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            config = self.peft_config[name].copy(inference_mode=True)
+            tensors = adapter_tensors(self.base_model.model, name, config, PEFT_PREFIX)
+            write_adapter_folder(folder, config, tensors)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap ``model`` and load the adapter folder ``model_id``. On any error the model is left untouched."""
+        folder = _local_folder(model_id, kwargs.get("subfolder"))
+        config = config or PeftConfig.from_pretrained(folder)
+        config = config.copy(inference_mode=not is_trainable)
+        tensors = read_adapter_weights(folder)  # fails on a corrupt file before the model is touched
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_model._load_tensors(adapter_name, tensors, folder)
+        except BaseException:
+            peft_model.unload()
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> None:
+        """Load another adapter folder under ``adapter_name`` (not made active, as in HF PEFT)."""
+        folder = _local_folder(model_id, kwargs.get("subfolder"))
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(f"an adapter named {adapter_name!r} already exists; pick another name")
+        config = PeftConfig.from_pretrained(folder).copy(inference_mode=not is_trainable)
+        tensors = read_adapter_weights(folder)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_tensors(adapter_name, tensors, folder)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], folder: str) -> None:
+        expected = adapter_tensors(self.base_model.model, adapter_name, self.peft_config[adapter_name], PEFT_PREFIX)
+        check_against_model(expected, tensors, folder)
+        copy_into(expected, tensors)
+
+
+def _local_folder(model_id: str | os.PathLike, subfolder: str | None = None) -> str:
+    folder = os.fspath(model_id)
+    if subfolder:
+        folder = os.path.join(folder, subfolder)
+    if not os.path.isdir(folder):
+        raise AdapterFileError(
+            f"adapter folder {folder!r} does not exist; peftkit loads local folders only (download it first)"
+        )
+    return folder
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Wrap ``model`` with a new adapter ``adapter_name`` (active and trainable; the base is frozen)."""
+    return PeftModel(model, peft_config, adapter_name)
