@@ -24,7 +24,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class TaskType(str, enum.Enum):
+class TaskType(enum.StrEnum):
     """HF PEFT's task types (the string values are what the JSON files hold)."""
 
     SEQ_CLS = "SEQ_CLS"

@@ -9,6 +9,7 @@ derives saving, loading, counting, freezing and deleting, with HF PEFT's key suf
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ class AdapterLayer(nn.Module):
         self.disable_adapters = False
 
     # ---- what subclasses provide ------------------------------------------------------------------
+    @abc.abstractmethod
     def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
-        raise NotImplementedError  # abstract
+        """Create adapter ``adapter_name``'s parameters for this module (``module_name`` for patterns)."""
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The change this adapter makes to ``base_layer.weight`` (same shape and layout)."""

@@ -160,8 +160,8 @@ class LoraLinear(LoraLayer):
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         if config.fan_in_fan_out != self.fan_in_fan_out:
             warnings.warn(
-                f"{module_name}: fan_in_fan_out={config.fan_in_fan_out} does not fit a "
-                f"{type(self.base_layer).__name__}; using {self.fan_in_fan_out}", stacklevel=3,
+                f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(self.base_layer).__name__} targets "
+                f"(Conv1D stores its weight transposed, Linear does not); using {self.fan_in_fan_out}", stacklevel=4,
             )
         r, _ = self._set_hyper(adapter_name, config, module_name)
         kw = {"device": self.base_layer.weight.device, "dtype": self._adapter_dtype(config)}
@@ -211,10 +211,10 @@ class LoraEmbedding(LoraLayer):
         kw = {"device": base.weight.device, "dtype": self._adapter_dtype(config)}
         A = torch.empty(r, base.num_embeddings, **kw)
         B = torch.empty(base.embedding_dim, r, **kw)
-        if config.init_lora_weights is True:
-            nn.init.zeros_(A)
+        if config.init_lora_weights is False:
+            nn.init.normal_(A)  # a non-zero adapter, as HF PEFT's init_lora_weights=False
         else:
-            nn.init.normal_(A)
+            nn.init.zeros_(A)
         nn.init.normal_(B)
         self.lora_embedding_A[adapter_name] = nn.Parameter(A)
         self.lora_embedding_B[adapter_name] = nn.Parameter(B)

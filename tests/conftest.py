@@ -1,0 +1,66 @@
+"""Tiny models built from transformers configs with random weights (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert_cls(seed: int = 0, num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+class TinyNet(torch.nn.Module):
+    """A user's own model: no transformers, mixed layer types."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(
+            [torch.nn.ModuleDict({"fc": torch.nn.Linear(8, 8), "norm": torch.nn.LayerNorm(8)}) for _ in range(3)]
+        )
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h + self.conv(h.unsqueeze(1)).mean(1)
+        for block in self.blocks:
+            h = block["norm"](h + torch.relu(block["fc"](h)))
+        return self.head(h.mean(1))
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    torch.manual_seed(123)
+    return torch.randint(1, 128, (2, 7))
