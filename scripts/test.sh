@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite: bash scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --disable-pip-version-check torch==2.13.0   # first: the local CPU build, never a CUDA one
+pip install -q --disable-pip-version-check -e ".[dev,hf]"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+ruff check src tests benchmarks examples
+python -m pytest "$@"
