@@ -172,8 +172,9 @@ def test_bf16_base_keeps_fp32_adapter(ids) -> None:
     assert layer.base_layer.weight.dtype == torch.bfloat16
     assert pm(ids).logits.dtype == torch.bfloat16
     pm2 = get_peft_model(tiny_gpt2().to(torch.bfloat16),
-                         LoraConfig(r=4, target_modules=["c_attn"], autocast_adapter_dtype=False))
+                         LoraConfig(r=4, target_modules=["c_attn"]), autocast_adapter_dtype=False)
     assert pm2.base_model.model.transformer.h[0].attn.c_attn.lora_A["default"].weight.dtype == torch.bfloat16
+    assert "autocast_adapter_dtype" not in pm2.peft_config["default"].to_dict()  # never written to a file
 
 
 def test_safe_merge_refuses_nan_and_changes_nothing(ids) -> None:

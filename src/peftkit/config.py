@@ -103,6 +103,8 @@ class PeftConfig:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if f.metadata.get("local"):
+                continue  # a run-time option (like HF PEFT's get_peft_model arguments), not part of the file
             value = getattr(self, f.name)
             if isinstance(value, set):
                 value = sorted(value)

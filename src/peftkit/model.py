@@ -419,6 +419,13 @@ def _local_folder(model_id: str | os.PathLike, subfolder: str | None = None) -> 
     return folder
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
-    """Wrap ``model`` with a new adapter ``adapter_name`` (active and trainable; the base is frozen)."""
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True,
+    **kwargs: Any,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter ``adapter_name`` (active and trainable; the base is frozen).
+
+    ``autocast_adapter_dtype`` (HF PEFT's argument): adapter weights stay fp32 on a bf16/fp16 base."""
+    if hasattr(peft_config, "autocast_adapter_dtype"):
+        peft_config = peft_config.copy(autocast_adapter_dtype=peft_config.autocast_adapter_dtype and autocast_adapter_dtype)
     return PeftModel(model, peft_config, adapter_name)

@@ -75,7 +75,8 @@ class LoraConfig(PeftConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    autocast_adapter_dtype: bool = True
+    # HF PEFT passes this to get_peft_model, not to the config: it is never written to adapter_config.json
+    autocast_adapter_dtype: bool = field(default=True, metadata={"local": True})
     qalora_group_size: int = 16  # only read by QA-LoRA (use_qalora), accepted for HF files
 
     def __post_init__(self) -> None:
