@@ -111,6 +111,7 @@ def test_seq_cls_head_is_saved_and_restored(tmp_path) -> None:
     ids = torch.randint(1, 128, (2, 6))
     pm = get_peft_model(tiny_bert_cls(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
     assert pm.peft_config["default"].modules_to_save == ["classifier", "score"]
+    assert type(pm).__name__ == "PeftModelForSequenceClassification"
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert "base_model.model.classifier.modules_to_save.default.weight" in trainable
     assert not any("original_module" in n for n in trainable)

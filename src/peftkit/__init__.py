@@ -12,6 +12,11 @@ from .errors import (
 from .methods.lora import LoraConfig
 from .model import (
     PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
     get_peft_model,
     get_peft_model_state_dict,
     inject_adapter_in_model,
@@ -29,6 +34,11 @@ __all__ = [
     "PeftConfigError",
     "PeftError",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
     "TargetModulesError",
     "TaskType",
     "get_peft_model",

@@ -376,7 +376,7 @@ class PeftModel(nn.Module):
         config = config or PeftConfig.from_pretrained(folder)
         config = config.copy(inference_mode=not is_trainable)
         tensors = read_adapter_weights(folder)  # fails on a corrupt file before the model is touched
-        peft_model = cls(model, config, adapter_name)
+        peft_model = _class_for(config, cls)(model, config, adapter_name)
         try:
             peft_model._load_tensors(adapter_name, tensors, folder)
         except BaseException:
@@ -408,6 +408,41 @@ class PeftModel(nn.Module):
         copy_into(expected, tensors)
 
 
+class PeftModelForCausalLM(PeftModel):
+    """HF PEFT's task-specific class name; the same PeftModel (forward and generate pass through)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """HF PEFT's task-specific class name; the head trains through modules_to_save (task_type SEQ_CLS)."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """HF PEFT's task-specific class name."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """HF PEFT's task-specific class name."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """HF PEFT's task-specific class name."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+
+def _class_for(config: PeftConfig, default: type[PeftModel]) -> type[PeftModel]:
+    if default is not PeftModel:
+        return default
+    return MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type or "", PeftModel)
+
+
 def _local_folder(model_id: str | os.PathLike, subfolder: str | None = None) -> str:
     folder = os.fspath(model_id)
     if subfolder:
@@ -428,4 +463,4 @@ def get_peft_model(
     ``autocast_adapter_dtype`` (HF PEFT's argument): adapter weights stay fp32 on a bf16/fp16 base."""
     if hasattr(peft_config, "autocast_adapter_dtype"):
         peft_config = peft_config.copy(autocast_adapter_dtype=peft_config.autocast_adapter_dtype and autocast_adapter_dtype)
-    return PeftModel(model, peft_config, adapter_name)
+    return _class_for(peft_config, PeftModel)(model, peft_config, adapter_name)

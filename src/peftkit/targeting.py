@@ -118,15 +118,14 @@ def candidate_modules(model: nn.Module, skip_prefixes: Sequence[str] = ()) -> li
     return out
 
 
-def describe_candidates(model: nn.Module, kinds: tuple[type, ...] | None = None) -> str:
+def describe_candidates(model: nn.Module) -> str:
     """'query, key, value, dense' — distinct last name parts of adaptable modules, for error messages."""
     from .methods.base import AdapterLayer
 
     seen: dict[str, None] = {}
     for name, module in candidate_modules(model):
         base = module.base_layer if isinstance(module, AdapterLayer) else module
-        ok = is_linear_like(base) if kinds is None else (isinstance(base, kinds) or is_linear_like(base))
-        if ok:
+        if is_linear_like(base):
             seen.setdefault(name.rsplit(".", 1)[-1], None)
     names = list(seen)
     return ", ".join(names[:30]) + (", ..." if len(names) > 30 else "") if names else "(none)"

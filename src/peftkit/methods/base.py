@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..config import PeftConfig, register_config
-from ..errors import AdapterFileError, PeftError, TargetModulesError
+from ..errors import PeftError, TargetModulesError
 
 
 class AdapterLayer(nn.Module):
@@ -235,14 +235,3 @@ def modules_to_save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToS
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             yield name, module
-
-
-def check_shapes(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], where: str) -> None:
-    for key, tensor in given.items():
-        if key not in expected:
-            raise AdapterFileError(f"{where}: key {key!r} does not exist in this model; the file is for another model")
-        if tuple(expected[key].shape) != tuple(tensor.shape):
-            raise AdapterFileError(
-                f"{where}: {key!r} has shape {tuple(tensor.shape)} in the file but "
-                f"{tuple(expected[key].shape)} in this model; the adapter was made for another model or rank"
-            )
