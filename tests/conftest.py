@@ -11,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+# Tiny matrices: thread start-up costs far more than the maths (up to 1000x on a busy 2-core machine).
+torch.set_num_threads(1)
 
 
 def tiny_llama(seed: int = 0):

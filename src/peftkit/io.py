@@ -13,6 +13,7 @@ plain model given adapters by ``inject_adapter_in_model``, as in HF PEFT.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from .errors import AdapterFileError
-from .methods.base import adapter_layers, modules_to_save_wrappers
+from .methods.base import AdapterLayer, adapter_layers, modules_to_save_wrappers
 
 PEFT_PREFIX = "base_model.model."
 
@@ -58,7 +59,14 @@ def write_adapter_folder(folder: str | os.PathLike, config: PeftConfig, tensors:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(folder)}-")
     try:
-        clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        clean: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for key, value in tensors.items():
+            value = value.detach().to("cpu").contiguous()
+            if value.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared memory
+                value = value.clone()
+            seen.add(value.untyped_storage().data_ptr())
+            clean[key] = value
         save_file(clean, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
             fh.write(config.to_json_string())
@@ -104,8 +112,70 @@ def adapter_tensors(
         if adapter_name in wrapper.modules_to_save:
             for name, p in wrapper.modules_to_save[adapter_name].named_parameters():
                 out[f"{prefix}{path}.{name}"] = p
-    for name, p in trained_biases(model, adapter_name, getattr(config, "bias", "none")):
+    bias = getattr(config, "bias", "none")
+    for name, p in trained_biases(model, adapter_name, bias):
         out[f"{prefix}{name}"] = p
+    if bias == "all":
+        # HF PEFT picks biases by key name, so it also writes the head wrapper's inner biases
+        for path, wrapper in modules_to_save_wrappers(model):
+            if adapter_name in wrapper.modules_to_save:
+                for inner, module in (("original_module", wrapper.original_module),
+                                      ("modules_to_save", wrapper.modules_to_save[adapter_name])):
+                    if getattr(module, "bias", None) is not None:
+                        out[f"{prefix}{path}.{inner}.bias"] = module.bias
+    return out
+
+
+def file_tensors(
+    model: nn.Module, adapter_name: str, config: PeftConfig, prefix: str = PEFT_PREFIX,
+    save_embedding_layers: str | bool = "auto",
+) -> dict[str, torch.Tensor]:
+    """What an adapter file holds: the adapter's tensors, plus the full embedding weights when HF PEFT's
+    ``save_embedding_layers`` rule asks for them ("auto": when embed_tokens / lm_head are targeted)."""
+    tensors = adapter_tensors(model, adapter_name, config, prefix)
+    targeted = embedding_is_targeted(model, config)
+    if save_embedding_layers is True or (save_embedding_layers == "auto" and targeted):
+        tensors.update({
+            prefix + k: v for k, v in embedding_tensors(model).items()
+            if not targeted or k.endswith(".base_layer.weight")
+        })
+    return tensors
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def embedding_is_targeted(model: nn.Module, config: PeftConfig) -> bool:
+    """HF PEFT's rule for saving the full embedding weights with an adapter ("auto")."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return False
+        return any(
+            re.fullmatch(targets, name) for name, _ in model.named_modules()
+            if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES)
+        )
+    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+
+
+def embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The input/output embedding weights under HF PEFT's keys (``<path>.base_layer.weight`` when adapted).
+
+    HF PEFT saves them with an adapter that targets ``embed_tokens``/``lm_head`` (or after a vocabulary
+    resize); loading such a file writes them into the base model, as HF PEFT does."""
+    out: dict[str, torch.Tensor] = {}
+    getters = [getattr(model, g, None) for g in ("get_input_embeddings", "get_output_embeddings")]
+    for getter in getters:
+        module = getter() if callable(getter) else None
+        if module is None:
+            continue
+        path = next((n for n, m in model.named_modules() if m is module), None)
+        if path is None:
+            continue
+        if isinstance(module, AdapterLayer):
+            out[f"{path}.base_layer.weight"] = module.base_layer.weight
+        elif getattr(module, "weight", None) is not None:
+            out[f"{path}.weight"] = module.weight
     return out
 
 
@@ -126,26 +196,35 @@ def trained_biases(model: nn.Module, adapter_name: str, bias: str) -> list[tuple
     ]
 
 
-def check_against_model(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], where: str) -> None:
-    """Every key present in both with equal shapes, else one message naming the first problem."""
+def check_against_model(
+    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], where: str,
+    optional: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every expected key present with equal shapes, and no key without a place, else one message naming the
+    first problem. ``optional`` keys may be absent. Returns the targets to copy the file's tensors into."""
+    optional = optional or {}
+    targets: dict[str, torch.Tensor] = {}
     for key, tensor in given.items():
-        if key not in expected:
+        target = expected.get(key, optional.get(key))
+        if target is None:
             hint = next(iter(expected), "(none)")
             raise AdapterFileError(
                 f"{where}: key {key!r} has no place in this model (it expects keys like {hint!r}); "
                 "the adapter was made for another model or another target_modules"
             )
-        if tuple(expected[key].shape) != tuple(tensor.shape):
+        if tuple(target.shape) != tuple(tensor.shape):
             raise AdapterFileError(
-                f"{where}: {key!r} has shape {tuple(tensor.shape)} in the file but {tuple(expected[key].shape)} "
+                f"{where}: {key!r} has shape {tuple(tensor.shape)} in the file but {tuple(target.shape)} "
                 "in this model; the adapter was made for another model size or rank"
             )
+        targets[key] = target
     missing = [k for k in expected if k not in given]
     if missing:
         raise AdapterFileError(
             f"{where}: the file lacks {len(missing)} tensor(s) this config needs, first {missing[0]!r}; "
             "the file is incomplete or its adapter_config.json does not match it"
         )
+    return targets
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ from .io import (
     adapter_tensors,
     check_against_model,
     copy_into,
+    embedding_tensors,
+    file_tensors,
     read_adapter_weights,
     trained_biases,
     write_adapter_folder,
@@ -120,11 +122,12 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 
 def get_peft_model_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default"
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default",
+    save_embedding_layers: str | bool = "auto",
 ) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under HF PEFT's file keys (detached copies are not made; don't mutate)."""
+    """The adapter's tensors under HF PEFT's file keys (detached, not copied: don't modify them)."""
     root, prefix, config = _root_prefix_config(model, adapter_name)
-    tensors = adapter_tensors(root, adapter_name, config, prefix)
+    tensors = file_tensors(root, adapter_name, config, prefix, save_embedding_layers)
     if state_dict is not None:  # take the values from a full state_dict of ``model`` (its own key names)
         own_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         tensors = {k: state_dict[own_name[id(v)]] for k, v in tensors.items()}
@@ -139,19 +142,17 @@ def set_peft_model_state_dict(
     is checked before anything is written; ``strict=False`` loads the keys that fit and reports the rest."""
     root, prefix, config = _root_prefix_config(model, adapter_name)
     expected = adapter_tensors(root, adapter_name, config, prefix)
+    optional = {prefix + k: v for k, v in embedding_tensors(root).items()}
     given = dict(peft_model_state_dict)
-    if strict:
-        check_against_model(expected, given, "adapter state")
-    else:
-        unexpected = [k for k in given if k not in expected]
+    missing: list[str] = []
+    unexpected: list[str] = []
+    if not strict:
+        unexpected = [k for k in given if k not in expected and k not in optional]
         missing = [k for k in expected if k not in given]
         expected = {k: v for k, v in expected.items() if k in given}
-        given = {k: given[k] for k in expected}
-        check_against_model(expected, given, "adapter state")
-        copy_into(expected, given)
-        return _IncompatibleKeys(missing, unexpected)
-    copy_into(expected, given)
-    return _IncompatibleKeys([], [])
+        given = {k: v for k, v in given.items() if k in expected or k in optional}
+    copy_into(check_against_model(expected, given, "adapter state", optional), given)
+    return _IncompatibleKeys(missing, unexpected)
 
 
 def _root_prefix_config(model: nn.Module, adapter_name: str) -> tuple[nn.Module, str, PeftConfig]:
@@ -350,9 +351,13 @@ class PeftModel(nn.Module):
     # ---- files ------------------------------------------------------------------------------------
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-        safe_serialization: bool = True, is_main_process: bool = True, **kwargs: Any,
+        save_embedding_layers: str | bool = "auto", safe_serialization: bool = True,
+        is_main_process: bool = True, **kwargs: Any,
     ) -> None:
-        """Write each adapter as a folder in HF PEFT's layout: "default" at the root, others in sub-folders."""
+        """Write each adapter as a folder in HF PEFT's layout: "default" at the root, others in sub-folders.
+
+        ``save_embedding_layers`` is HF PEFT's option: "auto" also writes the full input/output embedding
+        weights when ``embed_tokens``/``lm_head`` are targeted (large; pass False to keep the file small)."""
         if not safe_serialization:
             raise PeftError("peftkit writes safetensors only; drop safe_serialization=False")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -363,7 +368,7 @@ class PeftModel(nn.Module):
         for name in names:
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             config = self.peft_config[name].copy(inference_mode=True)
-            tensors = adapter_tensors(self.base_model.model, name, config, PEFT_PREFIX)
+            tensors = file_tensors(self.base_model.model, name, config, PEFT_PREFIX, save_embedding_layers)
             write_adapter_folder(folder, config, tensors)
 
     @classmethod
@@ -403,9 +408,10 @@ class PeftModel(nn.Module):
             raise
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], folder: str) -> None:
-        expected = adapter_tensors(self.base_model.model, adapter_name, self.peft_config[adapter_name], PEFT_PREFIX)
-        check_against_model(expected, tensors, folder)
-        copy_into(expected, tensors)
+        root = self.base_model.model
+        expected = adapter_tensors(root, adapter_name, self.peft_config[adapter_name], PEFT_PREFIX)
+        optional = {PEFT_PREFIX + k: v for k, v in embedding_tensors(root).items()}
+        copy_into(check_against_model(expected, tensors, folder, optional), tensors)
 
 
 class PeftModelForCausalLM(PeftModel):
