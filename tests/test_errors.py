@@ -214,3 +214,14 @@ def test_save_never_leaves_a_half_written_adapter(tmp_path, monkeypatch, ids) ->
         pm.save_pretrained(tmp_path / "new_adapter")
     assert (target / "adapter_model.safetensors").read_bytes() == good
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary or half-written folder left
+
+
+def test_modules_to_save_that_matches_nothing() -> None:
+    model = tiny_llama()
+    before = _module_ids(model)
+    with pytest.raises(TargetModulesError) as exc:
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["clasifier"]))
+    assert "['clasifier']" in _one_line(exc) and "lm_head" in str(exc.value)
+    assert _module_ids(model) == before
+    with pytest.raises(TargetModulesError, match="classifier or score"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], task_type="SEQ_CLS"))

@@ -15,8 +15,14 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from .config import PeftConfig
-from .errors import AdapterFileError, AdapterNameError, NoTrainableParametersError, PeftError
+from .config import SEQ_CLS_HEAD_NAMES, PeftConfig
+from .errors import (
+    AdapterFileError,
+    AdapterNameError,
+    NoTrainableParametersError,
+    PeftError,
+    TargetModulesError,
+)
 from .io import (
     PEFT_PREFIX,
     adapter_tensors,
@@ -35,6 +41,7 @@ from .methods.base import (
     inject_adapter,
     modules_to_save_wrappers,
 )
+from .targeting import candidate_modules
 
 # ---- model-level verbs, usable on any nn.Module (PeftModel and inject_adapter_in_model share them) ---
 
@@ -47,23 +54,37 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 def _add_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
     if not isinstance(config, PeftConfig):
         raise PeftError(f"expected a peftkit config (e.g. LoraConfig), got {type(config).__name__}")
+    heads = _modules_to_save(model, config)  # checked before anything changes
     inject_adapter(model, config, adapter_name)
-    names = getattr(config, "modules_to_save", None) or []
+    for path, module in heads:
+        if not isinstance(module, ModulesToSaveWrapper):
+            module = ModulesToSaveWrapper(module)
+            _replace(model, path, module)
+        module.add(adapter_name)
+
+
+def _modules_to_save(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module]]:
+    """Modules trained in full with this adapter. Every name must match something, except the SEQ_CLS
+    head names HF PEFT adds (``classifier``, ``score``), of which a SEQ_CLS model needs one."""
+    names = list(getattr(config, "modules_to_save", None) or [])
     if not names:
-        return
-    inner: list[str] = []
-    for path, module in list(model.named_modules()):
-        if not path or any(path.startswith(p + ".") for p in inner):
-            continue
-        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
-            inner.append(path)
-        if any(path == n or path.endswith("." + n) for n in names):
-            if isinstance(module, AdapterLayer):
-                continue
-            if not isinstance(module, ModulesToSaveWrapper):
-                module = ModulesToSaveWrapper(module)
-                _replace(model, path, module)
-            module.add(adapter_name)
+        return []
+    found = [
+        (path, m) for path, m in candidate_modules(model)
+        if not isinstance(m, AdapterLayer) and any(path == n or path.endswith("." + n) for n in names)
+    ]
+    matched = {n for n in names for path, _ in found if path == n or path.endswith("." + n)}
+    auto = set(SEQ_CLS_HEAD_NAMES) if config.task_type == "SEQ_CLS" else set()
+    missing = [n for n in names if n not in matched and n not in auto]
+    if auto and not matched & auto:
+        missing.append(" or ".join(sorted(auto)))
+    if missing:
+        children = ", ".join(n for n, _ in model.named_children())
+        raise TargetModulesError(
+            f"modules_to_save names {missing} match no module of this model (top-level modules: {children}); "
+            "give the full or trailing name of the head to train, e.g. modules_to_save=['classifier']"
+        )
+    return found
 
 
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
