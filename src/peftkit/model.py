@@ -35,8 +35,10 @@ from .io import (
     write_adapter_folder,
 )
 from .methods.base import (
+    BASE_ROW,
     AdapterLayer,
     ModulesToSaveWrapper,
+    RowAdapters,
     adapter_layers,
     inject_adapter,
     modules_to_save_wrappers,
@@ -240,20 +242,49 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     # ---- running ----------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.base_model.model.training and torch.is_grad_enabled() and not any(p.requires_grad for p in self.parameters()):
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward. ``adapter_names`` (one name per row, "__base__" for none) runs
+        several adapters in one batch, as HF PEFT's keyword of the same name."""
+        if self.base_model.model.training and torch.is_grad_enabled() and not any(
+            p.requires_grad for p in self.parameters()
+        ):
             raise NoTrainableParametersError(
                 f"training a PeftModel with no trainable parameters (adapter(s) {self._active} "
                 f"{'loaded with is_trainable=False' if self._all_inference() else 'are frozen'}); load with "
                 "PeftModel.from_pretrained(..., is_trainable=True), or call model.eval() to run inference"
             )
-        return self.base_model.model(*args, **kwargs)
+        with self._per_row(adapter_names):
+            return self.base_model.model(*args, **kwargs)
 
     def _all_inference(self) -> bool:
         return all(self.peft_config[a].inference_mode for a in self._active)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._per_row(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _per_row(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted({n for n in adapter_names if n != BASE_ROW and n not in self.peft_config})
+        if unknown:
+            raise AdapterNameError(
+                f"adapter_names has unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)} "
+                f"(use {BASE_ROW!r} for rows without an adapter)"
+            )
+        if any(layer.merged for _, layer in adapter_layers(self)):
+            raise PeftError("adapter_names needs unmerged adapters: call unmerge_adapter() first")
+        rows = RowAdapters.from_names(list(adapter_names))
+        modules = [m for _, m in adapter_layers(self)] + [m for _, m in modules_to_save_wrappers(self)]
+        for m in modules:
+            m.row_adapters = rows
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.row_adapters = None
 
     # ---- adapters ---------------------------------------------------------------------------------
     @property

@@ -21,10 +21,38 @@ import torch.nn as nn
 from ..config import PeftConfig, register_config
 from ..errors import PeftError, TargetModulesError
 
+BASE_ROW = "__base__"  # HF PEFT's name for "no adapter on this row"
+
+
+@dataclass(frozen=True)
+class RowAdapters:
+    """Which adapter each row of a batch uses: ``names[index[i]]`` for row i, or the base model where -1."""
+
+    names: tuple[str, ...]
+    index: torch.Tensor  # (batch,) int64
+
+    @classmethod
+    def from_names(cls, adapter_names: list[str]) -> RowAdapters:
+        names = tuple(dict.fromkeys(n for n in adapter_names if n != BASE_ROW))
+        position = {n: i for i, n in enumerate(names)}
+        index = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.long)
+        return cls(names, index)
+
+    def for_batch(self, batch: int, device: torch.device) -> torch.Tensor:
+        if batch != self.index.numel():
+            raise PeftError(
+                f"adapter_names has {self.index.numel()} entries but the batch has {batch} rows; give one adapter "
+                "name per row (with generate(num_beams>1) or num_return_sequences, repeat each name accordingly)"
+            )
+        return self.index.to(device)
+
 
 class AdapterLayer(nn.Module):
     """A frozen ``base_layer`` plus named adapters. Subclasses implement ``update_layer`` and ``forward``;
-    mergeable ones implement ``delta_weight`` (and get ``merge``/``unmerge`` for free)."""
+    mergeable ones implement ``delta_weight`` (and get ``merge``/``unmerge`` for free).
+
+    ``row_adapters`` is set by ``PeftModel.forward(adapter_names=[...])`` for the duration of one call:
+    then each row of the batch goes through its own adapter (several adapters in one batch)."""
 
     ADAPTER_ATTRS: ClassVar[tuple[str, ...]] = ()
 
@@ -34,6 +62,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self.row_adapters: RowAdapters | None = None
 
     # ---- what subclasses provide ------------------------------------------------------------------
     @abc.abstractmethod
@@ -130,6 +159,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        self.row_adapters: RowAdapters | None = None
 
     def add(self, adapter_name: str) -> None:
         if adapter_name not in self.modules_to_save:
@@ -150,8 +180,18 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
-    def forward(self, *args, **kwargs):
-        return self.current(*args, **kwargs)
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        rows = self.row_adapters
+        if rows is None or self.disable_adapters:
+            return self.current(x, *args, **kwargs)
+        # a head is a whole module per adapter: run each distinct head on its rows (few heads, cheap)
+        index = rows.for_batch(x.shape[0], x.device)
+        out = self.original_module(x, *args, **kwargs)
+        for i, name in enumerate(rows.names):
+            picked = (index == i).nonzero().squeeze(1)
+            if picked.numel() and name in self.modules_to_save:
+                out = out.index_copy(0, picked, self.modules_to_save[name](x[picked], *args, **kwargs))
+        return out
 
     def __getattr__(self, name: str):
         try:

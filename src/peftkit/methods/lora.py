@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import SEQ_CLS_HEAD_NAMES, PeftConfig
-from ..errors import PeftConfigError
+from ..errors import PeftConfigError, PeftError
 from ..targeting import is_conv1d
 from .base import AdapterLayer, MethodSpec, register_method
 
@@ -140,9 +140,22 @@ class LoraLayer(AdapterLayer):
             return torch.float32
         return dtype if dtype.is_floating_point else torch.float32
 
-    def set_scale(self, adapter_name: str, scale: float) -> None:
-        """Multiply the adapter's effective scaling by ``scale`` (HF PEFT's set_scale)."""
-        self.scaling[adapter_name] = scale * lora_scaling(self.lora_alpha[adapter_name], self.r[adapter_name])
+    def _stacked(self, names: tuple[str, ...], A_of, B_of) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (k+1, r_max, d_in) and s·B (k+1, d_out, r_max) of the named adapters, zero-padded to the largest
+        rank; the last slot (all zeros) serves rows that use the base model or an adapter this layer lacks."""
+        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names if n in self.r):
+            raise PeftError("adapters mixed per row run without dropout: call model.eval() first")
+        r_max = max((self.r[n] for n in names if n in self.r), default=1)
+        some = next(iter(self.r))  # a layer always holds at least one adapter: it gives the shapes
+        A_some, B_some = A_of(some), B_of(some)
+        A = A_some.new_zeros(len(names) + 1, r_max, A_some.shape[-1])
+        B = B_some.new_zeros(len(names) + 1, B_some.shape[0], r_max)
+        for i, name in enumerate(names):
+            if name in self.r:
+                r = self.r[name]
+                A[i, :r] = A_of(name)
+                B[i, :, :r] = B_of(name) * self.scaling[name]
+        return A, B
 
 
 class LoraLinear(LoraLayer):
@@ -189,11 +202,23 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
+        if self.row_adapters is not None:
+            return result + self._per_row(x).to(result.dtype)
         for name in self.active_adapters:
             A = self.lora_A[name]
             xa = self.lora_dropout[name](x.to(A.weight.dtype))
             result = result + (self.lora_B[name](A(xa)) * self.scaling[name]).to(result.dtype)
         return result
+
+    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row through its own adapter: gather the rows' A and B, two batched matmuls (no adapter loop)."""
+        rows = self.row_adapters
+        index = rows.for_batch(x.shape[0], x.device)
+        A, B = self._stacked(rows.names, lambda n: self.lora_A[n].weight, lambda n: self.lora_B[n].weight)
+        pick = torch.where(index < 0, len(rows.names), index)
+        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
+        out = torch.bmm(torch.bmm(xb, A[pick].transpose(1, 2)), B[pick].transpose(1, 2))
+        return out.reshape(*x.shape[:-1], B.shape[1])
 
 
 class LoraEmbedding(LoraLayer):
@@ -231,6 +256,8 @@ class LoraEmbedding(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
+        if self.row_adapters is not None:
+            return result + self._per_row(x).to(result.dtype)
         base = self.base_layer
         for name in self.active_adapters:
             A = self.lora_embedding_A[name]
@@ -238,6 +265,16 @@ class LoraEmbedding(LoraLayer):
                                   base.scale_grad_by_freq, base.sparse)
             result = result + ((after_a @ self.lora_embedding_B[name].T) * self.scaling[name]).to(result.dtype)
         return result
+
+    def _per_row(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.row_adapters
+        index = rows.for_batch(ids.shape[0], ids.device)
+        A, B = self._stacked(rows.names, self.lora_embedding_A.__getitem__, self.lora_embedding_B.__getitem__)
+        pick = torch.where(index < 0, len(rows.names), index)
+        flat = ids.reshape(ids.shape[0], -1)
+        after_a = A.transpose(1, 2)[pick[:, None], flat]  # (batch, tokens, r_max)
+        out = torch.bmm(after_a, B[pick].transpose(1, 2))
+        return out.reshape(*ids.shape, B.shape[1])
 
 
 class LoraConv2d(LoraLayer):
@@ -276,6 +313,16 @@ class LoraConv2d(LoraLayer):
             self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
+            return result
+        rows = self.row_adapters
+        if rows is not None:  # a convolution per distinct adapter, on its rows
+            index = rows.for_batch(x.shape[0], x.device)
+            for i, name in enumerate(rows.names):
+                picked = (index == i).nonzero().squeeze(1)
+                if picked.numel() and name in self.r:
+                    xa = x[picked].to(self.lora_A[name].weight.dtype)
+                    delta = self.lora_B[name](self.lora_A[name](xa)) * self.scaling[name]
+                    result = result.index_add(0, picked, delta.to(result.dtype))
             return result
         for name in self.active_adapters:
             A = self.lora_A[name]
