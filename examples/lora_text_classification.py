@@ -22,31 +22,31 @@ summary table (accuracies, trainable parameters, adapter size on disk, wall time
 Run:  python examples/lora_text_classification.py        (no arguments needed)
 """
 
+# ruff: noqa: E402  (HF_HUB_OFFLINE must be set before transformers is imported)
 from __future__ import annotations
 
 import os
 
-# Everything is local: never contact a model hub (must be set before transformers is imported).
+# Everything is local: never contact a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import importlib.metadata  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from peftkit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-
+from peftkit import LoraConfig, PeftModel, get_peft_model
 
 # --------------------------------------------------------------------------------------------- data
 

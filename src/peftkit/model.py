@@ -41,6 +41,7 @@ from .methods.base import (
     RowAdapters,
     adapter_layers,
     inject_adapter,
+    method_for,
     modules_to_save_wrappers,
 )
 from .targeting import candidate_modules
@@ -53,9 +54,13 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _add_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+def _add_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> PeftConfig:
+    """Add the adapter; returns the config completed for this model (see MethodSpec.prepare_config)."""
     if not isinstance(config, PeftConfig):
         raise PeftError(f"expected a peftkit config (e.g. LoraConfig), got {type(config).__name__}")
+    spec = method_for(config)
+    if spec.prepare_config is not None:
+        config = spec.prepare_config(model, config)
     heads = _modules_to_save(model, config)  # checked before anything changes
     inject_adapter(model, config, adapter_name)
     for path, module in heads:
@@ -63,6 +68,7 @@ def _add_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> Non
             module = ModulesToSaveWrapper(module)
             _replace(model, path, module)
         module.add(adapter_name)
+    return config
 
 
 def _modules_to_save(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module]]:
@@ -129,7 +135,7 @@ def _mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], active: li
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """Add adapter layers to ``model`` in place (no PeftModel wrapper), active and trainable; HF PEFT's name."""
-    _add_adapter(model, peft_config, adapter_name)
+    peft_config = _add_adapter(model, peft_config, adapter_name)
     _activate(model, [adapter_name])
     _mark_trainable(model, {adapter_name: peft_config}, [adapter_name])
     return model
@@ -313,8 +319,7 @@ class PeftModel(nn.Module):
                 f"this model holds {other.pop()} adapters; a {peft_config.PEFT_TYPE} adapter cannot join them "
                 "in one PeftModel — wrap a fresh base model for it"
             )
-        _add_adapter(self.base_model.model, peft_config, adapter_name)
-        self.peft_config[adapter_name] = peft_config
+        self.peft_config[adapter_name] = _add_adapter(self.base_model.model, peft_config, adapter_name)
         self._refresh()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -356,6 +361,12 @@ class PeftModel(nn.Module):
         for name in names:
             self._check_name(name)
         layers = [layer for _, layer in adapter_layers(self)]
+        unmergeable = {type(layer).__name__ for layer in layers if not layer.MERGEABLE}
+        if unmergeable:
+            raise PeftError(
+                f"{', '.join(sorted(unmergeable))} adapters are non-linear and cannot be merged into the base "
+                "weights; keep the PeftModel for inference, or unload() to get the base model back"
+            )
         if safe_merge:  # check every layer before writing any, so a bad adapter changes nothing
             for layer in layers:
                 for name in names:

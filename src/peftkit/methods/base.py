@@ -55,6 +55,7 @@ class AdapterLayer(nn.Module):
     then each row of the batch goes through its own adapter (several adapters in one batch)."""
 
     ADAPTER_ATTRS: ClassVar[tuple[str, ...]] = ()
+    MERGEABLE: ClassVar[bool] = True  # False for non-linear methods (bottleneck adapters)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -204,12 +205,15 @@ class ModulesToSaveWrapper(nn.Module):
 @dataclass(frozen=True)
 class MethodSpec:
     """How a peft_type adapts a module: ``layer_for(module)`` returns the AdapterLayer class that wraps
-    this kind of module (or None if the method cannot adapt it)."""
+    this kind of module (or None if the method cannot adapt it). ``prepare_config(model, config)``, if
+    given, returns a completed copy of the config for this model (default target_modules from a small
+    table by model family, placements, ...) before any module is targeted."""
 
     config_cls: type[PeftConfig]
     layer_base: type[AdapterLayer]
     layer_for: Callable[[nn.Module], type[AdapterLayer] | None]
     supported: str  # for error messages: "Linear, Conv1D, Embedding, Conv2d"
+    prepare_config: Callable[[nn.Module, PeftConfig], PeftConfig] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
