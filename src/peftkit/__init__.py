@@ -9,6 +9,7 @@ from .errors import (
     PeftError,
     TargetModulesError,
 )
+from .methods.bitfit import BeftConfig, BitFitConfig
 from .methods.lora import LoraConfig
 from .model import (
     PeftModel,
@@ -28,6 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFileError",
     "AdapterNameError",
+    "BeftConfig",
+    "BitFitConfig",
     "LoraConfig",
     "NoTrainableParametersError",
     "PeftConfig",

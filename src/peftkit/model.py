@@ -361,11 +361,12 @@ class PeftModel(nn.Module):
         for name in names:
             self._check_name(name)
         layers = [layer for _, layer in adapter_layers(self)]
-        unmergeable = {type(layer).__name__ for layer in layers if not layer.MERGEABLE}
-        if unmergeable:
+        blockers = {b for layer in layers if any(n in layer.adapter_names for n in names)
+                    for b in [layer.merge_blocker()] if b}
+        if blockers:
             raise PeftError(
-                f"{', '.join(sorted(unmergeable))} adapters are non-linear and cannot be merged into the base "
-                "weights; keep the PeftModel for inference, or unload() to get the base model back"
+                f"cannot merge: {'; '.join(sorted(blockers))}; keep the PeftModel for inference, or unload() to "
+                "get the base model back — nothing was changed"
             )
         if safe_merge:  # check every layer before writing any, so a bad adapter changes nothing
             for layer in layers:

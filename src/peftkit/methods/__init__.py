@@ -1,3 +1,3 @@
 """Method families. Importing this package registers every method with the config registry."""
 
-from . import lora  # noqa: F401  (registers LORA)
+from . import bitfit, lora  # noqa: F401  (registers BITFIT, BEFT, LORA)

@@ -70,6 +70,10 @@ class AdapterLayer(nn.Module):
     def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
         """Create adapter ``adapter_name``'s parameters for this module (``module_name`` for patterns)."""
 
+    def merge_blocker(self) -> str | None:
+        """Why this layer's adapters cannot be merged into the base module, or None if they can."""
+        return None if self.MERGEABLE else f"{type(self).__name__} adapters are non-linear"
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The change this adapter makes to ``base_layer.weight`` (same shape and layout)."""
         raise PeftError(f"{type(self).__name__} cannot be merged into the base weights")
