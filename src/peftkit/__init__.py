@@ -10,6 +10,7 @@ from .errors import (
     TargetModulesError,
 )
 from .methods.bitfit import BeftConfig, BitFitConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .model import (
     PeftModel,
@@ -31,6 +32,7 @@ __all__ = [
     "AdapterNameError",
     "BeftConfig",
     "BitFitConfig",
+    "IA3Config",
     "LoraConfig",
     "NoTrainableParametersError",
     "PeftConfig",
