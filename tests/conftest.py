@@ -42,6 +42,15 @@ def tiny_bert_cls(seed: int = 0, num_labels: int = 3):
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_t5(seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
 class TinyNet(torch.nn.Module):
     """A user's own model: no transformers, mixed layer types."""
 

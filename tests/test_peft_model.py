@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import TinyNet, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import TinyNet, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 from safetensors.torch import load_file
 
 from peftkit import (
@@ -219,3 +219,24 @@ def test_inject_and_state_dict_functions(ids) -> None:
     assert all(k.startswith("base_model.model.") for k in from_full)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     torch.testing.assert_close(from_full[key], full["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"])
+
+
+def test_t5_reads_weight_through_the_adapter_layer() -> None:
+    model = tiny_t5()
+    ids = torch.randint(1, 64, (2, 5))
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["wo", "q"], init_lora_weights=False))
+    assert pm.base_model.model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    out = pm(input_ids=ids, decoder_input_ids=ids).logits
+    assert torch.isfinite(out).all()
+
+
+def test_unload_restores_original_heads_merge_and_unload_keeps_trained(ids) -> None:
+    ids = torch.randint(1, 128, (2, 6))
+    ref = tiny_bert_cls()(ids).logits
+    for unload in (True, False):
+        pm = get_peft_model(tiny_bert_cls(), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+        with torch.no_grad():
+            pm.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+        trained = pm(ids).logits
+        model = pm.unload() if unload else pm.merge_and_unload()
+        torch.testing.assert_close(model(ids).logits, ref if unload else trained, rtol=1e-5, atol=1e-5)

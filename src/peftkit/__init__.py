@@ -9,6 +9,7 @@ from .errors import (
     PeftError,
     TargetModulesError,
 )
+from .methods.adapters import BottleneckConfig
 from .methods.bitfit import BeftConfig, BitFitConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
@@ -32,6 +33,7 @@ __all__ = [
     "AdapterNameError",
     "BeftConfig",
     "BitFitConfig",
+    "BottleneckConfig",
     "IA3Config",
     "LoraConfig",
     "NoTrainableParametersError",

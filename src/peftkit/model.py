@@ -323,7 +323,8 @@ class PeftModel(nn.Module):
         self._refresh()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` (or several, summed) the active and trainable adapter(s)."""
+        """Make ``adapter_name`` (or several) the active and trainable adapter(s). How several combine is the
+        method's: LoRA and BitFit add their deltas, IA3 multiplies its scales, bottleneck adapters stack."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_name(name)
@@ -389,16 +390,18 @@ class PeftModel(nn.Module):
         return self._unwrap()
 
     def unload(self) -> nn.Module:
-        """Remove every adapter layer without merging and return the base model with its original weights."""
+        """Remove every adapter layer without merging and return the base model as it was: original weights
+        and original modules_to_save modules (heads, norms). Unlike HF PEFT, which keeps the trained heads
+        here; ``merge_and_unload()`` keeps them."""
         self.unmerge_adapter()
-        return self._unwrap()
+        return self._unwrap(keep_trained=False)
 
-    def _unwrap(self) -> nn.Module:
+    def _unwrap(self, keep_trained: bool = True) -> nn.Module:
         model = self.base_model.model
         for path, layer in list(adapter_layers(model)):
             _replace(model, path, layer.base_layer)
         for path, wrapper in list(modules_to_save_wrappers(model)):
-            keep = wrapper.current if wrapper.active_adapter else wrapper.original_module
+            keep = wrapper.current if keep_trained and wrapper.active_adapter else wrapper.original_module
             _replace(model, path, keep)
         return model
 

@@ -31,7 +31,7 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | None:
     if not layers_pattern:
         # the first numbered segment after at least two name parts, e.g. "model.layers.3.self_attn.q_proj"
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
@@ -77,7 +77,7 @@ def matches_target(config, key: str) -> bool:
     indices = getattr(config, "layers_to_transform", None)
     if indices is None or (isinstance(indices, list) and not indices):
         return True
-    index = _layer_index(key, getattr(config, "layers_pattern", None))
+    index = layer_index(key, getattr(config, "layers_pattern", None))
     if index is None:
         return False
     return index == indices if isinstance(indices, int) else index in indices

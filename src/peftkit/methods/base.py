@@ -65,6 +65,15 @@ class AdapterLayer(nn.Module):
         self.disable_adapters = False
         self.row_adapters: RowAdapters | None = None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base module's weight: models read ``proj.weight.dtype`` and the like (T5 does)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # ---- what subclasses provide ------------------------------------------------------------------
     @abc.abstractmethod
     def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
