@@ -240,3 +240,17 @@ def test_unload_restores_original_heads_merge_and_unload_keeps_trained(ids) -> N
         trained = pm(ids).logits
         model = pm.unload() if unload else pm.merge_and_unload()
         torch.testing.assert_close(model(ids).logits, ref if unload else trained, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_parameters_by_kind() -> None:
+    from peftkit import BottleneckConfig
+
+    pm = get_peft_model(tiny_bert_cls(), BottleneckConfig(placement="houlsby", task_type="SEQ_CLS"))
+    kinds = pm.trainable_parameters_by_kind()
+    d, m, layers = 32, 2, 2
+    assert kinds["adapter"] == layers * 2 * (2 * d * m + d + m)
+    assert kinds["heads"] == 32 * 3 + 3
+    assert kinds["norms"] == (1 + layers * 2) * 2 * d  # embeddings + two per layer, weight and bias
+    assert sum(kinds.values()) == pm.get_nb_trainable_parameters()[0]
+    pm = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"], bias="lora_only"))
+    assert pm.trainable_parameters_by_kind() == {"adapter": 2 * 2 * 64, "heads": 0, "norms": 0, "biases": 2 * 32}

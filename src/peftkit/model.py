@@ -411,6 +411,27 @@ class PeftModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
 
+    def trainable_parameters_by_kind(self) -> dict[str, int]:
+        """Trainable parameters split by what they are: adapter weights, task heads and layer norms trained
+        in full (modules_to_save), and base biases (LoRA's bias="all"/"lora_only")."""
+        seen: set[int] = set()
+        counts = {"adapter": 0, "heads": 0, "norms": 0, "biases": 0}
+
+        def add(kind: str, params) -> None:
+            for p in params:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    counts[kind] += p.numel()
+
+        for _, layer in adapter_layers(self):
+            for name in layer.adapter_names:
+                add("adapter", layer.adapter_parameters(name))
+        for _, wrapper in modules_to_save_wrappers(self):
+            kind = "norms" if type(wrapper.original_module).__name__.endswith(("LayerNorm", "RMSNorm")) else "heads"
+            add(kind, wrapper.modules_to_save.parameters())
+        add("biases", (p for n, p in self.named_parameters() if n.endswith("bias")))
+        return counts
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
