@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from .errors import AdapterFileError
-from .methods.base import AdapterLayer, adapter_layers, modules_to_save_wrappers
+from .methods.base import AdapterLayer, adapter_layers, logical_path, modules_to_save_wrappers
 
 PEFT_PREFIX = "base_model.model."
 
@@ -107,7 +107,7 @@ def adapter_tensors(
     out: dict[str, torch.Tensor] = {}
     for path, layer in adapter_layers(model):
         for suffix, tensor in layer.adapter_state_dict(adapter_name).items():
-            out[f"{prefix}{path}.{suffix}"] = tensor
+            out[f"{prefix}{logical_path(path)}.{suffix}"] = tensor
     for path, wrapper in modules_to_save_wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             for name, p in wrapper.modules_to_save[adapter_name].named_parameters():
@@ -173,7 +173,7 @@ def embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if path is None:
             continue
         if isinstance(module, AdapterLayer):
-            out[f"{path}.base_layer.weight"] = module.base_layer.weight
+            out[f"{logical_path(path)}.base_layer.weight"] = module.get_base_layer().weight
         elif getattr(module, "weight", None) is not None:
             out[f"{path}.weight"] = module.weight
     return out
@@ -185,13 +185,13 @@ def trained_biases(model: nn.Module, adapter_name: str, bias: str) -> list[tuple
         return []
     if bias == "lora_only":
         return [
-            (f"{path}.base_layer.bias", layer.base_layer.bias)
+            (f"{logical_path(path)}.base_layer.bias", layer.get_base_layer().bias)
             for path, layer in adapter_layers(model)
-            if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None
+            if adapter_name in layer.adapter_names and getattr(layer.get_base_layer(), "bias", None) is not None
         ]
     skip = tuple(f"{path}." for path, _ in modules_to_save_wrappers(model))
     return [
-        (name, p) for name, p in model.named_parameters()
+        (re.sub(r"(\.base_layer)+\.", ".base_layer.", name), p) for name, p in model.named_parameters()
         if name.endswith("bias") and not name.startswith(skip)
     ]
 

@@ -97,7 +97,7 @@ def _modules_to_save(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn
 
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
     """Delete an adapter everywhere; modules left with no adapter go back to their original module."""
-    for path, layer in list(adapter_layers(model)):
+    for path, layer in reversed(list(adapter_layers(model))):  # inner layers first: their paths stay valid
         if adapter_name in layer.adapter_names:
             layer.delete_adapter(adapter_name)
             if not layer.adapter_names:
@@ -313,12 +313,6 @@ class PeftModel(nn.Module):
             raise AdapterNameError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
             )
-        other = {c.PEFT_TYPE for c in self.peft_config.values()}
-        if other and peft_config.PEFT_TYPE not in other:
-            raise PeftError(
-                f"this model holds {other.pop()} adapters; a {peft_config.PEFT_TYPE} adapter cannot join them "
-                "in one PeftModel — wrap a fresh base model for it"
-            )
         self.peft_config[adapter_name] = _add_adapter(self.base_model.model, peft_config, adapter_name)
         self._refresh()
 
@@ -398,7 +392,7 @@ class PeftModel(nn.Module):
 
     def _unwrap(self, keep_trained: bool = True) -> nn.Module:
         model = self.base_model.model
-        for path, layer in list(adapter_layers(model)):
+        for path, layer in reversed(list(adapter_layers(model))):  # inner layers first: their paths stay valid
             _replace(model, path, layer.base_layer)
         for path, wrapper in list(modules_to_save_wrappers(model)):
             keep = wrapper.current if keep_trained and wrapper.active_adapter else wrapper.original_module

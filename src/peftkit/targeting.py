@@ -124,7 +124,7 @@ def describe_candidates(model: nn.Module) -> str:
 
     seen: dict[str, None] = {}
     for name, module in candidate_modules(model):
-        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
         if is_linear_like(base):
             seen.setdefault(name.rsplit(".", 1)[-1], None)
     names = list(seen)
@@ -148,7 +148,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
             n for n, m in modules
             if n not in heads
             and not is_excluded(config, n)
-            and is_linear_like(m.base_layer if isinstance(m, AdapterLayer) else m)
+            and is_linear_like(m.get_base_layer() if isinstance(m, AdapterLayer) else m)
         ]
     else:
         names = [n for n, _ in modules if matches_target(config, n)]

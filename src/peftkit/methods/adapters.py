@@ -158,7 +158,7 @@ def prepare_bottleneck_config(model: nn.Module, config: BottleneckConfig) -> Bot
         names = [
             n for n, m in modules
             if pattern.fullmatch(n) and _in_layers(config, n)
-            and is_linear_like(m.base_layer if isinstance(m, AdapterLayer) else m)
+            and is_linear_like(m.get_base_layer() if isinstance(m, AdapterLayer) else m)
         ]
         if not names:
             raise TargetModulesError(
@@ -184,8 +184,8 @@ class BottleneckLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        w = base_layer.weight
-        self.features = w.shape[1] if is_conv1d(base_layer) else w.shape[0]
+        w = self.get_base_layer().weight
+        self.features = w.shape[1] if is_conv1d(self.get_base_layer()) else w.shape[0]
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()

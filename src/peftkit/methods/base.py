@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -64,6 +65,13 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.row_adapters: RowAdapters | None = None
+
+    def get_base_layer(self) -> nn.Module:
+        """The original module, under however many adapter layers (a LoRA and a VeRA adapter can nest)."""
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
 
     @property
     def weight(self) -> torch.Tensor:
@@ -256,23 +264,21 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     plan: list[tuple[str, nn.Module, type[AdapterLayer] | None]] = []
     for name in find_targets(model, config):
         module = model.get_submodule(name)
-        if isinstance(module, AdapterLayer):
-            if not isinstance(module, spec.layer_base):
-                raise TargetModulesError(
-                    f"module {name!r} already holds a {type(module).__name__} adapter; one module can hold "
-                    f"adapters of one method family — exclude it with exclude_modules"
-                )
-            if adapter_name in module.adapter_names:
+        chain = adapter_chain(module)
+        same = next((layer for layer in chain if isinstance(layer, spec.layer_base)), None)
+        if same is not None:  # this family already wraps the module: one more adapter in the same layer
+            if adapter_name in same.adapter_names:
                 raise PeftError(f"module {name!r} already has an adapter named {adapter_name!r}")
-            plan.append((name, module, None))
+            plan.append((name, same, None))
             continue
-        layer_cls = spec.layer_for(module)
+        base = chain[-1].get_base_layer() if chain else module
+        layer_cls = spec.layer_for(base)
         if layer_cls is None:
             raise TargetModulesError(
-                f"target {name!r} is a {type(module).__name__}, which {config.PEFT_TYPE} cannot adapt "
+                f"target {name!r} is a {type(base).__name__}, which {config.PEFT_TYPE} cannot adapt "
                 f"(supported: {spec.supported}); narrow target_modules or add it to exclude_modules"
             )
-        plan.append((name, module, layer_cls))
+        plan.append((name, module, layer_cls))  # another family's layer, if any, nests inside the new one
     for name, module, layer_cls in plan:
         if layer_cls is not None:
             module = layer_cls(module)
@@ -282,7 +288,23 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     return [name for name, _, _ in plan]
 
 
+def adapter_chain(module: nn.Module) -> list[AdapterLayer]:
+    """The adapter layers wrapped around one module, outermost first."""
+    chain: list[AdapterLayer] = []
+    while isinstance(module, AdapterLayer):
+        chain.append(module)
+        module = module.base_layer
+    return chain
+
+
+def logical_path(path: str) -> str:
+    """A module's name as the user's model knows it: nested adapter layers' ``base_layer`` hops removed
+    (HF PEFT's file keys are written against this name)."""
+    return re.sub(r"(\.base_layer)+(?=\.|$)", "", path)
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """Every adapter layer with its real path, outer layers before the ones nested in them."""
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             yield name, module

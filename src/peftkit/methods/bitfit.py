@@ -98,8 +98,8 @@ class BiasLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.out_features = _out_features(base_layer)
-        self.feature_dim = 1 if isinstance(base_layer, nn.Conv2d) else -1
+        self.out_features = _out_features(self.get_base_layer())
+        self.feature_dim = 1 if isinstance(self.get_base_layer(), nn.Conv2d) else -1
         self.beft_bias = nn.ParameterDict()
 
     def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
@@ -112,7 +112,7 @@ class BiasLayer(AdapterLayer):
 
     def merge_blocker(self) -> str | None:
         if not _has_bias(self.base_layer):
-            return f"{type(self.base_layer).__name__} has no bias to merge into"
+            return f"{type(self.get_base_layer()).__name__} has no bias to merge into"
         return None
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -172,7 +172,7 @@ def prepare_bitfit(model: nn.Module, config: BitFitConfig) -> BitFitConfig:
         return config
     heads = output_head_names(model, config.task_type)
     skip = set(config.modules_to_save or [])
-    modules = [(n, m.base_layer if isinstance(m, AdapterLayer) else m) for n, m in candidate_modules(model)]
+    modules = [(n, m.get_base_layer() if isinstance(m, AdapterLayer) else m) for n, m in candidate_modules(model)]
     names = [
         name for name, m in modules
         if _out_features(m) is not None and name not in heads and not is_excluded(config, name)

@@ -143,6 +143,7 @@ class IA3Layer(AdapterLayer):
         super().__init__(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: bool | None = None  # fixed by the first adapter (HF PEFT's rule)
+        base_layer = self.get_base_layer()
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.is_conv = isinstance(base_layer, nn.Conv2d | nn.Conv3d)
         w = base_layer.weight
@@ -155,7 +156,7 @@ class IA3Layer(AdapterLayer):
     def update_layer(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
         if not self.is_conv and config.fan_in_fan_out != self.fan_in_fan_out:
             warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(self.base_layer).__name__} targets "
+                f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(self.get_base_layer()).__name__} targets "
                 f"(Conv1D stores its weight transposed, Linear does not); using {self.fan_in_fan_out}", stacklevel=4,
             )
         if self.is_feedforward is None:
@@ -183,7 +184,7 @@ class IA3Layer(AdapterLayer):
     def _weight_scale(self, v: torch.Tensor) -> torch.Tensor:
         """The vector l shaped to multiply ``base_layer.weight`` (its output rows, or its input columns)."""
         w = self.base_layer.weight
-        groups = getattr(self.base_layer, "groups", 1)
+        groups = getattr(self.get_base_layer(), "groups", 1)
         if self.is_feedforward and groups > 1:  # input channel j of group g feeds that group's outputs only
             v = v.reshape(groups, 1, -1).expand(groups, self.out_features // groups, -1).reshape(w.shape[:2])
             return v.reshape(*w.shape[:2], *[1] * (w.dim() - 2))

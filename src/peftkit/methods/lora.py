@@ -165,8 +165,9 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = is_conv1d(base_layer)
-        w = base_layer.weight
+        base = self.get_base_layer()
+        self.fan_in_fan_out = is_conv1d(base)
+        w = base.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -174,7 +175,7 @@ class LoraLinear(LoraLayer):
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         if config.fan_in_fan_out != self.fan_in_fan_out:
             warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(self.base_layer).__name__} targets "
+                f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(self.get_base_layer()).__name__} targets "
                 f"(Conv1D stores its weight transposed, Linear does not); using {self.fan_in_fan_out}", stacklevel=4,
             )
         r, _ = self._set_hyper(adapter_name, config, module_name)
@@ -233,7 +234,7 @@ class LoraEmbedding(LoraLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         r, _ = self._set_hyper(adapter_name, config, module_name)
-        base = self.base_layer
+        base = self.get_base_layer()
         kw = {"device": base.weight.device, "dtype": self._adapter_dtype(config)}
         A = torch.empty(r, base.num_embeddings, **kw)
         B = torch.empty(base.embedding_dim, r, **kw)
@@ -258,7 +259,7 @@ class LoraEmbedding(LoraLayer):
             return result
         if self.row_adapters is not None:
             return result + self._per_row(x).to(result.dtype)
-        base = self.base_layer
+        base = self.get_base_layer()
         for name in self.active_adapters:
             A = self.lora_embedding_A[name]
             after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
@@ -289,7 +290,7 @@ class LoraConv2d(LoraLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         r, _ = self._set_hyper(adapter_name, config, module_name)
-        base = self.base_layer
+        base = self.get_base_layer()
         kw = {"device": base.weight.device, "dtype": self._adapter_dtype(config)}
         A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                       bias=False, **kw)
