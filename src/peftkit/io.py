@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from .errors import AdapterFileError
-from .methods.base import AdapterLayer, adapter_layers, logical_path, modules_to_save_wrappers
+from .methods.base import METHODS, AdapterLayer, adapter_layers, logical_path, modules_to_save_wrappers
 
 PEFT_PREFIX = "base_model.model."
 
@@ -112,6 +112,11 @@ def adapter_tensors(
         if adapter_name in wrapper.modules_to_save:
             for name, p in wrapper.modules_to_save[adapter_name].named_parameters():
                 out[f"{prefix}{path}.{name}"] = p
+    spec = METHODS.get(config.PEFT_TYPE)
+    if spec is not None and spec.shared_tensors is not None:
+        tuner_prefix = prefix[: -len("model.")] if prefix.endswith("model.") else prefix
+        for key, tensor in spec.shared_tensors(model, adapter_name, config).items():
+            out[f"{tuner_prefix}{key}"] = tensor
     bias = getattr(config, "bias", "none")
     for name, p in trained_biases(model, adapter_name, bias):
         out[f"{prefix}{name}"] = p

@@ -235,6 +235,9 @@ class MethodSpec:
     layer_for: Callable[[nn.Module], type[AdapterLayer] | None]
     supported: str  # for error messages: "Linear, Conv1D, Embedding, Conv2d"
     prepare_config: Callable[[nn.Module, PeftConfig], PeftConfig] | None = None
+    # Tensors an adapter shares across layers (VeRA's projections), live, keyed relative to the tuner:
+    # "vera_A" is written as "base_model.vera_A", as HF PEFT does.
+    shared_tensors: Callable[[nn.Module, str, PeftConfig], dict[str, torch.Tensor]] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}

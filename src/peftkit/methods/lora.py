@@ -79,6 +79,10 @@ class LoraConfig(PeftConfig):
     autocast_adapter_dtype: bool = field(default=True, metadata={"local": True})
     qalora_group_size: int = 16  # only read by QA-LoRA (use_qalora), accepted for HF files
 
+    def variant_name(self) -> str:
+        """Which LoraVariant computes this config's adapters (subclasses and flags pick others)."""
+        return "lora"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.target_modules, set | tuple):
@@ -108,6 +112,39 @@ class LoraConfig(PeftConfig):
             self.modules_to_save = list(self.modules_to_save or []) + extra
 
 
+# ---- variants: how one adapter of a LoRA layer computes, merges and unmerges -----------------------
+class LoraVariant:
+    """Plain LoRA. Variants of the family (DoRA, LoRA-FA, Delta-LoRA) subclass this in their own files and
+    register with :func:`register_variant`; a config picks its variant by ``config.variant_name()``. One
+    instance per (layer, adapter). ``per_row`` says whether adapter_names batching may gather this adapter."""
+
+    per_row: ClassVar[bool] = True
+
+    def init(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
+        """Called after A and B exist (e.g. to create extra parameters or freeze A)."""
+
+    def forward(self, layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        A = layer.lora_A[adapter_name]
+        xa = layer.lora_dropout[adapter_name](x.to(A.weight.dtype))
+        return result + (layer.lora_B[adapter_name](A(xa)) * layer.scaling[adapter_name]).to(result.dtype)
+
+    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight (fp32) with this adapter merged in."""
+        return weight + layer.delta_weight(adapter_name)
+
+    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``merged_weight``."""
+        return weight - layer.delta_weight(adapter_name)
+
+
+LORA_VARIANTS: dict[str, type[LoraVariant]] = {"lora": LoraVariant}
+
+
+def register_variant(name: str, variant: type[LoraVariant]) -> type[LoraVariant]:
+    LORA_VARIANTS[name] = variant
+    return variant
+
+
 # ---- the layers ------------------------------------------------------------------------------------
 class LoraLayer(AdapterLayer):
     """Per-adapter hyper-parameters shared by every LoRA layer type."""
@@ -118,6 +155,33 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
+        self.variant: dict[str, LoraVariant] = {}
+
+    def _init_variant(self, adapter_name: str, config: LoraConfig) -> None:
+        name = config.variant_name()
+        if name not in LORA_VARIANTS:
+            raise PeftConfigError(f"LoRA variant {name!r} is not available; known: {sorted(LORA_VARIANTS)}")
+        self.variant[adapter_name] = LORA_VARIANTS[name]()
+        self.variant[adapter_name].init(self, adapter_name, config)
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        weight = self.base_layer.weight
+        for name in [a for a in (adapter_names or self.active_adapters) if a in self.r]:
+            if name in self.merged_adapters:
+                continue
+            merged = self.variant[name].merged_weight(self, name, weight.float())
+            if safe_merge and not torch.isfinite(merged).all():
+                raise PeftError(f"merging adapter {name!r} gives NaN/inf weights; nothing was changed")
+            weight.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.copy_(self.variant[name].unmerged_weight(self, name, weight.float()).to(weight.dtype))
 
     def _set_hyper(self, adapter_name: str, config: LoraConfig, module_name: str) -> tuple[int, float]:
         r = pattern_value(config.rank_pattern, module_name, config.r)
@@ -129,7 +193,7 @@ class LoraLayer(AdapterLayer):
         return r, alpha
 
     def _forget(self, adapter_name: str) -> None:
-        for d in (self.r, self.lora_alpha, self.scaling):
+        for d in (self.r, self.lora_alpha, self.scaling, self.variant):
             d.pop(adapter_name, None)
         if adapter_name in self.lora_dropout:
             del self.lora_dropout[adapter_name]
@@ -145,6 +209,9 @@ class LoraLayer(AdapterLayer):
         rank; the last slot (all zeros) serves rows that use the base model or an adapter this layer lacks."""
         if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names if n in self.r):
             raise PeftError("adapters mixed per row run without dropout: call model.eval() first")
+        special = sorted({type(self.variant[n]).__name__ for n in names if n in self.r and not self.variant[n].per_row})
+        if special:
+            raise PeftError(f"adapter_names cannot mix {', '.join(special)} adapters per row yet; run them one at a time")
         r_max = max((self.r[n] for n in names if n in self.r), default=1)
         some = next(iter(self.r))  # a layer always holds at least one adapter: it gives the shapes
         A_some, B_some = A_of(some), B_of(some)
@@ -190,6 +257,7 @@ class LoraLinear(LoraLayer):
             nn.init.zeros_(B.weight)
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
+        self._init_variant(adapter_name, config)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         return lora_delta_weight(
@@ -206,9 +274,7 @@ class LoraLinear(LoraLayer):
         if self.row_adapters is not None:
             return result + self._per_row(x).to(result.dtype)
         for name in self.active_adapters:
-            A = self.lora_A[name]
-            xa = self.lora_dropout[name](x.to(A.weight.dtype))
-            result = result + (self.lora_B[name](A(xa)) * self.scaling[name]).to(result.dtype)
+            result = self.variant[name].forward(self, name, x, result)
         return result
 
     def _per_row(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,6 +311,7 @@ class LoraEmbedding(LoraLayer):
         nn.init.normal_(B)
         self.lora_embedding_A[adapter_name] = nn.Parameter(A)
         self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+        self._init_variant(adapter_name, config)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A = self.lora_embedding_A[adapter_name].float()
@@ -303,6 +370,7 @@ class LoraConv2d(LoraLayer):
             nn.init.zeros_(B.weight)
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
+        self._init_variant(adapter_name, config)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A = self.lora_A[adapter_name].weight.float()  # (r, in, kh, kw)
