@@ -254,3 +254,15 @@ def test_trainable_parameters_by_kind() -> None:
     assert sum(kinds.values()) == pm.get_nb_trainable_parameters()[0]
     pm = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"], bias="lora_only"))
     assert pm.trainable_parameters_by_kind() == {"adapter": 2 * 2 * 64, "heads": 0, "norms": 0, "biases": 2 * 32}
+
+
+def test_forward_shows_the_models_signature_and_copies_cleanly(ids) -> None:
+    import copy
+    import inspect
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    assert "input_ids" in inspect.signature(pm.forward).parameters  # what transformers' Trainer inspects
+    clone = copy.deepcopy(pm)
+    with torch.no_grad():
+        clone.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
+    assert not torch.allclose(clone(ids).logits, pm(ids).logits)  # the copy runs its own weights

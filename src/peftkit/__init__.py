@@ -11,6 +11,7 @@ from .errors import (
 )
 from .methods.adapters import BottleneckConfig
 from .methods.bitfit import BeftConfig, BitFitConfig
+from .methods.delta_lora import DeltaLoraConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .model import (
@@ -34,6 +35,7 @@ __all__ = [
     "BeftConfig",
     "BitFitConfig",
     "BottleneckConfig",
+    "DeltaLoraConfig",
     "IA3Config",
     "LoraConfig",
     "NoTrainableParametersError",

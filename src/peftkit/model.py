@@ -8,6 +8,7 @@ live in ``peft_config``; each adapted module knows its own adapters and which ar
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -222,12 +223,28 @@ class _Host(nn.Module):
             return getattr(self.model, name)
 
 
+class _SignedForward:
+    """PeftModel.forward, presenting the wrapped model's signature: transformers' Trainer reads
+    ``inspect.signature(model.forward)`` to decide which dataset columns to keep."""
+
+    def __init__(self, owner: PeftModel) -> None:
+        self.owner = owner
+        try:
+            self.__signature__ = inspect.signature(owner.base_model.model.forward)
+        except (TypeError, ValueError):
+            pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.owner).forward(self.owner, *args, **kwargs)
+
+
 class PeftModel(nn.Module):
     """A model with named adapters. ``forward``, ``generate`` and unknown attributes go to the wrapped model."""
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = _Host(model)
+        self.forward = _SignedForward(self)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self.train(model.training)
@@ -451,6 +468,9 @@ class PeftModel(nn.Module):
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             config = self.peft_config[name].copy(inference_mode=True)
             tensors = file_tensors(self.base_model.model, name, config, PEFT_PREFIX, save_embedding_layers)
+            to_file = method_for(config).to_file
+            if to_file is not None:
+                config, tensors = to_file(self.base_model.model, name, config, tensors, PEFT_PREFIX)
             write_adapter_folder(folder, config, tensors)
 
     @classmethod

@@ -238,6 +238,10 @@ class MethodSpec:
     # Tensors an adapter shares across layers (VeRA's projections), live, keyed relative to the tuner:
     # "vera_A" is written as "base_model.vera_A", as HF PEFT does.
     shared_tensors: Callable[[nn.Module, str, PeftConfig], dict[str, torch.Tensor]] | None = None
+    # Converts an adapter's live state to what its file holds (Delta-LoRA writes an exact rank-2r LoRA):
+    # (model, adapter_name, config, tensors under file keys, key prefix) -> (config to write, tensors)
+    to_file: Callable[[nn.Module, str, PeftConfig, dict[str, torch.Tensor], str],
+                      tuple[PeftConfig, dict[str, torch.Tensor]]] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
