@@ -176,7 +176,7 @@ def test_hf_config_keys_accepted_or_refused_by_name() -> None:
     cfg = PeftConfig.from_dict(hf)
     assert isinstance(cfg, LoraConfig) and cfg.lora_alpha == 16 and cfg.task_type == "CAUSAL_LM"
     for key, value in [("lora_bias", True), ("layer_replication", [[0, 2]]),
-                       ("trainable_token_indices", [1, 2]), ("use_dora", True)]:
+                       ("trainable_token_indices", [1, 2]), ("use_qalora", True)]:
         with pytest.raises(PeftConfigError) as exc:
             PeftConfig.from_dict({**hf, key: value})
         assert f"{key}=" in _one_line(exc) and "does not implement" in str(exc.value)

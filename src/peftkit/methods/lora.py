@@ -55,7 +55,7 @@ class LoraConfig(PeftConfig):
 
     PEFT_TYPE: ClassVar[str] = "LORA"
     UNSUPPORTED_KEYS: ClassVar[frozenset[str]] = frozenset({
-        "lora_bias", "layer_replication", "trainable_token_indices", "use_dora", "loftq_config",
+        "lora_bias", "layer_replication", "trainable_token_indices", "loftq_config",
         "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
         "use_qalora", "monteclora_config", "target_parameters", "use_bdlora", "arrow_config",
         "kasa_config", "megatron_config", "ensure_weight_tying",
@@ -69,6 +69,7 @@ class LoraConfig(PeftConfig):
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA (methods/dora.py)
     modules_to_save: list[str] | None = None
     init_lora_weights: bool | str = True
     layers_to_transform: list[int] | int | None = None
@@ -81,7 +82,7 @@ class LoraConfig(PeftConfig):
 
     def variant_name(self) -> str:
         """Which LoraVariant computes this config's adapters (subclasses and flags pick others)."""
-        return "lora"
+        return "dora" if self.use_dora else "lora"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -228,7 +229,7 @@ class LoraLayer(AdapterLayer):
 class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` and on GPT-2's ``Conv1D`` (weight stored transposed: fan_in_fan_out)."""
 
-    ADAPTER_ATTRS = ("lora_A", "lora_B")
+    ADAPTER_ATTRS = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -238,6 +239,7 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, per adapter
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         if config.fan_in_fan_out != self.fan_in_fan_out:

@@ -1,0 +1,226 @@
+"""DoRA against its equation (W' = m · (W + sBA) / ‖W + sBA‖, norm detached) and against the real HF ``peft``."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import tiny_gpt2, tiny_llama
+from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
+
+import peftkit
+from peftkit import LoraConfig, PeftConfigError, PeftError, get_peft_model
+from peftkit.methods.base import AdapterLayer
+from peftkit.methods.dora import DoraVariant
+from peftkit.methods.lora import LoraLinear
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+LIBS = {"peftkit": peftkit, "hf": peft}
+CASES = {
+    "llama_all_linear": (tiny_llama, {"target_modules": "all-linear"}),
+    "gpt2_c_attn_c_fc": (tiny_gpt2, {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}),
+}
+
+
+# ---- one layer against the formula ------------------------------------------------------------------
+def _dora_layer(base: nn.Module, *, perturb: bool = True, **cfg) -> LoraLinear:
+    layer = LoraLinear(base)
+    layer.update_layer("default", LoraConfig(**{"r": 4, "lora_alpha": 6, "use_dora": True, **cfg}), "m")
+    layer.set_adapter(["default"])
+    if perturb:  # non-zero B, and m away from its initial norm: a fresh adapter proves little
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(0, 0.5)
+            layer.lora_magnitude_vector["default"].mul_(torch.rand_like(layer.lora_magnitude_vector["default"]) + 0.5)
+    return layer
+
+
+def _reference_weight(layer: LoraLinear, detach_norm: bool = True) -> torch.Tensor:
+    """The paper's W' = m · (W + sBA) / ‖W + sBA‖ per output row, as (d_out, d_in)."""
+    W = layer.base_layer.weight.T if layer.fan_in_fan_out else layer.base_layer.weight
+    V = W + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    norm = V.norm(dim=1, keepdim=True)
+    return layer.lora_magnitude_vector["default"][:, None] * V / (norm.detach() if detach_norm else norm)
+
+
+BASES = {"linear": lambda: nn.Linear(10, 6), "conv1d": lambda: Conv1D(6, 10)}  # both 10 -> 6, with bias
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_forward_equals_formula(kind: str) -> None:
+    torch.manual_seed(0)
+    layer = _dora_layer(BASES[kind](), fan_in_fan_out=kind == "conv1d")
+    x = torch.randn(3, 5, 10)
+    expected = x @ _reference_weight(layer).T + layer.base_layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert (layer(x) - layer.base_layer(x)).abs().max() > 0.1
+
+
+def test_dropout_in_training_matches_hf_decomposition() -> None:
+    """With dropout, W x̃ is recomputed from the dropped input (bias once, from the base output)."""
+    torch.manual_seed(0)
+    layer = _dora_layer(nn.Linear(10, 6), lora_dropout=0.5).train()
+    x = torch.randn(4, 10)
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    xd = F.dropout(x, 0.5, training=True)
+    W, m = layer.base_layer.weight, layer.lora_magnitude_vector["default"]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    factor = m / (W + 1.5 * B @ A).norm(dim=1)
+    expected = layer.base_layer(x) + (factor - 1) * (xd @ W.T) + factor * 1.5 * (xd @ A.T @ B.T)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_adapter_equals_base_and_magnitude_is_row_norm() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(10, 6)
+    layer = _dora_layer(base, perturb=False)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"], base.weight.norm(dim=1), rtol=0, atol=0)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-6, atol=1e-6)
+    # as HF: with a non-zero B at creation, m = ‖W + sBA‖ and the adapter starts as plain LoRA
+    layer = _dora_layer(nn.Linear(10, 6), perturb=False, init_lora_weights=False)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + 1.5 * x @ A.T @ B.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_gradients_treat_the_norm_as_constant(kind: str) -> None:
+    torch.manual_seed(0)
+    layer = _dora_layer(BASES[kind](), fan_in_fan_out=kind == "conv1d")
+    params = [layer.lora_magnitude_vector["default"], layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    x, target = torch.randn(5, 10), torch.randn(5, 6)
+    grads = {}
+    for name, run in [("ours", lambda: layer(x)),
+                      ("detached", lambda: x @ _reference_weight(layer).T + layer.base_layer.bias),
+                      ("attached", lambda: x @ _reference_weight(layer, detach_norm=False).T + layer.base_layer.bias)]:
+        grads[name] = torch.autograd.grad(((run() - target) ** 2).sum(), params)
+    for ours, ref in zip(grads["ours"], grads["detached"], strict=True):
+        assert ours.abs().max() > 1e-3
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    for ours, attached in zip(grads["ours"][1:], grads["attached"][1:], strict=True):  # A and B: the norm's inputs
+        assert (ours - attached).abs().max() > 1e-3  # the detach matters: the reference can tell
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_merge_equals_unmerged_and_unmerge_restores(kind: str) -> None:
+    torch.manual_seed(0)
+    layer = _dora_layer(BASES[kind](), fan_in_fan_out=kind == "conv1d")
+    # a second DoRA adapter active on top: merged in turn, its norm is still taken from the base W
+    layer.update_layer("b", LoraConfig(r=2, use_dora=True, init_lora_weights=False, fan_in_fan_out=kind == "conv1d"), "m")
+    with torch.no_grad():
+        layer.lora_magnitude_vector["b"].mul_(1.3)
+    layer.set_adapter(["default", "b"])
+    w0 = layer.base_layer.weight.detach().clone()
+    x = torch.randn(4, 10)
+    unmerged = layer(x)
+    layer.merge()
+    merged = layer(x)
+    assert (merged - unmerged).abs().max() <= 1e-5 * max(1.0, unmerged.abs().max().item())
+    layer.set_adapter(["default"])
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-5)  # |W + ΔW| ~ 3: fp32 rounding
+    torch.testing.assert_close(layer(x), x @ _reference_weight(layer).T + layer.base_layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_count_and_keys() -> None:
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True))
+    # q: 32->32, v: 32->16, down: 64->32; two layers; each target adds r(d_in + d_out) + d_out
+    assert pm.get_nb_trainable_parameters()[0] == 2 * (4 * (64 + 48 + 96) + (32 + 16 + 32))
+    keys = peftkit.get_peft_model_state_dict(pm)
+    assert keys["base_model.model.model.layers.0.self_attn.v_proj.lora_magnitude_vector"].shape == (16,)
+
+
+def test_refuses_embedding_and_rows_clearly() -> None:
+    with pytest.raises(PeftConfigError, match="use_dora=True supports Linear and Conv1D targets only, not Embedding"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens"], use_dora=True))
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).eval()
+    assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj.variant["default"], DoraVariant)
+    with pytest.raises(PeftError, match="DoraVariant"):
+        pm(torch.ones(2, 3, dtype=torch.long), adapter_names=["default", "__base__"])
+
+
+# ---- against HF PEFT -------------------------------------------------------------------------------
+@torch.no_grad()
+def _create(lib: str, case: str, adapter: str = "default", model=None, **extra):
+    make, cfg = CASES[case]
+    config = LIBS[lib].LoraConfig(**{"r": 4, "lora_alpha": 8, "use_dora": True, "init_lora_weights": False, **cfg, **extra})
+    if model is None:
+        model = LIBS[lib].get_peft_model(make(), config)
+    else:
+        model.add_adapter(adapter, config)
+        model.set_adapter(adapter)
+    g = torch.Generator().manual_seed(len(adapter))
+    for p in [p for p in model.parameters() if p.requires_grad]:
+        p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("src", list(LIBS))
+def test_interop_both_ways(case: str, src: str, tmp_path, ids) -> None:
+    dst = "hf" if src == "peftkit" else "peftkit"
+    source = _create(src, case)
+    expected = _logits(source, ids)
+    assert (expected - _logits(CASES[case][0](), ids)).abs().max() > 1e-2
+    source.save_pretrained(str(tmp_path))
+    with open(tmp_path / "adapter_config.json") as fh:
+        assert json.load(fh)["use_dora"] is True
+    loaded = LIBS[dst].PeftModel.from_pretrained(CASES[case][0](), str(tmp_path)).eval()
+    assert loaded.peft_config["default"].use_dora
+    assert (_logits(loaded, ids) - expected).abs().max() <= 1e-5
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    got = LIBS[dst].get_peft_model_state_dict(loaded)
+    assert sorted(saved) == sorted(got) and any(k.endswith(".lora_magnitude_vector") for k in saved)
+    assert all(torch.equal(got[k], v) for k, v in saved.items())
+    # the other library writes the same keys and shapes
+    other = tmp_path / "again"
+    loaded.save_pretrained(str(other))
+    assert {k: v.shape for k, v in load_file(str(other / "adapter_model.safetensors")).items()} == {
+        k: v.shape for k, v in saved.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_and_unload_of_hf_file_equals_hf(case: str, tmp_path, ids) -> None:
+    make = CASES[case][0]
+    source = _create("hf", case)
+    adapted = _logits(source, ids)
+    source.save_pretrained(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(make(), str(tmp_path)).merge_and_unload()
+        ours = peftkit.PeftModel.from_pretrained(make(), str(tmp_path)).merge_and_unload()
+    assert not any(isinstance(m, AdapterLayer) for m in ours.modules())
+    assert (_logits(ours, ids) - adapted).abs().max() <= 1e-5
+    their_state = theirs.state_dict()
+    assert sorted(ours.state_dict()) == sorted(their_state)
+    for key, tensor in ours.state_dict().items():
+        torch.testing.assert_close(tensor, their_state[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("first_dora", [True, False])
+def test_two_active_adapters_match_hf(first_dora: bool, ids) -> None:
+    """A DoRA adapter after another active adapter scales the running output (base + earlier adapters), as HF."""
+    outputs = {}
+    for lib in LIBS:
+        pm = _create(lib, "llama_all_linear", use_dora=first_dora)
+        pm = _create(lib, "llama_all_linear", "second", model=pm)
+        if lib == "hf":
+            pm.base_model.set_adapter(["default", "second"])
+        else:
+            pm.set_adapter(["default", "second"])
+        outputs[lib] = _logits(pm, ids)
+        pm.merge_adapter()
+        assert (_logits(pm, ids) - outputs[lib]).abs().max() <= 1e-5
+    assert (outputs["hf"] - outputs["peftkit"]).abs().max() <= 1e-5
