@@ -188,7 +188,7 @@ def trained_biases(model: nn.Module, adapter_name: str, bias: str) -> list[tuple
     """Biases that bias="all" / "lora_only" trains with this adapter (names as in model.named_parameters)."""
     if bias == "none":
         return []
-    if bias == "lora_only":
+    if bias.endswith("_only"):  # "lora_only", "vera_only": the adapted modules' biases (HF PEFT's rule)
         return [
             (f"{logical_path(path)}.base_layer.bias", layer.get_base_layer().bias)
             for path, layer in adapter_layers(model)

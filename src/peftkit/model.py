@@ -159,7 +159,8 @@ def get_peft_model_state_dict(
     root, prefix, config = _root_prefix_config(model, adapter_name)
     tensors = file_tensors(root, adapter_name, config, prefix, save_embedding_layers)
     if state_dict is not None:  # take the values from a full state_dict of ``model`` (its own key names)
-        own_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        own_name = {id(p): n for n, p in named}  # buffers: VeRA's shared projections
         tensors = {k: state_dict[own_name[id(v)]] for k, v in tensors.items()}
     return {k: v.detach() for k, v in tensors.items()}
 
