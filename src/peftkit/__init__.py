@@ -14,6 +14,8 @@ from .methods.bitfit import BeftConfig, BitFitConfig
 from .methods.delta_lora import DeltaLoraConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.lora_fa import LoraFAConfig, create_lorafa_optimizer
+from .methods.vera import VeraConfig
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -38,6 +40,7 @@ __all__ = [
     "DeltaLoraConfig",
     "IA3Config",
     "LoraConfig",
+    "LoraFAConfig",
     "NoTrainableParametersError",
     "PeftConfig",
     "PeftConfigError",
@@ -50,6 +53,8 @@ __all__ = [
     "PeftModelForTokenClassification",
     "TargetModulesError",
     "TaskType",
+    "VeraConfig",
+    "create_lorafa_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",

@@ -123,7 +123,13 @@ class AdapterLayer(nn.Module):
         return out
 
     def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
-        yield from self.adapter_state_dict(adapter_name).values()
+        """The parameters that train with this adapter (PeftModel unfreezes them while it is active): all of
+        ``adapter_state_dict`` except those of a module marked ``adapter_frozen = True`` (LoRA-FA's A), which
+        are saved, loaded and merged like the rest but stay frozen. The mark lives on the adapter's own module,
+        so it survives deepcopy and goes away with the adapter."""
+        for key, p in self.adapter_state_dict(adapter_name).items():
+            if not getattr(getattr(self, key.split(".")[0])[adapter_name], "adapter_frozen", False):
+                yield p
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
