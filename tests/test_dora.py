@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
-from peftkit import LoraConfig, PeftConfigError, PeftError, get_peft_model
-from peftkit.methods.base import AdapterLayer
+from peftkit import LoraConfig, PeftError, TargetModulesError, get_peft_model
+from peftkit.methods.base import AdapterLayer, adapter_layers
 from peftkit.methods.dora import DoraVariant
 from peftkit.methods.lora import LoraLinear
 
@@ -138,8 +138,10 @@ def test_trainable_count_and_keys() -> None:
 
 
 def test_refuses_embedding_and_rows_clearly() -> None:
-    with pytest.raises(PeftConfigError, match="use_dora=True supports Linear and Conv1D targets only, not Embedding"):
-        get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens"], use_dora=True))
+    model = tiny_llama()
+    with pytest.raises(TargetModulesError, match="use_dora=True supports Linear and Conv1D targets only, not Embedding"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
+    assert not list(adapter_layers(model))  # checked before any module was replaced
     pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).eval()
     assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj.variant["default"], DoraVariant)
     with pytest.raises(PeftError, match="DoraVariant"):

@@ -225,3 +225,14 @@ def test_modules_to_save_that_matches_nothing() -> None:
     assert _module_ids(model) == before
     with pytest.raises(TargetModulesError, match="classifier or score"):
         get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], task_type="SEQ_CLS"))
+
+
+def test_a_file_of_one_method_read_as_another(tmp_path) -> None:
+    from peftkit import IA3Config, VeraConfig
+
+    folder = _saved(tmp_path)
+    with pytest.raises(PeftConfigError) as exc:
+        VeraConfig.from_pretrained(folder)
+    assert "peft_type 'LORA', not 'VERA'" in _one_line(exc)
+    with pytest.raises(PeftConfigError, match="not 'IA3'"):
+        IA3Config.from_pretrained(folder)

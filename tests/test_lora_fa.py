@@ -20,6 +20,7 @@ from peftkit import (
     LoraFAConfig,
     PeftConfigError,
     PeftError,
+    TargetModulesError,
     create_lorafa_optimizer,
     get_peft_model,
 )
@@ -200,8 +201,10 @@ def test_unfreezing_a_by_hand_is_refused(ids) -> None:
 
 
 def test_embedding_target_is_refused() -> None:
-    with pytest.raises(PeftConfigError, match="embedding"):
-        get_peft_model(tiny_llama(), LoraFAConfig(r=4, target_modules=["embed_tokens"]))
+    model = tiny_llama()
+    with pytest.raises(TargetModulesError, match="embedding"):
+        get_peft_model(model, LoraFAConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    assert not any(type(m).__name__.startswith("Lora") for m in model.modules())  # model untouched
     with pytest.raises(PeftConfigError, match="DoRA"):
         LoraFAConfig(r=4, target_modules=["q_proj"], use_dora=True)
 

@@ -99,6 +99,11 @@ class PeftConfig:
                     f"unknown task_type {self.task_type!r}; use one of {sorted(valid)} or None"
                 )
 
+    def refuse_target(self, module) -> str | None:
+        """Why this config cannot adapt ``module`` (checked for every target before the model changes),
+        or None. Method options narrow what the method's layers support (DoRA: Linear/Conv1D only)."""
+        return None
+
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

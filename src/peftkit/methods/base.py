@@ -280,6 +280,9 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
         chain = adapter_chain(module)
         same = next((layer for layer in chain if isinstance(layer, spec.layer_base)), None)
         if same is not None:  # this family already wraps the module: one more adapter in the same layer
+            refusal = config.refuse_target(same.get_base_layer())
+            if refusal:
+                raise TargetModulesError(f"target {name!r}: {refusal}")
             if adapter_name in same.adapter_names:
                 raise PeftError(f"module {name!r} already has an adapter named {adapter_name!r}")
             plan.append((name, same, None))
@@ -291,6 +294,9 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
                 f"target {name!r} is a {type(base).__name__}, which {config.PEFT_TYPE} cannot adapt "
                 f"(supported: {spec.supported}); narrow target_modules or add it to exclude_modules"
             )
+        refusal = config.refuse_target(base)
+        if refusal:
+            raise TargetModulesError(f"target {name!r}: {refusal}")
         plan.append((name, module, layer_cls))  # another family's layer, if any, nests inside the new one
     for name, module, layer_cls in plan:
         if layer_cls is not None:

@@ -80,6 +80,13 @@ class LoraConfig(PeftConfig):
     autocast_adapter_dtype: bool = field(default=True, metadata={"local": True})
     qalora_group_size: int = 16  # only read by QA-LoRA (use_qalora), accepted for HF files
 
+    def refuse_target(self, module: nn.Module) -> str | None:
+        if self.use_dora and not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            kind = type(module).__name__
+            return (f"use_dora=True supports Linear and Conv1D targets only, not {kind}; leave {kind} modules out "
+                    "of target_modules (or add them to exclude_modules)")
+        return None
+
     def variant_name(self) -> str:
         """Which LoraVariant computes this config's adapters (subclasses and flags pick others)."""
         return "dora" if self.use_dora else "lora"

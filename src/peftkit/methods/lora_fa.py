@@ -53,6 +53,12 @@ class LoraFAConfig(LoraConfig):
 
     PEFT_TYPE: ClassVar[str] = "LORA_FA"
 
+    def refuse_target(self, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Embedding):
+            return ("LoRA-FA freezes A, but LoRA on an embedding starts with A = 0, so it could never learn; leave "
+                    "embeddings out of target_modules (or give them a plain LoraConfig adapter)")
+        return super().refuse_target(module)
+
     def variant_name(self) -> str:
         return "lora_fa"
 
