@@ -129,7 +129,10 @@ class PeftConfig:
             raise PeftConfigError("adapter config has no 'peft_type'; add e.g. \"peft_type\": \"LORA\"")
         target = config_class_for(peft_type)
         if cls is not PeftConfig and target is not cls and not issubclass(target, cls):
-            raise PeftConfigError(f"config is for peft_type {peft_type!r}, not {cls.PEFT_TYPE!r}")
+            raise PeftConfigError(
+                f"config is for peft_type {peft_type!r}, not {cls.PEFT_TYPE!r}; read it with "
+                f"{target.__name__} or PeftConfig.from_pretrained (which picks the class from the file)"
+            )
         names = {f.name for f in dataclasses.fields(target)}
         kwargs: dict[str, Any] = {}
         refused: list[str] = []
