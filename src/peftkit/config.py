@@ -98,6 +98,22 @@ class PeftConfig:
                 raise PeftConfigError(
                     f"unknown task_type {self.task_type!r}; use one of {sorted(valid)} or None"
                 )
+        self._check_targeting_fields()
+
+    def _check_targeting_fields(self) -> None:
+        """What every targeting method's config shares: module-name sets become sorted lists (as JSON holds
+        them), layers_pattern needs layers_to_transform (which needs a list of names), and SEQ_CLS trains the
+        classification head through modules_to_save, as HF PEFT does."""
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            if isinstance(getattr(self, name, None), set | tuple):
+                setattr(self, name, sorted(getattr(self, name)))
+        if getattr(self, "layers_pattern", None) and getattr(self, "layers_to_transform", None) is None:
+            raise PeftConfigError("layers_pattern needs layers_to_transform; set both or neither")
+        if isinstance(getattr(self, "target_modules", None), str) and getattr(self, "layers_to_transform", None) is not None:
+            raise PeftConfigError("layers_to_transform cannot be used with a regex target_modules; give a list of names")
+        if self.task_type == "SEQ_CLS" and hasattr(self, "modules_to_save"):
+            extra = [h for h in SEQ_CLS_HEAD_NAMES if h not in (self.modules_to_save or [])]
+            self.modules_to_save = list(self.modules_to_save or []) + extra
 
     def refuse_target(self, module) -> str | None:
         """Why this config cannot adapt ``module`` (checked for every target before the model changes),

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import SEQ_CLS_HEAD_NAMES, PeftConfig
+from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..targeting import candidate_modules, describe_candidates, is_conv1d, is_linear_like, layer_index
 from .base import AdapterLayer, MethodSpec, ModulesToSaveWrapper, register_method
@@ -88,9 +88,6 @@ class BottleneckConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, name), set | tuple):
-                setattr(self, name, sorted(getattr(self, name)))
         if self.placement not in PLACEMENTS:
             raise PeftConfigError(f"placement must be 'houlsby' or 'pfeiffer', got {self.placement!r}")
         if not _is_number(self.reduction_factor) or self.reduction_factor <= 0:
@@ -112,15 +109,6 @@ class BottleneckConfig(PeftConfig):
             raise PeftConfigError(
                 f"train_layer_norms must be True, False or None, got {self.train_layer_norms!r}"
             )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise PeftConfigError("layers_pattern needs layers_to_transform; set both or neither")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise PeftConfigError(
-                "layers_to_transform cannot be used with a regex target_modules; give a list of names"
-            )
-        if self.task_type == "SEQ_CLS":
-            extra = [h for h in SEQ_CLS_HEAD_NAMES if h not in (self.modules_to_save or [])]
-            self.modules_to_save = list(self.modules_to_save or []) + extra
 
 
 def _is_number(value: Any) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import SEQ_CLS_HEAD_NAMES, PeftConfig
+from ..config import PeftConfig
 from ..errors import PeftConfigError, TargetModulesError
 from ..targeting import candidate_modules, is_conv1d, is_excluded, output_head_names
 from .base import AdapterLayer, MethodSpec, register_method
@@ -59,14 +59,6 @@ class BitFitConfig(PeftConfig):
     add_missing_biases: bool = False
     init_weights: bool = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.target_modules, set | tuple):
-            self.target_modules = sorted(self.target_modules)
-        if self.task_type == "SEQ_CLS":
-            extra = [h for h in SEQ_CLS_HEAD_NAMES if h not in (self.modules_to_save or [])]
-            self.modules_to_save = list(self.modules_to_save or []) + extra
-
 
 @dataclass
 class BeftConfig(PeftConfig):
@@ -81,14 +73,6 @@ class BeftConfig(PeftConfig):
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     init_weights: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.target_modules, set | tuple):
-            self.target_modules = sorted(self.target_modules)
-        if self.task_type == "SEQ_CLS":
-            extra = [h for h in SEQ_CLS_HEAD_NAMES if h not in (self.modules_to_save or [])]
-            self.modules_to_save = list(self.modules_to_save or []) + extra
 
 
 class BiasLayer(AdapterLayer):

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import SEQ_CLS_HEAD_NAMES, PeftConfig
+from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..targeting import describe_candidates, find_targets, is_conv1d
 from .base import AdapterLayer, MethodSpec, adapter_layers, register_method
@@ -98,10 +98,6 @@ class IA3Config(PeftConfig):
                     f"feedforward_modules {extra} are not in target_modules {self.target_modules}; feedforward "
                     "modules must be targeted too: add them to target_modules or drop them from feedforward_modules"
                 )
-        if self.task_type == "SEQ_CLS":
-            # HF PEFT trains and saves the classification head with a SEQ_CLS adapter
-            extra_heads = [h for h in SEQ_CLS_HEAD_NAMES if h not in (self.modules_to_save or [])]
-            self.modules_to_save = list(self.modules_to_save or []) + extra_heads
 
 
 def prepare_ia3_config(model: nn.Module, config: IA3Config) -> IA3Config:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import SEQ_CLS_HEAD_NAMES, PeftConfig
+from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError
 from ..targeting import is_conv1d
 from .base import AdapterLayer, MethodSpec, register_method
@@ -93,10 +93,6 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, set | tuple):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, set | tuple):
-            self.exclude_modules = sorted(self.exclude_modules)
         for name, value in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PeftConfigError(f"{name} must be a positive integer, got {value!r}; use e.g. r=8")
@@ -108,16 +104,6 @@ class LoraConfig(PeftConfig):
             raise PeftConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'"
             )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise PeftConfigError("layers_pattern needs layers_to_transform; set both or neither")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise PeftConfigError(
-                "layers_to_transform cannot be used with a regex target_modules; give a list of names"
-            )
-        if self.task_type == "SEQ_CLS":
-            # HF PEFT trains and saves the classification head with a SEQ_CLS adapter
-            extra = [h for h in SEQ_CLS_HEAD_NAMES if h not in (self.modules_to_save or [])]
-            self.modules_to_save = list(self.modules_to_save or []) + extra
 
 
 # ---- variants: how one adapter of a LoRA layer computes, merges and unmerges -----------------------

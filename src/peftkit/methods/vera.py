@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import SEQ_CLS_HEAD_NAMES, PeftConfig
+from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..targeting import describe_candidates, find_targets, is_conv1d
 from .base import AdapterLayer, MethodSpec, adapter_layers, register_method
@@ -137,8 +137,6 @@ class VeraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, set | tuple):
-            self.target_modules = sorted(self.target_modules)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise PeftConfigError(f"r must be a positive integer, got {self.r!r}; use e.g. r=256 (VeRA's default)")
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
@@ -147,12 +145,6 @@ class VeraConfig(PeftConfig):
             raise PeftConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
         if self.bias not in ("none", "all", "vera_only"):
             raise PeftConfigError(f"bias must be 'none', 'all' or 'vera_only', got {self.bias!r}")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise PeftConfigError("layers_pattern needs layers_to_transform; set both or neither")
-        if self.task_type == "SEQ_CLS":
-            # HF PEFT trains and saves the classification head with a SEQ_CLS adapter
-            extra = [h for h in SEQ_CLS_HEAD_NAMES if h not in (self.modules_to_save or [])]
-            self.modules_to_save = list(self.modules_to_save or []) + extra
 
 
 def find_projections(model: nn.Module) -> VeraProjections | None:
