@@ -87,6 +87,13 @@ class AdapterLayer(nn.Module):
     def update_layer(self, adapter_name: str, config: PeftConfig, module_name: str) -> None:
         """Create adapter ``adapter_name``'s parameters for this module (``module_name`` for patterns)."""
 
+    def adapters_off(self) -> bool:
+        """Whether forward is the base module alone: adapters disabled (a merged layer unmerges first, so the
+        base really is the base) or already merged into its weights. Call it before running the base."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        return self.disable_adapters or self.merged
+
     def merge_blocker(self) -> str | None:
         """Why this layer's adapters cannot be merged into the base module, or None if they can."""
         return None if self.MERGEABLE else f"{type(self).__name__} adapters are non-linear"

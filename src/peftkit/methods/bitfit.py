@@ -121,10 +121,9 @@ class BiasLayer(AdapterLayer):
         return delta.reshape(delta.shape[0], *([1] * (ndim - 2)), -1) if ndim > 1 else delta.flatten()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        off = self.adapters_off()
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
+        if off:
             return result
         rows = self.row_adapters
         if rows is not None:  # gather each row's delta: one indexing op, no loop over adapters

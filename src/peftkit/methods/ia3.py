@@ -194,9 +194,7 @@ class IA3Layer(AdapterLayer):
         return w * self._weight_scale(self.ia3_l[adapter_name].detach().float().flatten()) - w
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-        if self.disable_adapters or self.merged:
+        if self.adapters_off():
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
             scale = self._per_row(x)

@@ -261,10 +261,9 @@ class LoraLinear(LoraLayer):
         )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        off = self.adapters_off()
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
+        if off:
             return result
         if self.row_adapters is not None:
             return result + self._per_row(x).to(result.dtype)
@@ -314,10 +313,9 @@ class LoraEmbedding(LoraLayer):
         return lora_delta_weight(A, B, self.scaling[adapter_name]).T  # (num_embeddings, dim)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        off = self.adapters_off()
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
+        if off:
             return result
         if self.row_adapters is not None:
             return result + self._per_row(x).to(result.dtype)
@@ -373,10 +371,9 @@ class LoraConv2d(LoraLayer):
         return torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A) * self.scaling[adapter_name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        off = self.adapters_off()
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
+        if off:
             return result
         rows = self.row_adapters
         if rows is not None:  # a convolution per distinct adapter, on its rows

@@ -257,10 +257,9 @@ class VeraLinear(AdapterLayer):
         return vera_delta_weight(A.float(), B.float(), d.float(), b.float(), self.fan_in_fan_out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        off = self.adapters_off()
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
+        if off:
             return result
         if self.row_adapters is not None:
             return result + self._per_row(x).to(result.dtype)
