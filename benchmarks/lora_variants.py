@@ -24,7 +24,9 @@ Per row:
 * saved-activation bytes of one training step: every tensor autograd keeps for backward, seen through
   ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once (by
   ``untyped_storage().data_ptr()``), the model's parameters and buffers (VeRA's shared projections,
-  Delta-LoRA's snapshots, rotary tables) excluded;
+  Delta-LoRA's snapshots, rotary tables) excluded; only tensors that backward unpacks count (a graph built
+  and dropped inside the forward, as HF DoRA's weight norm, is not kept; the JSON also has the count over
+  every pack, ``packed_bytes_every_pack``);
 * peak RSS growth: the process's ``ru_maxrss`` at the end of training minus its RSS after setup (model
   built, adapter added, optimizer created). The kernel's peak counter is reset after setup (``5`` written
   to /proc/self/clear_refs) so a setup-time peak does not hide training's; CPU only, so RSS stands in for
@@ -149,21 +151,35 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Te
     return loss.item()
 
 
-def saved_activation_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> tuple[int, float]:
-    """Bytes autograd keeps for backward in one training step (each storage once, parameters and buffers
-    excluded), and that step's loss."""
-    storages: dict[int, int] = {}
+def saved_activation_bytes(model: nn.Module, optimizer: torch.optim.Optimizer,
+                           ids: torch.Tensor) -> tuple[int, int, float]:
+    """Bytes autograd keeps for backward in one training step, and that step's loss.
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    Every tensor autograd saves goes through ``pack``; each storage is counted once (by data_ptr), the
+    model's parameters and buffers excluded. Only tensors that backward actually unpacks count: a graph
+    built in the forward and then dropped (e.g. a weight norm computed with grad and detached) frees its
+    saved tensors, whose addresses later tensors may reuse, so counting every pack would be both too high
+    and unstable. The second number is that every-pack count, for reference."""
+    packed: list[tuple[int, int]] = []  # (storage data_ptr, nbytes) per pack call
+    unpacked: set[int] = set()  # indices into packed
+
+    def pack(t: torch.Tensor) -> tuple[int, torch.Tensor]:
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
+        packed.append((storage.data_ptr(), storage.nbytes()))
+        return len(packed) - 1, t
+
+    def unpack(token: tuple[int, torch.Tensor]) -> torch.Tensor:
+        unpacked.add(token[0])
+        return token[1]
 
     state = [*model.parameters(), *model.buffers()]
     excluded = {t.untyped_storage().data_ptr() for t in state}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         loss = train_step(model, optimizer, ids)
-    return sum(n for ptr, n in storages.items() if ptr not in excluded), loss
+    kept = {packed[i][0]: packed[i][1] for i in unpacked}
+    every = dict(packed)
+    return (sum(n for ptr, n in kept.items() if ptr not in excluded),
+            sum(n for ptr, n in every.items() if ptr not in excluded), loss)
 
 
 def run_row(row: str, dropout: float, args: argparse.Namespace) -> dict[str, Any]:
@@ -184,7 +200,7 @@ def run_row(row: str, dropout: float, args: argparse.Namespace) -> dict[str, Any
     peak_reset = reset_peak_rss()
 
     losses = [train_step(pm, optimizer, ids) for _ in range(args.warmup)]
-    activation_bytes, loss = saved_activation_bytes(pm, optimizer, ids)
+    activation_bytes, packed_bytes, loss = saved_activation_bytes(pm, optimizer, ids)
     losses.append(loss)
     times = []
     for _ in range(args.steps):
@@ -200,7 +216,7 @@ def run_row(row: str, dropout: float, args: argparse.Namespace) -> dict[str, Any
     return {
         "row": row, "lora_dropout": dropout, "trainable_params": trainable,
         "step_time_median_s": statistics.median(times), "step_times_s": times,
-        "saved_activation_bytes": activation_bytes,
+        "saved_activation_bytes": activation_bytes, "packed_bytes_every_pack": packed_bytes,
         "rss_setup_bytes": rss_setup, "peak_rss_bytes": peak, "rss_growth_bytes": peak - rss_setup,
         "peak_rss_reset_after_setup": peak_reset,
         "adapter_file_bytes": files.get("adapter_model.safetensors"), "saved_files": files,
@@ -243,9 +259,9 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
               f"{r['rss_growth_bytes'] / 2**20:8.0f} {fmt(size / 2**10 if size is not None else None, '.0f', 9)} "
               f"{r['init_loss_delta']:10.1e} {r['train_loss_delta']:11.1e}")
 
-    print("\npeftkit / HF PEFT, per method (same dropout)")
+    print("\npeftkit / HF PEFT, per method (same dropout); max |Δloss|: largest loss difference over the same steps")
     header = (f"{'method':11s} {'p':>4s} {'trainable':>9s} {'step time':>9s} {'saved act':>9s} "
-              f"{'RSS growth':>10s} {'file size':>9s}")
+              f"{'RSS growth':>10s} {'file size':>9s} {'max |Δloss|':>11s}")
     print(header)
     print("-" * len(header))
     for (row, dropout), r in ok.items():
@@ -258,10 +274,13 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
         cmp = {key: ratio(r[key], hf[key]) for key in ("trainable_params", "step_time_median_s",
                                                         "saved_activation_bytes", "rss_growth_bytes",
                                                         "adapter_file_bytes")}
+        n = min(len(r["losses"]), len(hf["losses"]))
+        cmp["max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(r["losses"][:n], hf["losses"][:n], strict=True))
         r["vs_hf"] = cmp
         print(f"{method:11s} {dropout:4.2f} {fmt(cmp['trainable_params'], '.2f', 9)} "
               f"{fmt(cmp['step_time_median_s'], '.2f', 9)} {fmt(cmp['saved_activation_bytes'], '.2f', 9)} "
-              f"{fmt(cmp['rss_growth_bytes'], '.2f', 10)} {fmt(cmp['adapter_file_bytes'], '.2f', 9)}")
+              f"{fmt(cmp['rss_growth_bytes'], '.2f', 10)} {fmt(cmp['adapter_file_bytes'], '.2f', 9)} "
+              f"{cmp['max_abs_loss_diff']:11.1e}")
 
 
 def main() -> None:
