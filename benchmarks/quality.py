@@ -116,19 +116,27 @@ def accuracy(model: nn.Module, data, batch: int = 64) -> float:
 
 
 def saved_activation_bytes(model: nn.Module, ids, mask, y) -> int:
-    """Bytes autograd keeps for backward in one training step, each storage counted once."""
-    storages: dict[int, int] = {}
+    """Bytes autograd keeps for backward in one training step: each storage counted once, parameters and
+    buffers excluded, and only tensors backward actually unpacks (a graph built and dropped in the forward
+    frees its saved tensors, and their addresses may be reused: counting every pack would over-count)."""
+    packed: list[tuple[int, int]] = []
+    unpacked: set[int] = set()
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+    def pack(t: torch.Tensor) -> tuple[int, torch.Tensor]:
+        packed.append((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        return len(packed) - 1, t
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(token: tuple[int, torch.Tensor]) -> torch.Tensor:
+        unpacked.add(token[0])
+        return token[1]
+
+    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         loss = F.cross_entropy(model(ids, mask), y)
-    loss.backward()
+        loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(n for ptr, n in storages.items() if ptr not in params)
+    kept = {packed[i][0]: packed[i][1] for i in unpacked}
+    return sum(n for ptr, n in kept.items() if ptr not in state)
 
 
 def run_method(name: str, args, head_path: Path) -> dict:
@@ -230,7 +238,12 @@ def main() -> None:
         t0 = time.perf_counter()
         head_acc = warm_head(args, head)
         print(f"warm head on frozen embeddings: held-out accuracy {head_acc:.4f} ({time.perf_counter() - t0:.0f}s)")
-        passthrough = [a for a in sys.argv[1:] if not a.startswith("--methods")]
+        passthrough, skip = [], False  # the parent's arguments, less --methods and its value
+        for arg in sys.argv[1:]:
+            if skip or arg.startswith("--methods"):
+                skip = arg == "--methods"
+                continue
+            passthrough.append(arg)
         for name in methods:
             t0 = time.perf_counter()
             cmd = [sys.executable, __file__, *passthrough, "--worker", name, "--head", str(head)]
