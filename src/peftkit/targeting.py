@@ -45,6 +45,12 @@ def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | N
     return int(match.group("idx")) if match else None
 
 
+def model_type(model: nn.Module) -> str | None:
+    """transformers' ``config.model_type`` (None for a plain nn.Module): the key of the small per-family
+    tables of default targets."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def _in_list_or_suffix(key: str, names: Iterable[str]) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..targeting import candidate_modules, describe_candidates, is_conv1d, is_linear_like, layer_index
+from ..targeting import model_type as family
 from .base import AdapterLayer, MethodSpec, ModulesToSaveWrapper, register_method
 
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "tanh": torch.tanh}
@@ -133,7 +134,7 @@ def prepare_bottleneck_config(model: nn.Module, config: BottleneckConfig) -> Bot
     modules = candidate_modules(model)
     changes: dict[str, Any] = {}
     if config.target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        model_type = family(model)
         if model_type not in DEFAULT_TARGETS:
             raise TargetModulesError(
                 f"bottleneck adapters have no default placement for model_type {model_type!r} (known: "

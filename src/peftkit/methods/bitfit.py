@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..config import PeftConfig
 from ..errors import PeftConfigError, TargetModulesError
 from ..targeting import candidate_modules, is_conv1d, is_excluded, output_head_names
+from ..targeting import model_type as family
 from .base import AdapterLayer, MethodSpec, register_method
 
 
@@ -173,7 +174,7 @@ def prepare_bitfit(model: nn.Module, config: BitFitConfig) -> BitFitConfig:
 def prepare_beft(model: nn.Module, config: BeftConfig) -> BeftConfig:
     if config.target_modules is not None:
         return config
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = family(model)
     if model_type not in BeftConfig.DEFAULT_TARGETS:
         raise PeftConfigError(
             f"BEFT has no default target_modules for model type {model_type!r}; set target_modules, "

@@ -33,6 +33,7 @@ import torch.nn as nn
 from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..targeting import describe_candidates, find_targets, is_conv1d
+from ..targeting import model_type as family
 from .base import AdapterLayer, MethodSpec, adapter_layers, register_method
 
 NEAR_ZERO = 1e-8  # |l| below this: merge keeps the original weight so that unmerge is exact
@@ -103,7 +104,7 @@ class IA3Config(PeftConfig):
 def prepare_ia3_config(model: nn.Module, config: IA3Config) -> IA3Config:
     """Fill target_modules / feedforward_modules from the model_type table. A default feedforward list keeps
     only the names in target_modules (HF PEFT keeps all, and then cannot load the file it wrote)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = family(model)
     targets, feedforward = DEFAULT_MODULES.get(model_type, (None, []))
     changes: dict[str, Any] = {}
     if config.target_modules is None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..targeting import describe_candidates, find_targets, is_conv1d
+from ..targeting import model_type as family
 from .base import AdapterLayer, MethodSpec, adapter_layers, register_method
 
 # HF PEFT's default target_modules for VeRA, by model_type (the common families)
@@ -156,7 +157,7 @@ def prepare_vera_config(model: nn.Module, config: VeraConfig) -> VeraConfig:
     """Default targets; HF PEFT's rules for several adapters (one key, one save_projection); the largest
     (d_out, d_in) of the targets. Raises before the model is touched."""
     if config.target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        model_type = family(model)
         if model_type not in DEFAULT_TARGETS:
             raise TargetModulesError(
                 f"VeRA has no default target_modules for model_type {model_type!r}; set target_modules to some "
