@@ -87,7 +87,8 @@ def describe(folder: str) -> dict[str, Any]:
         raise AdapterFileError(f"{folder!r} is not a folder; give an adapter folder (adapter_config.json inside)")
     run: dict[str, Any] = {}
     target = folder
-    if not _adapter_folders(folder) and os.path.isdir(os.path.join(folder, "adapter")):
+    is_run = any(os.path.isfile(os.path.join(folder, f)) for f in ("summary.json", "run_config.yaml", "trainer_state.pt"))
+    if os.path.isdir(os.path.join(folder, "adapter")) and (is_run or not _adapter_folders(folder)):
         target = os.path.join(folder, "adapter")  # a run folder or a checkpoint
         summary = os.path.join(folder, "summary.json")
         if os.path.isfile(summary):
