@@ -140,8 +140,10 @@ def _chat(method: str, steps: int | None, out: str, overrides: list[str]) -> dic
     print("peftkit demo: SmolLM2-135M-Instruct instruction-tuned on chatterbot-corpus question/answer pairs")
     spec = _apply(chat_config(method, os.path.join(out, f"chat-{method}"), steps), overrides)
     runner = Runner(spec)
-    prompts = [r["prompt"] for r in runner.data.eval_records[:4]]
-    answers = [r["response"] for r in runner.data.eval_records[:4]]
+    seen: dict[str, str] = {}
+    for r in runner.data.eval_records:
+        seen.setdefault(r["prompt"], r["response"])
+    prompts, answers = list(seen)[:4], list(seen.values())[:4]
     print("generating before fine-tuning ...", flush=True)
     before = _generate(runner, prompts)
     loss0 = runner.evaluate()
