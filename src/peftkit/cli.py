@@ -178,6 +178,67 @@ def demo(
     run_demo(task=task, method=method, steps=steps, out=out, overrides=set_ or [])
 
 
+# ---- compare ----------------------------------------------------------------------------------------
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"{what} {item!r}: expected NAME=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+@app.command(epilog="Examples: peftkit compare --quick   |   peftkit compare run.yaml --methods full,lora,vera,ia3 "
+             "--sweep   |   peftkit compare --task chat")
+@friendly
+def compare(
+    config: Annotated[str | None, typer.Argument(help="YAML run config (default: MiniLM on BBC News).")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all that fit).")] = None,
+    task: Annotated[str, typer.Option(help="Without CONFIG: classify (MiniLM/BBC) or chat (SmolLM2/chatterbot).")] = "classify",
+    out: Annotated[str | None, typer.Option(help="Report folder (default: OUTPUT_DIR/compare).")] = None,
+    quick: Annotated[bool, typer.Option(help="A smoke run: 4 steps on a little data.")] = False,
+    sweep: Annotated[bool, typer.Option(help="Try 0.3x, 1x, 3x each method's rate; keep the best on eval.")] = False,
+    resume: Annotated[bool, typer.Option(help="Skip methods already finished in OUT.")] = False,
+    lr: Annotated[list[str] | None, typer.Option(help="A method's rate: METHOD=VALUE (repeatable).")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="A method option: METHOD.KEY=VALUE (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: SECTION.KEY=VALUE.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds allowed per method run.")] = None,
+) -> None:
+    """Every method on the same data, steps and seed: metric, parameters, time, memory, size, forgetting."""
+    import yaml
+
+    from .compare import run_compare
+
+    lrs = {k: float(v) for k, v in _pairs(lr, "--lr").items()}
+    options: dict[str, dict] = {}
+    for key, value in _pairs(option, "--option").items():
+        method, _, field = key.partition(".")
+        if not field:
+            _fail(f"--option {key!r}: expected METHOD.KEY=VALUE, e.g. lora.r=16")
+        options.setdefault(method, {})[field] = yaml.safe_load(value)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    report = run_compare(config, names, task=task, out=out, quick=quick, sweep=sweep, resume=resume, lrs=lrs,
+                         options=options, overrides=set_ or [], timeout=timeout, echo=typer.echo)
+    from rich.console import Console
+    from rich.table import Table
+
+    from .compare import table_rows
+
+    head, body = table_rows(report)
+    keep = [head.index(h) for h in ("method", "% of model", "step ms", "peak RSS MiB", "eval metric",
+                                    "forgetting (before → after)", "status")]
+    t = Table(title="peftkit compare (every column: compare.md / compare.html)")
+    for i in keep:
+        t.add_column(head[i])
+    for row in body:
+        t.add_row(*(row[i] for i in keep))
+    Console().print(t)
+    typer.echo(f"report: {os.path.join(report['out'], 'compare.md')} and compare.html, compare.json, plots")
+
+
 def main() -> None:
     app()
 

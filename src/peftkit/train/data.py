@@ -137,10 +137,12 @@ def load_records(spec: RunSpec, task: str) -> tuple[list[dict], list[dict], str]
             f"data.format {fmt!r} does not fit model.task {task!r}; classification data needs a classification "
             "task, text/instruction data a causal_lm task"
         )
-    if d.max_train is not None:
-        train = train[: d.max_train]
-    if d.max_eval is not None:
-        evals = evals[: d.max_eval]
+    if d.max_train is not None and len(train) > d.max_train:  # a seeded random subset, in the file's order
+        keep = sorted(random.Random(d.seed).sample(range(len(train)), d.max_train))
+        train = [train[i] for i in keep]
+    if d.max_eval is not None and len(evals) > d.max_eval:  # held-out sets are often sorted by class
+        keep = sorted(random.Random(d.seed + 1).sample(range(len(evals)), d.max_eval))
+        evals = [evals[i] for i in keep]
     return train, evals, fmt
 
 

@@ -177,6 +177,7 @@ class Runner(Scorer):
         self.data: Dataset = build_dataset(spec, self.tokenizer, self.task)
         base, self.source = load_base(spec, self.task, self.data.labels)
         self.quant_report = quantize(base, spec)
+        self.base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
         if head_state is not None:
             classifier_module(base).load_state_dict(head_state)
         self.model = apply_method(base, spec, self.task).to(self.device)
@@ -418,8 +419,17 @@ class Runner(Scorer):
             state = {k: v.detach().contiguous() for k, v in classifier_module(self.model).state_dict().items()}
             atomic_write_bytes(folder, save_bytes(state))
         else:
+            from .modeling import MeanPoolingClassifier
+
             folder = os.path.join(self.out, "model")
-            self.model.save_pretrained(folder) if hasattr(self.model, "save_pretrained") else None
+            if isinstance(self.model, MeanPoolingClassifier):
+                from safetensors.torch import save as save_bytes
+
+                self.model.encoder_model.save_pretrained(folder)
+                head = {k: v.detach().contiguous() for k, v in self.model.classifier.state_dict().items()}
+                atomic_write_bytes(os.path.join(folder, "classifier.safetensors"), save_bytes(head))
+            else:
+                self.model.save_pretrained(folder)
         return folder, _folder_bytes(folder) if os.path.exists(folder) else 0
 
     def summary_rows(self, result: RunResult) -> list[tuple[str, str]]:
