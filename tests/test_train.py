@@ -249,3 +249,66 @@ def test_adapter_from_a_run_loads_in_peftkit_with_equal_logits(root, tmp_path):
     runner.model.eval()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     torch.testing.assert_close(loaded(input_ids=ids).logits, runner.model(input_ids=ids).logits)
+
+
+# ---- data formats ----------------------------------------------------------------------------------------
+
+
+def test_csv_text_and_instruction_data(root, tmp_path):
+    from peftkit.train.data import build_dataset
+    from peftkit.train.modeling import load_tokenizer
+
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("text,label\ngood movie,pos\nbad movie,neg\ngreat w1,pos\nawful w2,neg\nfine w3,pos\n")
+    spec = parse_spec({"model": {"name": str(root / "tiny-bert")}, "data": {"train": str(csv_path), "eval_fraction": 0.4}})
+    tok = load_tokenizer(spec)
+    data = build_dataset(spec, tok, "classification")
+    assert data.labels == ["neg", "pos"] and len(data.train) == 3 and len(data.eval) == 2
+    assert {e.label for e in data.train + data.eval} == {0, 1}
+
+    txt = tmp_path / "d.txt"
+    txt.write_text("w1 w2 w3\n\nw4 w5 w6 w7\n\nw8 w9\n\nw10 w11 w12\n")
+    spec = parse_spec({"model": {"name": str(root / "tiny-llama")}, "data": {"train": str(txt), "eval_fraction": 0.25}})
+    data = build_dataset(spec, load_tokenizer(spec), "causal_lm")
+    assert data.format == "text" and len(data.train) + len(data.eval) == 4
+    assert all(e.lm_labels == e.input_ids for e in data.train)
+
+    inst = tmp_path / "i.jsonl"
+    inst.write_text("\n".join(json.dumps({"q": f"w{i} w{i + 1}", "a": f"w{i + 2} w{i + 3}"}) for i in range(6)))
+    spec = parse_spec({"model": {"name": str(root / "tiny-llama")},
+                       "data": {"train": str(inst), "format": "instruction", "prompt_field": "q", "response_field": "a",
+                                "template": "the {prompt} is", "eval_fraction": 0.34}})
+    tok = load_tokenizer(spec)
+    data = build_dataset(spec, tok, "causal_lm")
+    ex = data.train[0]
+    n_prompt = len(tok("the w0 w1 is")["input_ids"])
+    assert ex.lm_labels[:n_prompt] == [-100] * n_prompt  # no loss on the prompt
+    assert ex.lm_labels[n_prompt:] == ex.input_ids[n_prompt:] and ex.input_ids[-1] == tok.eos_token_id
+    assert ex.loss_tokens() == len(ex.input_ids) - n_prompt
+
+
+def test_bad_data_is_reported_with_the_fix(root, tmp_path):
+    from peftkit.errors import PeftError
+    from peftkit.train.data import build_dataset
+    from peftkit.train.modeling import load_tokenizer
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "good", "label": "pos"}\n{"text": "bad"\n')
+    spec = parse_spec({"model": {"name": str(root / "tiny-bert")}, "data": {"train": str(bad)}})
+    with pytest.raises(PeftError, match=r"bad.jsonl:2: not valid JSON"):
+        build_dataset(spec, load_tokenizer(spec), "classification")
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"sentence": "good", "label": "pos"}\n' * 4)
+    spec = parse_spec({"model": {"name": str(root / "tiny-bert")}, "data": {"train": str(nofield)}})
+    with pytest.raises(PeftError, match="has no field 'text' .* set data.text_field"):
+        build_dataset(spec, load_tokenizer(spec), "classification")
+
+
+def test_example_configs_parse(tmp_path):
+    examples = Path(__file__).parents[1] / "examples" / "configs"
+    for name in ("minilm_bbc_lora.yaml", "smollm2_chat_lora.yaml"):
+        spec = load_spec(examples / name)
+        assert spec.method.name == "lora"
+    with pytest.raises(SpecError) as err:
+        load_spec(examples / "local_jsonl.yaml")
+    assert len(err.value.problems) == 3  # the placeholder model folder and the two data files
