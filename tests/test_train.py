@@ -129,11 +129,12 @@ def test_loss_is_normalised_over_the_global_batch(root, tmp_path):
             torch.testing.assert_close(pa, pb, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["head", "full", "ia3", "bitfit", "houlsby", "vera", "dora", "delta_lora", "loraplus"])
+@pytest.mark.parametrize("method", ["head", "full", "ia3", "bitfit", "houlsby", "pfeiffer", "vera", "dora", "rslora",
+                                    "lora_fa", "delta_lora", "loraplus"])
 def test_every_method_trains_through_the_runner(root, tmp_path, method):
     cfg = cls_config(root, tmp_path / method, max_steps=3)
     cfg["method"] = {"name": method}
-    if method in ("dora", "delta_lora", "loraplus"):
+    if method in ("dora", "rslora", "lora_fa", "delta_lora", "loraplus"):
         cfg["method"].update(r=4, target_modules=["query", "value"])
     if method == "vera":
         cfg["method"].update(r=8)
