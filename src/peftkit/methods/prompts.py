@@ -472,12 +472,15 @@ def prepare_prompt_config(model: nn.Module, config: PromptLearningConfig) -> Pro
     layers = _first(mc, "num_hidden_layers", "n_layer", "num_layers")
     hidden = _first(mc, "hidden_size", "n_embd", "d_model")
     heads = _first(mc, "num_attention_heads", "n_head", "num_heads")
-    found: dict[str, int | None] = {"num_layers": layers, "token_dim": hidden, "num_attention_heads": heads,
+    found: dict[str, int | None] = {"num_layers": layers, "num_attention_heads": heads, "token_dim": hidden,
                                     "num_transformer_submodules": 1}
+    meaning = {"num_layers": "layers", "num_attention_heads": "attention heads", "token_dim": "hidden size",
+               "num_transformer_submodules": "transformer stacks"}
     if isinstance(config, PrefixTuningConfig) and heads:
         kv_heads = _first(mc, "num_key_value_heads") or heads
         head_dim = _first(mc, "head_dim") or hidden // heads
         found.update(token_dim=kv_heads * head_dim, num_attention_heads=kv_heads)
+        meaning.update(num_attention_heads="key/value heads", token_dim="key/value heads × head size")
     changes: dict[str, Any] = {}
     for key, value in found.items():
         given = getattr(config, key)
@@ -487,8 +490,8 @@ def prepare_prompt_config(model: nn.Module, config: PromptLearningConfig) -> Pro
             changes[key] = value
         elif value is not None and given != value:
             raise PeftConfigError(
-                f"this {config.PEFT_TYPE} adapter has {key}={given}, but the model has {value} "
-                f"({'key/value heads' if key == 'num_attention_heads' else key}); it was made for another model: "
+                f"this {config.PEFT_TYPE} adapter has {key}={given}, but the model has {value} {meaning[key]}; "
+                "it was made for another model: "
                 "load it on that one, or leave the field unset to size a new adapter for this model"
             )
     if getattr(config, "encoder_hidden_size", 0) is None:
