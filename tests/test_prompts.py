@@ -60,11 +60,14 @@ def batch(rows: int = 3, length: int = 6, left_pad: int = 2) -> tuple[torch.Tens
 def greedy_loop(model, ids, mask, steps: int, **kw) -> torch.Tensor:
     """Greedy decoding by hand: the whole sequence through forward each step, positions from the mask as
     generate() computes them."""
-    seq, m = ids, mask
+    eos = model.base_model.model.generation_config.eos_token_id
+    seq, m, done = ids, mask, torch.zeros(ids.shape[0], dtype=torch.bool)
     for _ in range(steps):
         positions = (m.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=seq, attention_mask=m, position_ids=positions, **kw).logits[:, -1]
-        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+        step = model(input_ids=seq, attention_mask=m, position_ids=positions, **kw).logits[:, -1].argmax(-1)
+        step = torch.where(done, eos, step)  # generate() pads a finished row with EOS
+        done |= step == eos
+        seq = torch.cat([seq, step.unsqueeze(1)], dim=1)
         m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
     return seq
 
@@ -227,9 +230,9 @@ def test_generate_without_mask_and_other_decoding_settings():
     with torch.no_grad():
         greedy = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
         seq = ids
-        for _ in range(5):  # no mask, no positions: the model's own defaults
+        for _ in range(5):  # no mask, no positions: the model's own defaults (no row reaches EOS here)
             seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        assert torch.equal(greedy, seq)
+        assert torch.equal(greedy, seq) and not (seq[:, ids.shape[1]:] == 2).any()
         beams = model.generate(input_ids=ids, max_new_tokens=5, num_beams=3, num_return_sequences=2)
         torch.manual_seed(0)
         sampled = model.generate(input_ids=ids, max_new_tokens=5, do_sample=True, top_k=10, temperature=0.7)
