@@ -19,8 +19,20 @@ from peftkit.methods.prompts import ENCODER_FILE, PromptAdapters
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 N = 3  # virtual tokens
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_cls}
-TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+
+
+def tiny_qwen2(seed: int = 0):
+    """Qwen2: biased q/k/v projections, grouped-query attention."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2, "bert": tiny_bert_cls}
+TASK = {"llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
 
 
 def config(method: str, task: str, **kw) -> peftkit.PromptLearningConfig:
@@ -61,6 +73,7 @@ def greedy_loop(model, ids, mask, steps: int, **kw) -> torch.Tensor:
     """Greedy decoding by hand: the whole sequence through forward each step, positions from the mask as
     generate() computes them."""
     eos = model.base_model.model.generation_config.eos_token_id
+    eos = -1 if eos is None else eos  # no EOS: never stops
     seq, m, done = ids, mask, torch.zeros(ids.shape[0], dtype=torch.bool)
     for _ in range(steps):
         positions = (m.cumsum(-1) - 1).clamp(min=0)
@@ -210,7 +223,7 @@ def test_trainable_parameters_follow_the_formulas():
 
 
 # ---- generate() equals a greedy loop over forward ---------------------------------------------------
-@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_name", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
 def test_generate_equals_a_greedy_loop_over_forward(model_name, method):
     model = make(model_name, method)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
+from test_prompts import tiny_qwen2
 
 import peftkit
 
@@ -19,8 +20,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 ATOL = 1e-5
 MARGIN = 1e-2
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_cls}
-TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+
+
+MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2, "bert": tiny_bert_cls}
+TASK = {"llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
 METHODS = {  # (HF PEFT config class, peftkit config class, keyword arguments both take)
     "prompt": (peft.PromptTuningConfig, peftkit.PromptTuningConfig, {"num_virtual_tokens": 4}),
     "ptuning": (peft.PromptEncoderConfig, peftkit.PromptEncoderConfig, {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
@@ -53,6 +56,7 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 def hf_greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     """Greedy decoding over HF PEFT's forward, stopping rows at EOS as generate() does (then padding with EOS)."""
     eos = model.base_model.generation_config.eos_token_id
+    eos = -1 if eos is None else eos  # no EOS: never stops
     seq, done = ids, torch.zeros(ids.shape[0], dtype=torch.bool)
     for _ in range(steps):
         step = model(input_ids=seq).logits[:, -1].argmax(-1)
