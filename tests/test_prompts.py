@@ -474,3 +474,36 @@ def test_encoder_decoder_models_are_refused_clearly():
 
     with pytest.raises(PeftConfigError, match="encoder-decoder"):
         get_peft_model(tiny_t5(), peftkit.PromptTuningConfig(num_virtual_tokens=4))
+
+
+# ---- the other entry points ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_state_dict_round_trip_and_inject_adapter_in_model(method):
+    model = make("llama", method)
+    state = peftkit.get_peft_model_state_dict(model)
+    other = get_peft_model(tiny_llama(), config(method, "CAUSAL_LM"))
+    result = peftkit.set_peft_model_state_dict(other, state)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    ids, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    plain = peftkit.inject_adapter_in_model(config(method, "CAUSAL_LM"), tiny_llama())  # no PeftModel wrapper
+    assert isinstance(plain.prompt_encoder, PromptAdapters)
+    with torch.no_grad():
+        assert plain(input_ids=ids).logits.shape == (3, N + ids.shape[1], 128)
+
+
+def test_loaded_prompt_adapters_serve_one_batch(tmp_path):
+    make("llama", "prompt", seed=1).save_pretrained(tmp_path / "a")
+    make("llama", "ptuning", seed=2).save_pretrained(tmp_path / "b")
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    ids, mask = batch()
+    names = ["b", "a", "b"]
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                   adapter_names=names)
+        assert torch.equal(generated, greedy_loop(model, ids, mask, 4, adapter_names=names))
+        model.set_adapter("b")
+        alone = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated[[0, 2]], alone[[0, 2]])
