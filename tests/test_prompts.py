@@ -469,6 +469,16 @@ def test_inputs_too_long_once_the_virtual_tokens_are_added(method):
         model(input_ids=ids[:, 1:])  # exactly at the limit is fine
 
 
+def test_prefix_refuses_to_train_under_gradient_checkpointing():
+    model = get_peft_model(tiny_llama(), config("prefix", "CAUSAL_LM"))
+    model.base_model.model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(PeftError, match="gradient_checkpointing_disable"):
+        model(input_ids=batch()[0])
+    with torch.no_grad():
+        model(input_ids=batch()[0])  # no gradients, no checkpointing: the cache stays
+
+
 def test_encoder_decoder_models_are_refused_clearly():
     from conftest import tiny_t5
 

@@ -308,9 +308,9 @@ class PromptAdapters(ModelAdapters):
 
     def to_table(self, adapter_name: str, table: torch.Tensor) -> None:
         """Replace an encoder by the table it produces (a P-tuning file loaded without its encoder trains on)."""
-        old = self[adapter_name]
-        new = SoftPrompt(*table.shape).to(device=table.device, dtype=next(old.parameters()).dtype)
-        new.embedding.weight.requires_grad_(next(old.parameters()).requires_grad)
+        like = next(self[adapter_name].parameters())
+        new = SoftPrompt(*table.shape).to(device=like.device, dtype=like.dtype)
+        new.embedding.weight.requires_grad_(like.requires_grad)
         self[adapter_name] = new
 
     # ---- the rewrite ------------------------------------------------------------------------------
@@ -398,6 +398,13 @@ class PromptAdapters(ModelAdapters):
             return (), kwargs
 
         if prefix:
+            if module.training and torch.is_grad_enabled() and any(
+                getattr(m, "gradient_checkpointing", False) is True for m in module.modules()
+            ):
+                raise PeftError(
+                    "prefix tuning cannot train under gradient checkpointing (transformers then drops the key/value "
+                    "cache that holds the prefix); call model.gradient_checkpointing_disable(), or use prompt tuning"
+                )
             if cache is None:
                 from transformers import DynamicCache
 
