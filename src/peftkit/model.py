@@ -2,7 +2,9 @@
 
 Mirrors HF PEFT's user-facing API (get_peft_model, PeftModel.from_pretrained, add_adapter, set_adapter,
 disable_adapter, merge_and_unload, save_pretrained, ...). State is explicit: the configs by adapter name
-live in ``peft_config``; each adapted module knows its own adapters and which are active.
+live in ``peft_config``; each adapted module knows its own adapters and which are active, and a model-level
+method (prompt tuning, P-tuning, prefix tuning) keeps its adapters in one child of the model
+(``prompt_encoder``, a ``ModelAdapters``) that the same verbs reach.
 """
 
 from __future__ import annotations
@@ -187,13 +189,12 @@ def set_peft_model_state_dict(
     """Load adapter tensors (HF PEFT's file keys) into ``model``. Strict by default: every key and shape
     is checked before anything is written; ``strict=False`` loads the keys that fit and reports the rest."""
     root, prefix, config = _root_prefix_config(model, adapter_name)
-    expected = adapter_tensors(root, adapter_name, config, prefix)
-    optional = {prefix + k: v for k, v in embedding_tensors(root).items()}
     given = dict(peft_model_state_dict)
     from_file = method_for(config).from_file
-    if from_file is not None:
+    if from_file is not None:  # file form -> live form (which it may change: a P-tuning table without its encoder)
         given = from_file(root, adapter_name, config, given, None)
-        expected = adapter_tensors(root, adapter_name, config, prefix)  # from_file may change the live form
+    expected = adapter_tensors(root, adapter_name, config, prefix)
+    optional = {prefix + k: v for k, v in embedding_tensors(root).items()}
     missing: list[str] = []
     unexpected: list[str] = []
     if not strict:
