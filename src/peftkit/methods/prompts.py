@@ -352,6 +352,8 @@ class PromptAdapters(ModelAdapters):
         return self.configs[names[0]], stacked[pick], None if bool(mask.all()) else mask, counts
 
     def rewrite(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The virtual tokens into one call: the mask and any positions always; the prompt embeddings or the prefix
+        cache only when the cache is empty (a later generate() step's cache already holds them)."""
         if self.row_adapters is not None and not any(n in self for n in self.row_adapters.names):
             return None
         names = inspect.signature(module.forward).parameters
@@ -360,72 +362,94 @@ class PromptAdapters(ModelAdapters):
         source = ids if ids is not None else embeds
         if source is None:
             return None
-        batch, length = source.shape[:2]
         cache_key = "past_key_values" if "past_key_values" in kwargs else _cache_key(module)
         cache = kwargs.get(cache_key)
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        config, tables, vmask, counts = self._tables(batch, source.device)
-        width, first = tables.shape[1], past == 0
-        limit = _max_positions(module)
-        if limit is not None and past + length + (width if first else 0) > limit:
-            text = past - width if not first else 0
-            raise PeftError(
-                f"{length} input tokens{f' after {text} cached' if text else ''} + {width} virtual tokens need "
-                f"{past + length + (width if first else 0)} positions, more than this model's maximum of {limit}; "
-                f"keep inputs to at most {limit - width - text} tokens or use fewer num_virtual_tokens"
-            )
+        config, tables, vmask, counts = self._tables(source.shape[0], source.device)
         prefix = isinstance(config, PrefixTuningConfig)
-        ones = torch.ones(batch, width, dtype=torch.bool, device=source.device)
-        virtual = ones if vmask is None else vmask
-
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise PeftError("prompt methods need a 2-D attention_mask (batch, sequence); pass the tokenizer's mask")
-        if mask is not None or vmask is not None:
-            seen = mask if mask is not None else torch.ones(batch, (0 if first else past - width) + length,
-                                                            dtype=torch.long, device=source.device)
-            kwargs["attention_mask"] = torch.cat([virtual.to(seen.dtype), seen], dim=1)
-        positions = kwargs.get("position_ids")
-        if positions is None and vmask is not None:  # rows of unequal width: give each row its own positions
-            start = 0 if first else past - width
-            positions = torch.arange(start, start + length, device=source.device).unsqueeze(0)
-        if positions is not None:
-            positions = positions.expand(batch, -1) + counts.unsqueeze(1).to(positions.dtype)
-            if first and not prefix:
-                positions = torch.cat([(virtual.long().cumsum(1) - 1).clamp(min=0), positions], dim=1)
-            kwargs["position_ids"] = positions
-        if not first:
+        _check_length(module, source.shape[1], tables.shape[1], past)
+        _extend_mask_and_positions(kwargs, source, vmask, counts, tables.shape[1], past, with_virtual_positions=not prefix)
+        if past:
             return (), kwargs
-
         if prefix:
-            if module.training and torch.is_grad_enabled() and any(
-                getattr(m, "gradient_checkpointing", False) is True for m in module.modules()
-            ):
-                raise PeftError(
-                    "prefix tuning cannot train under gradient checkpointing (transformers then drops the key/value "
-                    "cache that holds the prefix); call model.gradient_checkpointing_disable(), or use prompt tuning"
-                )
-            if cache is None:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=module.config)
-            dtype = (embeds if embeds is not None else module.get_input_embeddings().weight).dtype
-            layout = prefix_to_cache_layout(tables.to(dtype), config.num_layers, config.num_attention_heads)
-            for layer in range(config.num_layers):
-                cache.update(layout[layer, 0], layout[layer, 1], layer)
-            kwargs[cache_key] = cache
+            kwargs[cache_key] = _prefix_cache(module, config, tables, cache, embeds)
             return (), kwargs
-        if embeds is None:
-            embeds = module.get_input_embeddings()(ids)
-        kwargs["input_ids"] = None
-        kwargs["inputs_embeds"] = torch.cat([tables.to(embeds.dtype), embeds], dim=1)
-        if kwargs.get("token_type_ids") is not None:
-            types = kwargs["token_type_ids"]
-            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, width), types], dim=1)
-        labels = kwargs.get("labels")
-        if labels is not None and labels.dim() >= 2 and labels.shape[1] == length:  # token labels: none on virtual
-            kwargs["labels"] = torch.cat([labels.new_full((batch, width, *labels.shape[2:]), -100), labels], dim=1)
+        _prepend_prompt(module, kwargs, tables, source.shape[1])
         return (), kwargs
+
+
+def _check_length(module: nn.Module, length: int, width: int, past: int) -> None:
+    """Inputs plus virtual tokens must fit the model's positions."""
+    limit = _max_positions(module)
+    used = past + length + (0 if past else width)
+    if limit is not None and used > limit:
+        text = past - width if past else 0
+        raise PeftError(
+            f"{length} input tokens{f' after {text} cached' if text else ''} + {width} virtual tokens need {used} "
+            f"positions, more than this model's maximum of {limit}; keep inputs to at most {limit - width - text} "
+            "tokens or use fewer num_virtual_tokens"
+        )
+
+
+def _extend_mask_and_positions(kwargs: dict, source: torch.Tensor, vmask: torch.Tensor | None, counts: torch.Tensor,
+                               width: int, past: int, with_virtual_positions: bool) -> None:
+    """attention_mask gets the virtual block in front (ones, or each row's own); explicit positions are offset by
+    each row's count of virtual tokens (and, where prompt embeddings enter this call, cover them too)."""
+    batch, length = source.shape[:2]
+    virtual = torch.ones(batch, width, dtype=torch.bool, device=source.device) if vmask is None else vmask
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise PeftError("prompt methods need a 2-D attention_mask (batch, sequence); pass the tokenizer's mask")
+    seen_text = past - width if past else 0
+    if mask is not None or vmask is not None:
+        if mask is None:
+            mask = torch.ones(batch, seen_text + length, dtype=torch.long, device=source.device)
+        kwargs["attention_mask"] = torch.cat([virtual.to(mask.dtype), mask], dim=1)
+    positions = kwargs.get("position_ids")
+    if positions is None and vmask is not None:  # rows of unequal width: give each row its own positions
+        positions = torch.arange(seen_text, seen_text + length, device=source.device).unsqueeze(0)
+    if positions is not None:
+        positions = positions.expand(batch, -1) + counts.unsqueeze(1).to(positions.dtype)
+        if with_virtual_positions and not past:
+            positions = torch.cat([(virtual.long().cumsum(1) - 1).clamp(min=0), positions], dim=1)
+        kwargs["position_ids"] = positions
+
+
+def _prefix_cache(module: nn.Module, config: PrefixTuningConfig, tables: torch.Tensor, cache: Any,
+                  embeds: torch.Tensor | None) -> Any:
+    """The (empty) cache with every layer's prefix keys and values written in: the model attends to them first."""
+    if module.training and torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) is True for m in module.modules()
+    ):
+        raise PeftError(
+            "prefix tuning cannot train under gradient checkpointing (transformers then drops the key/value cache "
+            "that holds the prefix); call model.gradient_checkpointing_disable(), or use prompt tuning"
+        )
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=module.config)
+    dtype = (embeds if embeds is not None else module.get_input_embeddings().weight).dtype
+    layout = prefix_to_cache_layout(tables.to(dtype), config.num_layers, config.num_attention_heads)
+    for layer in range(config.num_layers):
+        cache.update(layout[layer, 0], layout[layer, 1], layer)
+    return cache
+
+
+def _prepend_prompt(module: nn.Module, kwargs: dict, tables: torch.Tensor, length: int) -> None:
+    """h₀ = [P ; E(x)]; token_type_ids get zeros and token labels -100 for the virtual positions."""
+    batch, width = tables.shape[:2]
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = module.get_input_embeddings()(kwargs["input_ids"])
+    kwargs["input_ids"] = None
+    kwargs["inputs_embeds"] = torch.cat([tables.to(embeds.dtype), embeds], dim=1)
+    if kwargs.get("token_type_ids") is not None:
+        types = kwargs["token_type_ids"]
+        kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, width), types], dim=1)
+    labels = kwargs.get("labels")
+    if labels is not None and labels.dim() >= 2 and labels.shape[1] == length:  # token labels: none on virtual
+        kwargs["labels"] = torch.cat([labels.new_full((batch, width, *labels.shape[2:]), -100), labels], dim=1)
 
 
 def _init_prompt(module: SoftPrompt, config: PromptTuningConfig, model: nn.Module) -> None:
