@@ -517,3 +517,15 @@ def test_loaded_prompt_adapters_serve_one_batch(tmp_path):
         model.set_adapter("b")
         alone = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(generated[[0, 2]], alone[[0, 2]])
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_half_precision_base_keeps_fp32_virtual_tokens(method):
+    base = tiny_llama().to(torch.bfloat16)
+    model = get_peft_model(base, config(method, "CAUSAL_LM"))
+    assert all(p.dtype == torch.float32 for p in store(model).parameters())
+    ids = batch()[0]
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        generated = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and generated.shape == (3, ids.shape[1] + 3)
