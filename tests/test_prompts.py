@@ -529,3 +529,16 @@ def test_half_precision_base_keeps_fp32_virtual_tokens(method):
         out = model(input_ids=ids).logits
         generated = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and generated.shape == (3, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
+def test_right_padding_leaves_each_rows_tokens_as_if_alone(method):
+    model = make("llama", method)
+    ids, _ = batch(rows=2, left_pad=0)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # right padding, as for training batches
+    virtual = N if method != "prefix" else 0
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:1, :-2]).logits
+    torch.testing.assert_close(padded[:1, : virtual + ids.shape[1] - 2], alone, atol=1e-5, rtol=1e-5)
