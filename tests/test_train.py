@@ -117,6 +117,21 @@ def test_training_lowers_the_loss_and_leaves_adapter_metrics_and_plot(root, tmp_
     assert again == pytest.approx(result.metrics, abs=1e-6)
 
 
+@pytest.mark.parametrize("method", ["prompt", "p_tuning", "prefix"])
+def test_prompt_methods_train_a_causal_lm(root, tmp_path, method):
+    cfg = lm_config(root, tmp_path / method, max_steps=12, lr=5e-2, schedule="constant")
+    cfg["method"] = {"name": method, "num_virtual_tokens": 4}
+    runner = Runner(parse_spec(cfg), quiet=True)
+    start = {n: p.detach().clone() for n, p in runner.model.named_parameters() if p.requires_grad}
+    before = runner.evaluate()
+    result = runner.train()
+    assert result.metrics["loss"] != before["loss"]  # (a random tiny LM barely responds to 4 virtual tokens)
+    assert all(not torch.equal(p, start[n]) for n, p in runner.model.named_parameters() if p.requires_grad)
+    assert (tmp_path / method / "adapter" / "adapter_model.safetensors").is_file()
+    again = evaluate_adapter(parse_spec(cfg), str(tmp_path / method / "adapter"))
+    assert again["loss"] == pytest.approx(result.metrics["loss"], abs=1e-5)
+
+
 def test_loss_is_normalised_over_the_global_batch(root, tmp_path):
     """batch 8 in one micro-batch == batch 2 with 4 accumulation steps (token-weighted causal LM loss)."""
     a = Runner(parse_spec(lm_config(root, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3)), quiet=True)
@@ -130,7 +145,7 @@ def test_loss_is_normalised_over_the_global_batch(root, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["head", "full", "ia3", "bitfit", "houlsby", "pfeiffer", "vera", "dora", "rslora",
-                                    "lora_fa", "delta_lora", "loraplus"])
+                                    "lora_fa", "delta_lora", "loraplus", "prompt", "p_tuning", "prefix"])
 def test_every_method_trains_through_the_runner(root, tmp_path, method):
     cfg = cls_config(root, tmp_path / method, max_steps=3)
     cfg["method"] = {"name": method}
@@ -138,6 +153,8 @@ def test_every_method_trains_through_the_runner(root, tmp_path, method):
         cfg["method"].update(r=4, target_modules=["query", "value"])
     if method == "vera":
         cfg["method"].update(r=8)
+    if method in ("prompt", "p_tuning", "prefix"):
+        cfg["method"].update(num_virtual_tokens=4)
     runner = Runner(parse_spec(cfg), quiet=True)
     before = {n: p.detach().clone() for n, p in runner.model.named_parameters() if p.requires_grad}
     result = runner.train()
