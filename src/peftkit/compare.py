@@ -211,11 +211,11 @@ def default_config(task: str) -> dict[str, Any]:
 
     if task == "classify":
         cfg = classify_config("lora", "runs/compare")
-        cfg["training"].update(eval_every=10, log_every=2)
+        cfg["training"].update(eval_every=25, log_every=2)
         return cfg
     if task == "chat":
         cfg = chat_config("lora", "runs/compare-chat")
-        cfg["training"].update(max_steps=40, eval_every=10, log_every=2)
+        cfg["training"].update(max_steps=40, eval_every=20, log_every=2)
         return cfg
     raise PeftError(f"unknown compare task {task!r}; use classify or chat (or give a CONFIG.yaml)")
 
