@@ -31,6 +31,8 @@ class MethodEntry:
     delta_lora: bool = False
     tasks: tuple[str, ...] = ("classification", "causal_lm")
     description: str = ""
+    quantization: dict[str, Any] | None = None
+    """A frozen quantised base this method implies (QLoRA), unless the run's ``quantization:`` says otherwise."""
 
     def config_class(self) -> type[PeftConfig] | None:
         if self.config_cls is None:
@@ -47,6 +49,12 @@ class MethodEntry:
             self.config_class()
         except LookupError:
             return False
+        if self.quantization is not None:
+            import importlib.util
+
+            import peftkit
+
+            return hasattr(peftkit, "quantize_base") and importlib.util.find_spec("torchao") is not None
         return True
 
     def option_names(self) -> set[str]:
@@ -85,6 +93,9 @@ _ENTRIES = [
                 source="Hayou et al. 2024 (ratio 16)", description="LoRA with B's rate 16× A's"),
     MethodEntry("delta_lora", "DeltaLoraConfig", defaults={**_LORA_DEFAULTS, "update_start": 0}, lr=5e-4,
                 delta_lora=True, source="Zi et al. 2023 (LoRA's rate)", description="LoRA whose product also moves W"),
+    MethodEntry("qlora", "LoraConfig", defaults=_LORA_DEFAULTS, lr=5e-4, quantization={"method": "nf4"},
+                source="Dettmers et al. 2023 (LoRA's rate on an NF4 base)",
+                description="LoRA on a frozen 4-bit NormalFloat base"),
     MethodEntry("vera", "VeraConfig", defaults={"r": 256}, lr=4e-3,
                 source="Kopiczko et al. 2024 (RoBERTa-base GLUE: 4e-3 to 1e-2)", description="shared frozen A, B; trains d, b"),
     MethodEntry("houlsby", "BottleneckConfig", fixed={"placement": "houlsby"}, lr=1e-3,

@@ -142,15 +142,16 @@ def load_base(spec: RunSpec, task: str, labels: list[str] | None) -> tuple[nn.Mo
 
 
 def quantize(model: nn.Module, spec: RunSpec) -> Any:
-    """Apply ``quantization:`` (QLoRA's frozen NF4 base) when the run asks for it."""
-    if not spec.quantization:
+    """Apply ``quantization:`` (QLoRA's frozen NF4 base) when the run or its method (``qlora``) asks for it."""
+    wanted = spec.quantization or method_entry(spec.method.name).quantization
+    if not wanted:
         return None
     import peftkit
 
     fn = getattr(peftkit, "quantize_base", None)
     if fn is None:
         raise PeftError("quantization: this peftkit has no quantize_base; remove the quantization section")
-    options = dict(spec.quantization)
+    options = dict(wanted)
     method = options.pop("method", "nf4")
     return fn(model, method, **options)
 
