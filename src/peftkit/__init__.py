@@ -28,6 +28,7 @@ from .model import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from .quantize import QuantizationReport, prepare_model_for_kbit_training, quantize_base
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "QuantizationReport",
     "TargetModulesError",
     "TaskType",
     "VeraConfig",
@@ -58,5 +60,7 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
+    "quantize_base",
     "set_peft_model_state_dict",
 ]
