@@ -83,7 +83,7 @@ def _exact_nf4_clone(func: Any, args: tuple, kwargs: dict | None = None) -> torc
 # ---- quantised tensors: what they are, their dense value, their size ----------------------------------
 def quantization_of(tensor: torch.Tensor | None) -> str | None:
     """``"nf4"`` or ``"int8"`` for a weight quantised by :func:`quantize_base`, None for a plain tensor."""
-    if tensor is None or "torchao" not in sys.modules:  # without torchao loaded nothing can be quantised
+    if tensor is None or sys.modules.get("torchao") is None:  # without torchao loaded nothing is quantised
         return None
     tq, nf4 = _torchao()
     if isinstance(tensor, nf4.NF4Tensor):
@@ -352,7 +352,8 @@ def prepare_model_for_kbit_training(
         if enable is None:
             raise PeftError(f"{type(model).__name__} has no gradient_checkpointing_enable (a transformers model "
                             "method); pass use_gradient_checkpointing=False and checkpoint the blocks yourself")
-        if kwargs.get("use_reentrant", True):
+        kwargs.setdefault("use_reentrant", True)  # HF PEFT's reading of "not given" (torch warns if left unset)
+        if kwargs["use_reentrant"]:
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
             else:
