@@ -282,9 +282,18 @@ def test_save_then_load_onto_a_fresh_quantized_base_is_identical(kind, ids, tmp_
     assert (base - expected).abs().max() > 1e-3  # the adapter moved the output: the comparison means something
 
 
-def test_merge_equals_unmerged_and_unmerge_restores_the_quantized_weight(ids):
-    pm = get_peft_model(quantized_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                       init_lora_weights=False))
+MERGEABLE = {
+    "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    "dora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=True),
+    "vera": lambda: VeraConfig(r=8, target_modules=["q_proj", "v_proj"], init_weights=False),
+    "ia3": lambda: peftkit.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                     init_ia3_weights=False),
+}
+
+
+@pytest.mark.parametrize("kind", list(MERGEABLE))
+def test_merge_equals_unmerged_and_unmerge_restores_the_quantized_weight(kind, ids):
+    pm = get_peft_model(quantized_llama(), MERGEABLE[kind]())
     q_proj = pm.model.model.layers[0].self_attn.q_proj
     original = q_proj.base_layer.weight
     with torch.no_grad():
