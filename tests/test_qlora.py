@@ -8,7 +8,7 @@ and |s − ŝ| ≤ (largest |s − mean| of the scaler block) / 256 (int8 roundi
 from __future__ import annotations
 
 import copy
-import subprocess
+import importlib
 import sys
 import warnings
 
@@ -161,10 +161,20 @@ def test_missing_torchao_is_one_clear_line(monkeypatch):
     assert q.quantization_of(torch.zeros(2)) is None
 
 
-def test_import_peftkit_does_not_import_torchao():
-    code = "import sys; sys.modules['torchao'] = None; import peftkit; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "ok", out.stderr
+def test_import_peftkit_works_without_torchao(monkeypatch):
+    """A fresh import of every peftkit module with torchao unimportable (the originals come back afterwards)."""
+    ours = [m for m in sys.modules if m == "peftkit" or m.startswith("peftkit.")]
+    for name in ours:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao` now raises ImportError
+    try:
+        fresh = importlib.import_module("peftkit")
+        assert fresh is not peftkit and fresh.quantize._TORCHAO is None
+        with pytest.raises(fresh.PeftError, match=r'pip install "peftkit\[quant\]"'):
+            fresh.quantize_base(nn.Sequential(nn.Linear(64, 64)), "nf4")
+    finally:  # fresh modules the first import did not have must not outlive the test
+        for name in [m for m in sys.modules if (m == "peftkit" or m.startswith("peftkit.")) and m not in ours]:
+            del sys.modules[name]
 
 
 def test_deepcopy_and_device_moves_keep_the_packed_weights():
@@ -229,7 +239,7 @@ def test_bf16_compute_trains_with_fp32_adapters(ids):
     model = small_llama()
     report = quantize_base(model, "nf4", compute_dtype=torch.bfloat16)
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and len(report.quantized) == 14
-    assert report.ratio < 0.4  # bf16 embeddings and head + NF4 linears, against the fp32 model
+    assert 0.15 < report.ratio < 0.25  # bf16 embeddings and head + NF4 linears, against the fp32 model as given
     pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert pm.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
     losses = train(pm, ids)

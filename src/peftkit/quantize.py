@@ -159,7 +159,7 @@ class QuantizationReport:
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it stays dense
     adjusted: dict[str, str] = field(default_factory=dict)  # module name -> a setting changed to fit its shape
-    bytes_before: int = 0  # the whole model's parameters and buffers, before and after
+    bytes_before: int = 0  # the whole model's parameters and buffers, as given (before any cast) and after
     bytes_after: int = 0
 
     @property
@@ -220,10 +220,10 @@ def quantize_base(
         raise PeftError("quantize_base must run on the plain base model, before adapters are added: "
                         "quantize_base(model) first, then get_peft_model(model, config)")
     _torchao()  # fails here, with the install hint, if torchao is missing
+    settings = {"block_size": block_size, "scaler_block_size": scaler_block_size} if method == "nf4" else {}
+    report = QuantizationReport(method, settings, bytes_before=model_weight_bytes(model))  # as given
     if compute_dtype is not None:
         model.to(compute_dtype)
-    settings = {"block_size": block_size, "scaler_block_size": scaler_block_size} if method == "nf4" else {}
-    report = QuantizationReport(method, settings, bytes_before=model_weight_bytes(model))
     heads = output_head_names(model, "SEQ_CLS")
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
