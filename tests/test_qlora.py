@@ -246,10 +246,11 @@ def test_bf16_compute_trains_with_fp32_adapters(ids):
     assert losses[-1] < losses[0] - 1e-3
 
 
-def test_int8_base_trains_lora(ids):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_int8_base_trains_lora_and_dora(kind, ids):
     model = quantized_llama(method="int8")
     before = packed(model)
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    pm = get_peft_model(model, CONFIGS[kind]())
     losses = train(pm, ids)
     assert losses[-1] < losses[0] - 1e-3
     after = packed(pm)
