@@ -162,6 +162,7 @@ def run_row(row: str, args) -> dict:
     model.enable_input_require_grads()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     weight_bytes = model_weight_bytes(model)
+    torch.manual_seed(0)  # the same adapter initialisation in every row
     pm = peftkit.get_peft_model(model, peftkit.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
     params = [p for p in pm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)

@@ -144,6 +144,8 @@ def test_tied_weights_stay_dense():
 def test_quantize_base_errors():
     with pytest.raises(PeftConfigError, match="use one of nf4, int8"):
         quantize_base(small_llama(), "fp4")
+    with pytest.raises(PeftConfigError, match="compute_dtype 'half' is not known"):
+        quantize_base(small_llama(), "nf4", compute_dtype="half")
     with pytest.raises(PeftConfigError, match="block_size must be a positive even integer"):
         quantize_base(small_llama(), "nf4", block_size=63)
     pm = get_peft_model(small_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
@@ -237,7 +239,7 @@ def test_family_trains_on_nf4_with_checkpointing_and_the_base_never_changes(kind
 
 def test_bf16_compute_trains_with_fp32_adapters(ids):
     model = small_llama()
-    report = quantize_base(model, "nf4", compute_dtype=torch.bfloat16)
+    report = quantize_base(model, "nf4", compute_dtype="bf16")  # a YAML run config's spelling
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and len(report.quantized) == 14
     assert 0.15 < report.ratio < 0.25  # bf16 embeddings and head + NF4 linears, against the fp32 model as given
     pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))

@@ -47,6 +47,8 @@ from .targeting import _in_list_or_suffix, is_conv1d, output_head_names
 METHODS = ("nf4", "int8")
 INSTALL_HINT = 'pip install "peftkit[quant]"'
 MIN_SCALER_BLOCK = 16  # below this a weight's NF4 scales would barely be double-quantised: skip it instead
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
 MERGE_STASH = "quantized_original"  # attribute of a base module whose quantised weight a merge replaced
 
 _TORCHAO: tuple[Any, Any] | None = None
@@ -197,7 +199,7 @@ def _nf4_fit(weight: torch.Tensor, block_size: int, scaler_block_size: int) -> t
 
 def quantize_base(
     model: nn.Module, method: str = "nf4", *, block_size: int = 64, scaler_block_size: int = 256,
-    skip: list[str] | None = None, compute_dtype: torch.dtype | None = None,
+    skip: list[str] | None = None, compute_dtype: torch.dtype | str | None = None,
 ) -> QuantizationReport:
     """Quantise the frozen base model in place before adding adapters: ``quantize_base(model, "nf4")``, then
     ``get_peft_model(model, LoraConfig(...))``.
@@ -205,8 +207,8 @@ def quantize_base(
     Every ``nn.Linear`` weight is quantised except the output head (the LM head or a classifier, and any
     weight tied to another module's), the modules named in ``skip`` (full names or trailing parts, e.g.
     ``["mlp.down_proj"]``) and weights whose shape does not fit ``block_size``; embeddings, norms and biases
-    stay as they are. ``compute_dtype`` casts the model first (e.g. ``torch.bfloat16``: the dense parts and
-    the activations in bf16). Returns a :class:`QuantizationReport` (also logged at INFO level); the model's
+    stay as they are. ``compute_dtype`` casts the model first (``torch.bfloat16`` or ``"bf16"``: the dense
+    parts and the activations in bf16; names as in a YAML run config are accepted). Returns a :class:`QuantizationReport` (also logged at INFO level); the model's
     weights never change afterwards, and ``model.to(device)`` keeps them quantised."""
     from .methods.base import AdapterLayer, ModulesToSaveWrapper
 
@@ -219,6 +221,10 @@ def quantize_base(
     if any(isinstance(m, AdapterLayer | ModulesToSaveWrapper) for m in model.modules()):
         raise PeftError("quantize_base must run on the plain base model, before adapters are added: "
                         "quantize_base(model) first, then get_peft_model(model, config)")
+    if isinstance(compute_dtype, str):
+        if compute_dtype not in DTYPES:
+            raise PeftConfigError(f"compute_dtype {compute_dtype!r} is not known; use one of {', '.join(DTYPES)}")
+        compute_dtype = DTYPES[compute_dtype]
     _torchao()  # fails here, with the install hint, if torchao is missing
     settings = {"block_size": block_size, "scaler_block_size": scaler_block_size} if method == "nf4" else {}
     report = QuantizationReport(method, settings, bytes_before=model_weight_bytes(model))  # as given
