@@ -385,3 +385,15 @@ def test_delta_lora_on_nf4_keeps_the_base_and_saves_a_lora_file(ids, tmp_path):
 def test_peftkit_namespace():
     assert peftkit.quantize_base is q.quantize_base
     assert peftkit.prepare_model_for_kbit_training is q.prepare_model_for_kbit_training
+
+
+def test_trainer_quantization_section_reaches_quantize_base():
+    """The run config's ``quantization: {method: nf4, compute_dtype: bf16}`` goes through quantize_base."""
+    from types import SimpleNamespace
+
+    from peftkit.train.modeling import quantize
+
+    model = small_llama()
+    report = quantize(model, SimpleNamespace(quantization={"method": "nf4", "block_size": 32, "compute_dtype": "bf16"}))
+    assert report.method == "nf4" and report.settings["block_size"] == 32 and len(report.quantized) == 14
+    assert model.model.norm.weight.dtype == torch.bfloat16
