@@ -36,6 +36,7 @@ from .model import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from .quantize import QuantizationReport, prepare_model_for_kbit_training, quantize_base
 
 __version__ = "0.1.0"
 
@@ -65,6 +66,7 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "QuantizationReport",
     "TargetModulesError",
     "TaskType",
     "VeraConfig",
@@ -72,5 +74,7 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
+    "quantize_base",
     "set_peft_model_state_dict",
 ]

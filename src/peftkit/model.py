@@ -48,6 +48,7 @@ from .methods.base import (
     model_adapters,
     modules_to_save_wrappers,
 )
+from .quantize import release_quantized_originals
 from .targeting import candidate_modules
 
 # ---- model-level verbs, usable on any nn.Module (PeftModel and inject_adapter_in_model share them) ---
@@ -415,12 +416,19 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
+        requantize: bool = False,
     ) -> nn.Module:
         """Merge the active adapters into the base weights and return the plain model (heads trained with the
-        adapter replace the original heads)."""
+        adapter replace the original heads).
+
+        On a base quantised by ``quantize_base`` the adapted modules come back dense (dequantised, then merged;
+        a warning says so); ``requantize=True`` quantises them again with the original settings (smaller,
+        at the cost of a second rounding)."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self._unwrap()
+        model = self._unwrap()
+        release_quantized_originals(model, requantize)
+        return model
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging and return the base model as it was: original weights

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..config import PeftConfig, register_config
 from ..errors import PeftError, TargetModulesError
+from ..quantize import dequantize_for_merge, restore_after_unmerge
 
 BASE_ROW = "__base__"  # HF PEFT's name for "no adapter on this row"
 
@@ -162,6 +163,8 @@ class AdapterLayer(nn.Module):
     # ---- merging ----------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = [a for a in (adapter_names or self.active_adapters) if a in self.adapter_names]
+        if names:
+            dequantize_for_merge(self)  # a quantised base weight becomes a dense copy while merged
         weight = self.base_layer.weight
         for name in names:
             if name in self.merged_adapters:
@@ -184,6 +187,7 @@ class AdapterLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight.data -= self.delta_weight(name).to(weight.dtype)
+        restore_after_unmerge(self)
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}"

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PeftConfigError, PeftError
+from ..quantize import base_weight, dense_weight
 from .lora import LoraConfig, LoraLayer, LoraLinear, LoraVariant, lora_delta_weight, register_variant
 
 
@@ -76,8 +77,7 @@ class DoraVariant(LoraVariant):
             )
         A = layer.lora_A[adapter_name].weight
         with torch.no_grad():
-            norm = dora_weight_norm(layer.get_base_layer().weight.float(), layer.delta_weight(adapter_name),
-                                    layer.fan_in_fan_out)
+            norm = dora_weight_norm(base_weight(layer), layer.delta_weight(adapter_name), layer.fan_in_fan_out)
         layer.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(A.dtype))
 
     def weight_norm(self, layer: LoraLinear, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ class DoraVariant(LoraVariant):
         dropout = layer.lora_dropout[adapter_name]
         base_layer = layer.get_base_layer()
         x = x.to(A.weight.dtype)
-        weight = base_layer.weight.to(x.dtype)
+        weight = dense_weight(base_layer.weight, x.dtype)  # dequantised if the base is quantised (QLoRA)
         norm = self.weight_norm(layer, adapter_name, weight)
         if isinstance(dropout, nn.Identity) or not layer.training:
             bias = getattr(base_layer, "bias", None)

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError, TargetModulesError
+from ..quantize import dequantize_for_merge, restore_after_unmerge
 from ..targeting import describe_candidates, find_targets, is_conv1d
 from ..targeting import model_type as family
 from .base import AdapterLayer, MethodSpec, adapter_layers, register_method
@@ -222,9 +223,12 @@ class IA3Layer(AdapterLayer):
     # ---- merging: multiply, divide ---------------------------------------------------------------
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = [a for a in (adapter_names or self.active_adapters) if a in self.ia3_l]
+        if names:
+            dequantize_for_merge(self)  # a quantised base weight becomes a dense copy while merged
         base = self.base_layer
         bias = None if self.is_feedforward else getattr(base, "bias", None)
-        for name in [a for a in (adapter_names or self.active_adapters) if a in self.ia3_l]:
+        for name in names:
             if name in self.merged_adapters:
                 continue
             v = self.ia3_l[name].detach().float().flatten()
@@ -258,6 +262,7 @@ class IA3Layer(AdapterLayer):
             base.weight.copy_((base.weight.float() / self._weight_scale(v)).to(base.weight.dtype))
             if bias is not None:
                 bias.copy_((bias.float() / v).to(bias.dtype))
+        restore_after_unmerge(self)
 
 
 def ia3_layer_for(module: nn.Module) -> type[IA3Layer] | None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError
+from ..quantize import dequantize_for_merge, restore_after_unmerge
 from ..targeting import is_conv1d
 from .base import AdapterLayer, MethodSpec, register_method
 
@@ -160,8 +161,11 @@ class LoraLayer(AdapterLayer):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = [a for a in (adapter_names or self.active_adapters) if a in self.r]
+        if names:
+            dequantize_for_merge(self)  # a quantised base weight becomes a dense copy while merged
         weight = self.base_layer.weight
-        for name in [a for a in (adapter_names or self.active_adapters) if a in self.r]:
+        for name in names:
             if name in self.merged_adapters:
                 continue
             merged = self.variant[name].merged_weight(self, name, weight.float())
@@ -176,6 +180,7 @@ class LoraLayer(AdapterLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight.copy_(self.variant[name].unmerged_weight(self, name, weight.float()).to(weight.dtype))
+        restore_after_unmerge(self)
 
     def _set_hyper(self, adapter_name: str, config: LoraConfig, module_name: str) -> tuple[int, float]:
         r = pattern_value(config.rank_pattern, module_name, config.r)
