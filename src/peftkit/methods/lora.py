@@ -26,6 +26,7 @@ from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError
 from ..targeting import is_conv1d
 from .base import AdapterLayer, MethodSpec, register_method
+from .lora_kernels import dropout_p, fused_enabled, lora_linear_forward, reference_dropped
 
 
 # ---- the maths, as pure functions ------------------------------------------------------------------
@@ -118,8 +119,9 @@ class LoraVariant:
         """Called after A and B exist (e.g. to create extra parameters or freeze A)."""
 
     def forward(self, layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The plain-torch reference of ``lora_kernels.LoraFunction`` (same dropout masks, ordinary autograd)."""
         A = layer.lora_A[adapter_name]
-        xa = layer.lora_dropout[adapter_name](x.to(A.weight.dtype))
+        xa = reference_dropped(x.to(A.weight.dtype), dropout_p(layer, adapter_name))
         return result + (layer.lora_B[adapter_name](A(xa)) * layer.scaling[adapter_name]).to(result.dtype)
 
     def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -262,6 +264,11 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         off = self.adapters_off()
+        # ---- the fused path (lora_kernels.py): plain LoRA adapters, base + s·B A x̃ in one autograd node ----
+        if (not off and self.row_adapters is None and not args and not kwargs and fused_enabled()
+                and self.active_adapters and all(type(self.variant[n]) is LoraVariant for n in self.active_adapters)):
+            return lora_linear_forward(self, x, self.active_adapters)
+        # ---- the reference path: base layer, then each adapter's variant --------------------------------
         result = self.base_layer(x, *args, **kwargs)
         if off:
             return result
