@@ -248,3 +248,75 @@ def reference_dropped(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     keep = dropout_keep(x.shape, p, shared_seed(x, p), x.device)
     return x * keep * (1.0 / keep_probability(p))
+
+
+# ---- many adapters in one batch (S-LoRA / Punica): stacked weights, gathered per row -------------------------
+def _row_key(layer: Any, names: tuple[str, ...]) -> tuple:
+    """What the stacked tables depend on: the adapters, their weights (identity and in-place version), scalings."""
+    key: list[Any] = [names]
+    for name in names:
+        if name in layer.r:
+            tensors = [layer.lora_A[name].weight, layer.lora_B[name].weight]
+            if name in layer.lora_magnitude_vector:
+                tensors += [layer.lora_magnitude_vector[name], layer.get_base_layer().weight]
+            key.append((layer.scaling[name], *((t.data_ptr(), t._version) for t in tensors)))
+    return tuple(key)
+
+
+def row_tables(layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Aᵀ (k+1, d_in, r_max) and (s·B)ᵀ (k+1, r_max, d_out) of the named adapters, zero-padded to the largest
+    rank, and for DoRA adapters the per-output factor m / ‖W + ΔW‖ (k+1, d_out; 1 for plain LoRA), or None
+    without DoRA. The last slot serves rows on the base model (or an adapter this layer lacks).
+
+    Built once and reused while no weight changed (inference); rebuilt with autograd when gradients flow."""
+    grad = torch.is_grad_enabled() and any(
+        p.requires_grad for n in names if n in layer.r for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+    key = None if grad else _row_key(layer, names)
+    cached = getattr(layer, "_row_tables", None)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    present = [n for n in names if n in layer.r]
+    r_max = max((layer.r[n] for n in present), default=1)
+    like = layer.lora_A[present[0]].weight if present else layer.lora_A[next(iter(layer.r))].weight
+    k = len(names)
+    A_t = like.new_zeros(k + 1, layer.in_features, r_max)
+    B_t = like.new_zeros(k + 1, r_max, layer.out_features)
+    dora = [n for n in present if n in layer.lora_magnitude_vector]
+    factor = like.new_ones(k + 1, layer.out_features) if dora else None
+    for i, name in enumerate(names):
+        if name not in layer.r:
+            continue
+        r = layer.r[name]
+        A_t[i, :, :r] = layer.lora_A[name].weight.T
+        B_t[i, :r, :] = (layer.lora_B[name].weight * layer.scaling[name]).T
+        if name in dora:
+            weight = layer.get_base_layer().weight.to(like.dtype)
+            norm = layer.variant[name].weight_norm(layer, name, weight)  # detached, as in training
+            factor[i] = layer.lora_magnitude_vector[name] / norm
+    tables = (A_t, B_t, factor)
+    if key is not None:
+        layer._row_tables = (key, tables)
+    return tables
+
+
+def per_row_lora(layer: Any, x: torch.Tensor, result: torch.Tensor, index: torch.Tensor,
+                 names: tuple[str, ...]) -> torch.Tensor:
+    """result + each row's adapter: h = x Aᵀ[pick], then (s·B)ᵀ[pick] added into the output by one batched
+    add-matmul (baddbmm). DoRA rows: result + (f − 1)·(result − b) + f · s·B A x, f = m / ‖W + ΔW‖."""
+    A_t, B_t, factor = row_tables(layer, names)
+    pick = torch.where(index < 0, len(names), index)
+    batch = x.shape[0]
+    xb = x.reshape(batch, -1, x.shape[-1]).to(A_t.dtype)
+    h = torch.bmm(xb, A_t[pick])  # (batch, tokens, r_max)
+    res = result.reshape(batch, -1, result.shape[-1])
+    if factor is None and res.dtype == A_t.dtype:
+        if not torch.is_grad_enabled() and not res.requires_grad:
+            return res.baddbmm_(h, B_t[pick]).view(result.shape)
+        return torch.baddbmm(res, h, B_t[pick]).view(result.shape)
+    delta = torch.bmm(h, B_t[pick])
+    if factor is not None:
+        f = factor[pick][:, None, :]
+        bias = layer.get_base_layer().bias if hasattr(layer.get_base_layer(), "bias") else None
+        base = res.to(delta.dtype) if bias is None else res.to(delta.dtype) - bias.to(delta.dtype)
+        delta = delta * f + (f - 1) * base
+    return (res + delta.to(res.dtype)).view(result.shape)
