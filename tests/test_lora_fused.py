@@ -161,3 +161,34 @@ def test_other_methods_and_bf16_still_take_their_paths(ids) -> None:
     model = tiny_gpt2().to(torch.bfloat16)
     pm = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
     assert pm(ids).logits.dtype == torch.bfloat16
+
+
+def test_autocast_and_inference_mode() -> None:
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1,
+                                                 init_lora_weights=False)).train()
+    ids = torch.randint(1, 128, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pm(ids, labels=ids).loss
+    loss.backward()  # the reference path under autocast: backward dtypes follow autograd's
+    assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)
+    with torch.inference_mode():
+        assert torch.isfinite(pm(ids).logits).all()
+
+
+def test_gradient_checkpointing_redraws_the_same_masks() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    layer = LoraLinear(nn.Linear(16, 12).requires_grad_(False))
+    layer.update_layer("default", LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False), "m")
+    layer.set_adapter(["default"])
+    layer.train()
+    x = torch.randn(5, 16, requires_grad=True)
+    torch.manual_seed(3)
+    layer(x).pow(2).sum().backward()
+    plain = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    torch.manual_seed(3)
+    checkpoint(layer, x, use_reentrant=False).pow(2).sum().backward()
+    for n, p in layer.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, plain[n])

@@ -25,7 +25,8 @@ version. HF PEFT draws an independent mask per target; in expectation the two ar
 The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
 plain torch ops under ordinary autograd, with the same seeds and masks, so outputs and gradients match the
 fused path (tested to 1e-6 in fp64). The fused path runs when input, base weight and adapter share a dtype
-(otherwise the reference runs, casting as HF PEFT does).
+and autocast is off (otherwise the reference runs, casting as HF PEFT does). Gradient checkpointing: seeds come
+from torch's default generator, whose state checkpointing restores, so a recomputed forward redraws the same masks.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def shared_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, int]:
     """x̃ = x ⊙ keep / (1 − p) (no autograd graph: the caller's backward applies the mask) and its seed; a
     sibling target calling with the same tensor (same version) gets the same seed and the same x̃."""
     key = _cache.key
-    if key is not None and key[0]() is x and key[1] == x._version and key[2] == p:
+    version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+    if key is not None and key[0]() is x and key[1] == version and key[2] == p:
         dropped = _cache.dropped() if _cache.dropped is not None else None
         if dropped is None:
             dropped = apply_keep(x, p, _cache.seed)
@@ -113,7 +115,7 @@ def shared_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, int]:
         return dropped, _cache.seed
     seed = draw_seed()
     dropped = apply_keep(x, p, seed)
-    _cache.key, _cache.seed, _cache.dropped = (weakref.ref(x), x._version, p), seed, weakref.ref(dropped)
+    _cache.key, _cache.seed, _cache.dropped = (weakref.ref(x), version, p), seed, weakref.ref(dropped)
     return dropped, seed
 
 
@@ -215,6 +217,11 @@ def _plain_frozen_base(base: nn.Module) -> bool:
 def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.Tensor:
     """The active plain-LoRA adapters ``names`` of a LoraLinear on x, through :class:`LoraFunction`."""
     base = layer.base_layer
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks the dtypes op by op: the reference path
+        result = base(x)
+        for name in names:
+            result = layer.variant[name].forward(layer, name, x, result)
+        return result
     result = None
     weight = bias = None
     if _plain_frozen_base(base) and base.weight.dtype == x.dtype:
