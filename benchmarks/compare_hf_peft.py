@@ -469,7 +469,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated, from {', '.join(JOBS)}")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1376)
     parser.add_argument("--layers", type=int, default=8)
@@ -478,10 +478,10 @@ def main() -> None:
     parser.add_argument("--mixed-batch", type=int, default=32)
     parser.add_argument("--mixed-seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--infer-repeat", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--infer-repeat", type=int, default=4)
     parser.add_argument("--io-repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-floor", action="store_true", help="skip the floor and full fine-tuning rows")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model and batches, one round")
@@ -516,6 +516,9 @@ def main() -> None:
             key = f"{job}:{lib}:{case}"
             results[key] = run_job(job, lib, case, args, passthrough)
             status = results[key].get("error", "ok")
+            if job == "train" and "error" not in results[key]:
+                status = (f"step {1000 * results[key]['step_s']:.0f} ms, saved {results[key]['saved_bytes'] / 2**20:.0f}"
+                          f" MiB, peak +{results[key]['peak_rss_growth_bytes'] / 2**20:.0f} MiB")
             if job == "eval" and "error" not in results[key]:
                 for sub, value in results.pop(key).items():
                     if isinstance(value, dict):

@@ -6,8 +6,9 @@ Plain LoRA on a Linear (or GPT-2 Conv1D) computes, for x (..., d_in) and each ac
 
 :class:`LoraFunction` does that in one autograd node and saves only what backward needs:
 
-    saved          x̃ (one tensor for every sibling that reads the same input: q, k, v; gate, up) and
-                   h = A x̃ (tokens × r); the dropout mask is an integer seed, regenerated in backward
+    saved          x (one tensor for every sibling that reads the same input: q, k, v; gate, up) and
+                   h = A x̃ (tokens × r); the dropout mask is an integer seed: backward regenerates it and
+                   x̃ once per sibling group
     forward        y = addmm(b, x, Wᵀ); y += s · h Bᵀ          (one add-matmul into the output)
     backward       g_B = s · gᵀ h,   g_h = s · g B,   g_A = g_hᵀ x̃
                    g_x = g W  +  (g_h A) ⊙ keep / (1 − p)      (the LoRA term added into g W in place)
@@ -89,14 +90,15 @@ def draw_seed() -> int:
 
 
 class _SiblingCache(threading.local):
-    """The last dropped input: (input, its version, p) -> (seed, x̃). Weak references only, so nothing is
-    kept alive here; x̃ lives as long as an autograd node saved it (the siblings' forwards)."""
+    """Forward: the last dropped input, (input (weakly), its version, p) -> (seed, x̃); x̃ is held until another
+    input arrives (at most one input-sized tensor). Backward: the last regenerated (mask, x̃) by seed and input,
+    so siblings whose backwards run one after another regenerate once."""
 
     def __init__(self) -> None:
         self.key: tuple[Any, int, float] | None = None
         self.seed = 0
-        self.dropped: weakref.ref | None = None
-        self.mask: tuple[int, torch.Size, torch.Tensor] | None = None  # backward's last regenerated mask
+        self.dropped: torch.Tensor | None = None
+        self.backward: tuple[tuple[int, int, torch.Size], torch.Tensor, torch.Tensor] | None = None
 
 
 _cache = _SiblingCache()
@@ -108,14 +110,11 @@ def shared_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, int]:
     key = _cache.key
     version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
     if key is not None and key[0]() is x and key[1] == version and key[2] == p:
-        dropped = _cache.dropped() if _cache.dropped is not None else None
-        if dropped is None:
-            dropped = apply_keep(x, p, _cache.seed)
-            _cache.dropped = weakref.ref(dropped)
-        return dropped, _cache.seed
+        return _cache.dropped, _cache.seed
     seed = draw_seed()
+    _cache.dropped = None  # free the previous input's x̃ first
     dropped = apply_keep(x, p, seed)
-    _cache.key, _cache.seed, _cache.dropped = (weakref.ref(x), version, p), seed, weakref.ref(dropped)
+    _cache.key, _cache.seed, _cache.dropped = (weakref.ref(x), version, p), seed, dropped
     return dropped, seed
 
 
@@ -130,24 +129,27 @@ def apply_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         return x.detach().mul(keep).mul_(1.0 / keep_probability(p))
 
 
-def _mask_for_backward(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The mask of ``seed``, regenerated once for the siblings whose backwards run one after another."""
-    cached = _cache.mask
-    if cached is not None and cached[0] == seed and cached[1] == shape and cached[2].device == device:
-        return cached[2]
-    keep = dropout_keep(shape, p, seed, device)
-    _cache.mask = (seed, shape, keep)
-    return keep
+def _dropped_for_backward(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, x̃) of ``seed`` for the saved input x, regenerated once for siblings whose backwards run in a row."""
+    key = (seed, x.data_ptr(), x.shape)
+    cached = _cache.backward
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    _cache.backward = None
+    keep = dropout_keep(x.shape, p, seed, x.device)
+    dropped = x.mul(keep).mul_(1.0 / keep_probability(p))
+    _cache.backward = (key, keep, dropped)
+    return keep, dropped
 
 
 def clear_caches() -> None:
-    """Drop the per-thread dropout cache (the last backward mask is otherwise kept until the next one)."""
-    _cache.key, _cache.dropped, _cache.mask = None, None, None
+    """Drop this thread's dropout caches (each holds at most one input-sized x̃ and mask until replaced)."""
+    _cache.key, _cache.dropped, _cache.backward = None, None, None
 
 
 # ---- the fused function ----------------------------------------------------------------------------------
 class LoraFunction(torch.autograd.Function):
-    """y = (result, or x Wᵀ + b) + s · (x̃ Aᵀ) Bᵀ in one node; saves x̃, h = x̃ Aᵀ and the parameters.
+    """y = (result, or x Wᵀ + b) + s · (x̃ Aᵀ) Bᵀ in one node; saves x, h = x̃ Aᵀ and the parameters.
 
     x, x̃ (..., d_in); result (..., d_out) or None; weight (d_out, d_in), or (d_in, d_out) when
     ``fan_in_fan_out``, or None (then ``result`` is given); A (r, d_in); B (d_out, r). x̃ is x itself
@@ -167,18 +169,25 @@ class LoraFunction(torch.autograd.Function):
         else:
             y = torch.addmm(result.reshape(-1, d_out), h, B.T, alpha=scaling)
         need = ctx.needs_input_grad
-        ctx.save_for_backward(dropped if need[5] else None, h if need[6] else None, A, B,
-                              weight if need[0] else None)
+        # x, not x̃: x is shared with the siblings and often kept anyway (o_proj's input is the attention's saved
+        # output); backward rebuilds x̃ from the seed, once per sibling group
+        ctx.save_for_backward(x if need[5] else None, h if need[6] else None, A, B, weight if need[0] else None)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.x_shape, ctx.has_result = x.shape, result is not None
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        dropped, h, A, B, weight = ctx.saved_tensors
+        x, h, A, B, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, B.shape[0])
+        keep = dropped = None
+        if p > 0 and (need[0] or need[5]):
+            keep, dropped = _dropped_for_backward(x, p, ctx.seed) if x is not None else \
+                (dropout_keep(ctx.x_shape, p, ctx.seed, g.device), None)
+        elif need[5]:
+            dropped = x
         grad_x = grad_result = grad_bias = grad_A = grad_B = None
         if need[6]:
             grad_B = (g.T @ h).mul_(s)
@@ -190,7 +199,7 @@ class LoraFunction(torch.autograd.Function):
                 base = None if weight is None else g @ (weight.T if ctx.fan_in_fan_out else weight)  # g W
                 if p > 0:
                     lora = grad_h @ A
-                    lora.mul_(_mask_for_backward(ctx.x_shape, p, ctx.seed, lora.device).view(lora.shape))
+                    lora.mul_(keep.view(lora.shape))
                     scale = 1.0 / keep_probability(p)
                     grad_x = lora.mul_(scale) if base is None else base.add_(lora, alpha=scale)
                 else:
