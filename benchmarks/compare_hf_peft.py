@@ -24,7 +24,7 @@ builder per library and whether it trains with dropout):
 * ``io``     adapter file size (adapter_model.safetensors) and the median time of ``from_pretrained`` onto a
   fresh copy of the base model.
 
-    python benchmarks/compare_hf_peft.py            # about 15 minutes on 2 CPU cores
+    python benchmarks/compare_hf_peft.py            # ~15 min on 2 idle cores (35 min on a busy shared machine)
     python benchmarks/compare_hf_peft.py --quick    # smoke run (~2 minutes): tiny model, 1 round
     python benchmarks/compare_hf_peft.py --jobs train --cases lora,lora_p05   # a subset
 
@@ -477,9 +477,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--mixed-batch", type=int, default=32)
     parser.add_argument("--mixed-seq", type=int, default=128)
+    parser.add_argument("--eval-rounds", type=int, default=1,
+                        help="rounds of the infer/mixed/io jobs (each already alternates its timings in-process)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--infer-repeat", type=int, default=4)
+    parser.add_argument("--infer-repeat", type=int, default=3)
     parser.add_argument("--io-repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
@@ -513,6 +515,8 @@ def main() -> None:
     for i in range(args.rounds):
         results: dict[str, dict[str, Any]] = {}
         for job, lib, case in jobs:
+            if job == "eval" and i >= args.eval_rounds:
+                continue
             key = f"{job}:{lib}:{case}"
             results[key] = run_job(job, lib, case, args, passthrough)
             status = results[key].get("error", "ok")
@@ -533,7 +537,7 @@ def main() -> None:
     text = table(summary)
     print(f"\nLlama-style LM hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab {VOCAB};"
           f" train batch {args.batch}×{args.seq}, mixed batch {args.mixed_batch}×{args.mixed_seq}; {args.threads} "
-          f"thread(s); median of {args.rounds} round(s)\n")
+          f"thread(s); median of {args.rounds} round(s) (infer/mixed/io: {min(args.eval_rounds, args.rounds)})\n")
     print(text)
     print(f"\nwall time {total:.0f}s")
     out = args.out or (Path(tempfile.gettempdir()) / "compare_hf_peft_quick.json" if args.quick
