@@ -39,6 +39,7 @@ def _count_nodes(loss: torch.Tensor, name: str) -> int:
     (tiny_llama, {"target_modules": "all-linear", "lora_dropout": 0.3}),
     (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "lora_dropout": 0.2, "fan_in_fan_out": True}),
     (tiny_llama, {"target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1, "bias": "all"}),
+    (tiny_gpt2, {"target_modules": ["c_attn", "c_fc"], "lora_dropout": 0.1, "bias": "lora_only"}),  # base bias trains
 ])
 def test_fused_equals_reference_fp64(make, cfg) -> None:
     pm = get_peft_model(make().double(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **cfg))
