@@ -11,11 +11,13 @@ ratios are taken within a round and the table shows the median over rounds.
 Jobs (``CASES`` lists the methods; prompt/prefix tuning rows can be added there: a case is a name, a config
 builder per library and whether it trains with dropout):
 
-* ``train``  one training batch of 4 × 256 tokens, AdamW: median step time of ``--steps`` steps (after warm-up
-  and one instrumented step), autograd-saved activation bytes of one step (saved_tensors_hooks, counted once
-  per storage and only if backward unpacks it, parameters and buffers excluded), peak RSS growth over setup
-  (the kernel's peak counter reset after setup). Also two reference rows: ``floor`` — the same frozen model
-  with input gradients flowing and no adapter (the least a PEFT step can cost) — and ``full`` fine-tuning.
+* ``train``  one training batch of 4 × 256 tokens, AdamW. Time: peftkit, HF PEFT and the floor — the same
+  frozen model with input gradients flowing and no adapter (the least a PEFT step can cost) — built in one
+  process and stepped in turn, ``--steps`` turns after warm-up; ratios per turn, median (a busy machine slows
+  all three alike). Memory, each row alone in a fresh process: autograd-saved activation bytes of one step
+  (saved_tensors_hooks, counted once per storage and only if backward unpacks it, parameters and buffers
+  excluded) and peak RSS growth over setup (the kernel's peak counter reset after setup); also for the floor
+  and full fine-tuning.
 * ``infer``  eval forward of the same batch, no grad: the base model, the unmerged adapter and the merged one
   (``merge_adapter()``: the wrappers stay), alternated inside one process.
 * ``mixed``  eval forward, batch 32 × 128: 8 different adapters, row i using adapter i % 8 (``adapter_names=``),
@@ -177,8 +179,8 @@ def saved_activation_bytes(step: Callable[[], Any], model: nn.Module) -> int:
 
 
 # ---- the workers ----------------------------------------------------------------------------------------------
-def work_train(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
-    """lib: peftkit | hf | floor | full (case ignored for the last two)."""
+def train_setup(lib: str, case: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[], float]]:
+    """A model of one row (lib: peftkit | hf | floor | full) and its training step on a fixed batch."""
     model = build_model(args)
     torch.manual_seed(args.seed + 1)
     ids = torch.randint(0, VOCAB, (args.batch, args.seq))
@@ -208,16 +210,39 @@ def work_train(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    return pm, step
+
+
+def work_memory(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Saved activations and peak RSS growth of one row, alone in this fresh process."""
+    pm, step = train_setup(lib, case, args)
     gc.collect()
     rss_setup = current_rss()
     peak_reset = reset_peak_rss()
-    for _ in range(args.warmup):
-        step()
+    step()  # warm-up (optimizer state exists from here on)
     saved = saved_activation_bytes(step, pm)
-    times = timed(step, args.steps)
+    step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"step_s": statistics.median(times), "step_times_s": times, "saved_bytes": saved,
-            "peak_rss_growth_bytes": peak - rss_setup, "peak_reset": peak_reset}
+    return {"saved_bytes": saved, "peak_rss_growth_bytes": peak - rss_setup, "peak_reset": peak_reset}
+
+
+def work_time(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Step times of peftkit, HF PEFT and the floor on the same batch, in this one process, stepping in turn
+    (peftkit, HF, floor, peftkit, ...) so that a busy machine slows all three alike; the ratios are per turn.
+    (lib is ignored: the three rows are always timed together.)"""
+    rows = {name: train_setup(name, case, args)[1] for name in ("peftkit", "hf", "floor")}
+    for step in rows.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    for _ in range(args.steps):
+        for name, step in rows.items():
+            times[name] += timed(step, 1)
+    turns = list(zip(times["peftkit"], times["hf"], times["floor"], strict=True))
+    return {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
+            "pk_vs_hf": statistics.median(a / b for a, b, _ in turns),
+            "pk_vs_floor": statistics.median(a / c for a, _, c in turns),
+            "hf_vs_floor": statistics.median(b / c for _, b, c in turns)}
 
 
 def work_infer(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -306,7 +331,7 @@ def work_eval(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     """infer, mixed and io of one (library, case) in one process (timings are ratios within the process)."""
     out: dict[str, Any] = {}
     for job in args.jobs.split(","):
-        if job == "train" or (job == "mixed" and case not in MIXABLE):
+        if job not in ("infer", "mixed", "io") or (job == "mixed" and case not in MIXABLE):
             continue
         try:
             out[job] = WORKERS[job](lib, case, args)
@@ -316,7 +341,8 @@ def work_eval(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-WORKERS = {"train": work_train, "infer": work_infer, "mixed": work_mixed, "io": work_io, "eval": work_eval}
+WORKERS = {"memory": work_memory, "time": work_time, "infer": work_infer, "mixed": work_mixed, "io": work_io,
+           "eval": work_eval}
 
 
 # ---- the parent ---------------------------------------------------------------------------------------------
@@ -336,9 +362,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     jobs: list[tuple[str, str, str]] = []
     cases = args.cases.split(",")
     if "train" in args.jobs:
-        jobs += [("train", "floor", "-"), ("train", "full", "-")] if not args.no_floor else []
+        jobs += [("memory", "floor", "-"), ("memory", "full", "-")] if not args.no_floor else []
         for case in cases:
-            jobs += [("train", "peftkit", case), ("train", "hf", case)]
+            jobs += [("time", "all", case), ("memory", "peftkit", case), ("memory", "hf", case)]
     if any(j in args.jobs for j in ("infer", "mixed", "io")):
         for case in cases:
             if case in EVAL_CASES:
@@ -367,14 +393,16 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], cases: list[str]) -> dict
 
     out: dict[str, Any] = {"train": {}, "infer": {}, "mixed": {}, "io": {}}
     for case in cases:
-        pk, hf = f"train:peftkit:{case}", f"train:hf:{case}"
-        if any(pk in r for r in rounds):
+        tk, pk, hf = f"time:all:{case}", f"memory:peftkit:{case}", f"memory:hf:{case}"
+        if any(tk in r for r in rounds):
+            step = [r[tk]["step_s"] for r in rounds if tk in r and "error" not in r[tk]]
             out["train"][case] = {
-                "peftkit_step_ms": 1000 * (med([get(r, pk, "step_s") for r in rounds]) or float("nan")),
-                "hf_step_ms": 1000 * (med([get(r, hf, "step_s") for r in rounds]) or float("nan")),
-                "step_vs_hf": ratio_med(pk, hf, "step_s"),
-                "step_vs_floor": ratio_med(pk, "train:floor:-", "step_s"),
-                "hf_step_vs_floor": ratio_med(hf, "train:floor:-", "step_s"),
+                "peftkit_step_ms": 1000 * (med([t["peftkit"] for t in step]) or float("nan")),
+                "hf_step_ms": 1000 * (med([t["hf"] for t in step]) or float("nan")),
+                "floor_step_ms": 1000 * (med([t["floor"] for t in step]) or float("nan")),
+                "step_vs_hf": med([get(r, tk, "pk_vs_hf") for r in rounds]),
+                "step_vs_floor": med([get(r, tk, "pk_vs_floor") for r in rounds]),
+                "hf_step_vs_floor": med([get(r, tk, "hf_vs_floor") for r in rounds]),
                 "peftkit_saved_mib": (med([get(r, pk, "saved_bytes") for r in rounds]) or 0) / 2**20,
                 "hf_saved_mib": (med([get(r, hf, "saved_bytes") for r in rounds]) or 0) / 2**20,
                 "saved_vs_hf": ratio_med(pk, hf, "saved_bytes"),
@@ -410,12 +438,11 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], cases: list[str]) -> dict
                                                                         "mixed_s")
         if case in out["io"] and "peftkit" in out["io"][case]:
             out["io"][case]["load_vs_hf"] = ratio_med(f"io:peftkit:{case}", f"io:hf:{case}", "load_s")
-    floor = med([get(r, "train:floor:-", "step_s") for r in rounds])
-    full = med([get(r, "train:full:-", "step_s") for r in rounds])
-    out["floor"] = {"step_ms": floor and 1000 * floor,
-                    "saved_mib": (med([get(r, "train:floor:-", "saved_bytes") for r in rounds]) or 0) / 2**20,
-                    "full_ft_step_ms": full and 1000 * full,
-                    "full_ft_saved_mib": (med([get(r, "train:full:-", "saved_bytes") for r in rounds]) or 0) / 2**20}
+    out["floor"] = {"saved_mib": (med([get(r, "memory:floor:-", "saved_bytes") for r in rounds]) or 0) / 2**20,
+                    "peak_mib": (med([get(r, "memory:floor:-", "peak_rss_growth_bytes") for r in rounds]) or 0) / 2**20,
+                    "full_ft_saved_mib": (med([get(r, "memory:full:-", "saved_bytes") for r in rounds]) or 0) / 2**20,
+                    "full_ft_peak_mib": (med([get(r, "memory:full:-", "peak_rss_growth_bytes") for r in rounds])
+                                         or 0) / 2**20}
     return out
 
 
@@ -427,15 +454,16 @@ def table(summary: dict[str, Any]) -> str:
     lines = []
     fl = summary["floor"]
     if summary["train"]:
-        lines += [f"floor (frozen model, input grads, no adapter): step {f(fl['step_ms'], '.0f')} ms, saved "
-                  f"{fl['saved_mib']:.0f} MiB; full fine-tuning: step {f(fl['full_ft_step_ms'], '.0f')} ms, saved "
-                  f"{fl['full_ft_saved_mib']:.0f} MiB", "",
-                  "| training | peftkit ms | HF ms | step ×HF | step ×floor (HF ×floor) | saved MiB pk / HF | "
+        lines += [f"floor (frozen model, input grads, no adapter): saved {fl['saved_mib']:.0f} MiB, peak RSS "
+                  f"+{fl['peak_mib']:.0f} MiB; full fine-tuning: saved {fl['full_ft_saved_mib']:.0f} MiB, peak RSS "
+                  f"+{fl['full_ft_peak_mib']:.0f} MiB", "",
+                  "| training | peftkit ms | HF ms | floor ms | step ×HF | step ×floor (HF ×floor) | saved MiB pk / HF | "
                   "saved ×HF | peak RSS MiB pk / HF | peak ×HF |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for case, t in summary["train"].items():
             lines.append(
-                f"| {case} | {t['peftkit_step_ms']:.0f} | {t['hf_step_ms']:.0f} | {f(t['step_vs_hf'])} | "
+                f"| {case} | {t['peftkit_step_ms']:.0f} | {t['hf_step_ms']:.0f} | {t['floor_step_ms']:.0f} | "
+                f"{f(t['step_vs_hf'])} | "
                 f"{f(t['step_vs_floor'])} ({f(t['hf_step_vs_floor'])}) | {t['peftkit_saved_mib']:.0f} / "
                 f"{t['hf_saved_mib']:.0f} | {f(t['saved_vs_hf'])} | {t['peftkit_peak_mib']:.0f} / {t['hf_peak_mib']:.0f} "
                 f"| {f(t['peak_vs_hf'])} |")
@@ -515,21 +543,25 @@ def main() -> None:
     for i in range(args.rounds):
         results: dict[str, dict[str, Any]] = {}
         for job, lib, case in jobs:
-            if job == "eval" and i >= args.eval_rounds:
+            if job in ("eval", "memory") and i >= args.eval_rounds:
                 continue
             key = f"{job}:{lib}:{case}"
             results[key] = run_job(job, lib, case, args, passthrough)
             status = results[key].get("error", "ok")
-            if job == "train" and "error" not in results[key]:
-                status = (f"step {1000 * results[key]['step_s']:.0f} ms, saved {results[key]['saved_bytes'] / 2**20:.0f}"
-                          f" MiB, peak +{results[key]['peak_rss_growth_bytes'] / 2**20:.0f} MiB")
+            if job == "memory" and "error" not in results[key]:
+                status = (f"saved {results[key]['saved_bytes'] / 2**20:.0f} MiB, peak "
+                          f"+{results[key]['peak_rss_growth_bytes'] / 2**20:.0f} MiB")
+            if job == "time" and "error" not in results[key]:
+                r = results[key]
+                status = (", ".join(f"{k} {1000 * v:.0f} ms" for k, v in r["step_s"].items())
+                          + f"; peftkit ×HF {r['pk_vs_hf']:.2f}, ×floor {r['pk_vs_floor']:.2f}")
             if job == "eval" and "error" not in results[key]:
                 for sub, value in results.pop(key).items():
                     if isinstance(value, dict):
                         results[f"{sub}:{lib}:{case}"] = {**value, "wall_s": 0.0}
                 results[key] = {"wall_s": 0.0}
                 status = ", ".join(f"{k.split(':')[0]} {v.get('error', 'ok')[:60]}" for k, v in results.items()
-                                   if k.endswith(f":{lib}:{case}") and not k.startswith(("train", "eval")))
+                                   if k.endswith(f":{lib}:{case}") and not k.startswith(("time", "memory", "eval")))
             print(f"round {i + 1}/{args.rounds} {key:24s} {results[key]['wall_s']:5.0f}s {status[:100]}", flush=True)
         rounds.append(results)
     total = time.perf_counter() - t_start

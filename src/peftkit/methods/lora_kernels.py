@@ -42,6 +42,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..targeting import is_conv1d
+
 _FUSED = os.environ.get("PEFTKIT_LORA_FUSED", "1").lower() not in ("0", "false", "no", "off")
 
 
@@ -214,8 +216,6 @@ class LoraFunction(torch.autograd.Function):
 
 def _plain_frozen_base(base: nn.Module) -> bool:
     """A Linear / Conv1D the fused function may compute itself: exact type, frozen weight, no hooks."""
-    from ..targeting import is_conv1d
-
     if type(base) is not nn.Linear and not is_conv1d(base):
         return False
     weight = getattr(base, "weight", None)
