@@ -302,7 +302,7 @@ def work_mixed(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
             for key, fn in runs.items():
                 times[key] += timed(fn, 1)
     if check > 1e-3:  # the rows do not follow their adapters: the library ignored adapter_names
-        return {"error": f"adapter_names ignored (row 0/1 differ from their adapter alone by {check:.2g})"}
+        return {"error": f"wrong rows: rows 0/1 differ from their adapter run alone by {check:.2g}"}
     med = {k: statistics.median(v) for k, v in times.items()}
     out.update({"single_s": med["single"], "mixed_s": med["mixed"], "mixed_vs_single": med["mixed"] / med["single"],
                 "max_abs_row_vs_alone": check})
