@@ -506,7 +506,8 @@ def main() -> None:
     parser.add_argument("--mixed-batch", type=int, default=32)
     parser.add_argument("--mixed-seq", type=int, default=128)
     parser.add_argument("--eval-rounds", type=int, default=1,
-                        help="rounds of the infer/mixed/io jobs (each already alternates its timings in-process)")
+                        help="rounds of the memory, infer, mixed and io jobs (memory is deterministic; the others "
+                             "alternate their timings in-process)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--infer-repeat", type=int, default=3)
