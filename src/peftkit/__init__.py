@@ -15,6 +15,14 @@ from .methods.delta_lora import DeltaLoraConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.lora_fa import LoraFAConfig, create_lorafa_optimizer
+from .methods.prompts import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from .methods.vera import VeraConfig
 from .model import (
     PeftModel,
@@ -51,6 +59,12 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TargetModulesError",
     "TaskType",
     "VeraConfig",

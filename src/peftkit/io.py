@@ -24,7 +24,14 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from .errors import AdapterFileError
-from .methods.base import METHODS, AdapterLayer, adapter_layers, logical_path, modules_to_save_wrappers
+from .methods.base import (
+    METHODS,
+    AdapterLayer,
+    adapter_layers,
+    logical_path,
+    model_adapters,
+    modules_to_save_wrappers,
+)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -48,8 +55,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def write_adapter_folder(folder: str | os.PathLike, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``.
+def write_adapter_folder(
+    folder: str | os.PathLike, config: PeftConfig, tensors: dict[str, torch.Tensor],
+    extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (and ``extra_files``: more safetensors
+    files by name, e.g. a P-tuning encoder) into ``folder``.
 
     Both files are written to a temporary folder first. A new folder is then renamed into place in one
     step; into an existing folder (which may hold the user's other files) each file is renamed in turn,
@@ -58,22 +69,24 @@ def write_adapter_folder(folder: str | os.PathLike, config: PeftConfig, tensors:
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(folder)}-")
+    files = {**(extra_files or {}), WEIGHTS_NAME: tensors}  # the config comes last, after every weight file
     try:
-        clean: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for key, value in tensors.items():
-            value = value.detach().to("cpu").contiguous()
-            if value.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared memory
-                value = value.clone()
-            seen.add(value.untyped_storage().data_ptr())
-            clean[key] = value
-        save_file(clean, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        for file_name, file_tensors_ in files.items():
+            clean: dict[str, torch.Tensor] = {}
+            seen: set[int] = set()
+            for key, value in file_tensors_.items():
+                value = value.detach().to("cpu").contiguous()
+                if value.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared memory
+                    value = value.clone()
+                seen.add(value.untyped_storage().data_ptr())
+                clean[key] = value
+            save_file(clean, os.path.join(tmp, file_name), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
             fh.write(config.to_json_string())
         if not os.path.exists(folder):
             os.replace(tmp, folder)
             return
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for name in (*files, CONFIG_NAME):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,6 +125,9 @@ def adapter_tensors(
         if adapter_name in wrapper.modules_to_save:
             for name, p in wrapper.modules_to_save[adapter_name].named_parameters():
                 out[f"{prefix}{path}.{name}"] = p
+    for _, store in model_adapters(model):  # model-level methods: keys as their files hold them
+        if adapter_name in store:
+            out.update(store.adapter_state_dict(adapter_name))
     spec = METHODS.get(config.PEFT_TYPE)
     if spec is not None and spec.shared_tensors is not None:
         tuner_prefix = prefix[: -len("model.")] if prefix.endswith("model.") else prefix

@@ -2,7 +2,9 @@
 
 Mirrors HF PEFT's user-facing API (get_peft_model, PeftModel.from_pretrained, add_adapter, set_adapter,
 disable_adapter, merge_and_unload, save_pretrained, ...). State is explicit: the configs by adapter name
-live in ``peft_config``; each adapted module knows its own adapters and which are active.
+live in ``peft_config``; each adapted module knows its own adapters and which are active, and a model-level
+method (prompt tuning, P-tuning, prefix tuning) keeps its adapters in one child of the model
+(``prompt_encoder``, a ``ModelAdapters``) that the same verbs reach.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .methods.base import (
     adapter_layers,
     inject_adapter,
     method_for,
+    model_adapters,
     modules_to_save_wrappers,
 )
 from .targeting import candidate_modules
@@ -107,6 +110,17 @@ def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
         wrapper.delete_adapter(adapter_name)
         if not len(wrapper.modules_to_save):
             _replace(model, path, wrapper.original_module)
+    for _, store in list(model_adapters(model)):
+        if adapter_name in store:
+            store.delete_adapter(adapter_name)
+        if not len(store):
+            store.detach(model)
+
+
+def _switchable(model: nn.Module) -> list[nn.Module]:
+    """Modules with ``disable_adapters`` and ``row_adapters`` switches: adapter layers, heads, model-level."""
+    return ([m for _, m in adapter_layers(model)] + [m for _, m in modules_to_save_wrappers(model)]
+            + [m for _, m in model_adapters(model)])
 
 
 def _activate(model: nn.Module, adapter_names: list[str]) -> None:
@@ -114,6 +128,8 @@ def _activate(model: nn.Module, adapter_names: list[str]) -> None:
         layer.set_adapter(adapter_names)
     for _, wrapper in modules_to_save_wrappers(model):
         wrapper.set_adapter(adapter_names)
+    for _, store in model_adapters(model):
+        store.set_adapter(adapter_names)
 
 
 def _mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], active: list[str]) -> None:
@@ -124,9 +140,10 @@ def _mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], active: li
         config = configs[name]
         if config.inference_mode:
             continue
-        for _, layer in adapter_layers(model):
-            for p in layer.adapter_parameters(name):
-                p.requires_grad_(True)
+        for _, layer in [*adapter_layers(model), *model_adapters(model)]:
+            if name in layer.adapter_names:
+                for p in layer.adapter_parameters(name):
+                    p.requires_grad_(True)
         for _, wrapper in modules_to_save_wrappers(model):
             if name in wrapper.modules_to_save:
                 wrapper.modules_to_save[name].requires_grad_(True)
@@ -172,9 +189,12 @@ def set_peft_model_state_dict(
     """Load adapter tensors (HF PEFT's file keys) into ``model``. Strict by default: every key and shape
     is checked before anything is written; ``strict=False`` loads the keys that fit and reports the rest."""
     root, prefix, config = _root_prefix_config(model, adapter_name)
+    given = dict(peft_model_state_dict)
+    from_file = method_for(config).from_file
+    if from_file is not None:  # file form -> live form (which it may change: a P-tuning table without its encoder)
+        given = from_file(root, adapter_name, config, given, None)
     expected = adapter_tensors(root, adapter_name, config, prefix)
     optional = {prefix + k: v for k, v in embedding_tensors(root).items()}
-    given = dict(peft_model_state_dict)
     missing: list[str] = []
     unexpected: list[str] = []
     if not strict:
@@ -301,7 +321,7 @@ class PeftModel(nn.Module):
         if any(layer.merged for _, layer in adapter_layers(self)):
             raise PeftError("adapter_names needs unmerged adapters: call unmerge_adapter() first")
         rows = RowAdapters.from_names(list(adapter_names))
-        modules = [m for _, m in adapter_layers(self)] + [m for _, m in modules_to_save_wrappers(self)]
+        modules = _switchable(self)
         for m in modules:
             m.row_adapters = rows
         try:
@@ -358,7 +378,7 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model (and original heads) inside the block: ``with model.disable_adapter(): ...``"""
-        modules = [m for _, m in adapter_layers(self)] + [m for _, m in modules_to_save_wrappers(self)]
+        modules = _switchable(self)
         before = [m.disable_adapters for m in modules]
         for m in modules:
             m.disable_adapters = True
@@ -374,7 +394,8 @@ class PeftModel(nn.Module):
         for name in names:
             self._check_name(name)
         layers = [layer for _, layer in adapter_layers(self)]
-        blockers = {b for layer in layers if any(n in layer.adapter_names for n in names)
+        blockers = {b for layer in [*layers, *(m for _, m in model_adapters(self))]
+                    if any(n in layer.adapter_names for n in names)
                     for b in [layer.merge_blocker()] if b}
         if blockers:
             raise PeftError(
@@ -415,6 +436,8 @@ class PeftModel(nn.Module):
         for path, wrapper in list(modules_to_save_wrappers(model)):
             keep = wrapper.current if keep_trained and wrapper.active_adapter else wrapper.original_module
             _replace(model, path, keep)
+        for _, store in list(model_adapters(model)):
+            store.detach(model)
         return model
 
     # ---- combining adapters (the work is in peftkit/weighted.py) -----------------------------------
@@ -449,7 +472,7 @@ class PeftModel(nn.Module):
                     seen.add(id(p))
                     counts[kind] += p.numel()
 
-        for _, layer in adapter_layers(self):
+        for _, layer in [*adapter_layers(self), *model_adapters(self)]:
             for name in layer.adapter_names:
                 add("adapter", layer.adapter_parameters(name))
         for _, wrapper in modules_to_save_wrappers(self):
@@ -483,10 +506,11 @@ class PeftModel(nn.Module):
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             config = self.peft_config[name].copy(inference_mode=True)
             tensors = file_tensors(self.base_model.model, name, config, PEFT_PREFIX, save_embedding_layers)
-            to_file = method_for(config).to_file
-            if to_file is not None:
-                config, tensors = to_file(self.base_model.model, name, config, tensors, PEFT_PREFIX)
-            write_adapter_folder(folder, config, tensors)
+            spec = method_for(config)
+            extra = spec.extra_files(self.base_model.model, name, config) if spec.extra_files is not None else {}
+            if spec.to_file is not None:
+                config, tensors = spec.to_file(self.base_model.model, name, config, tensors, PEFT_PREFIX)
+            write_adapter_folder(folder, config, tensors, extra)
 
     @classmethod
     def from_pretrained(
@@ -526,6 +550,9 @@ class PeftModel(nn.Module):
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], folder: str) -> None:
         root = self.base_model.model
+        from_file = method_for(self.peft_config[adapter_name]).from_file
+        if from_file is not None:
+            tensors = from_file(root, adapter_name, self.peft_config[adapter_name], tensors, folder)
         expected = adapter_tensors(root, adapter_name, self.peft_config[adapter_name], PEFT_PREFIX)
         optional = {PEFT_PREFIX + k: v for k, v in embedding_tensors(root).items()}
         copy_into(check_against_model(expected, tensors, folder, optional), tensors)

