@@ -8,8 +8,7 @@ its default feed-forward split. Every measurement runs in a fresh subprocess wit
 and each peftkit job is immediately followed by the same job with HF PEFT (or the floor), round after round;
 ratios are taken within a round and the table shows the median over rounds.
 
-Jobs (``CASES`` lists the methods; prompt/prefix tuning rows can be added there: a case is a name, a config
-builder per library and whether it trains with dropout):
+Jobs (``CASES`` lists the methods — a case is a name and a config builder per library; add rows there):
 
 * ``train``  one training batch of 4 × 256 tokens, AdamW. Time: peftkit, HF PEFT and the floor — the same
   frozen model with input gradients flowing and no adapter (the least a PEFT step can cost) — built in one
@@ -74,7 +73,7 @@ def _case(peftkit_cfg: Callable[[Any], Any], hf_cfg: Callable[[Any], Any] | None
     return {"peftkit": peftkit_cfg, "hf": hf_cfg}
 
 
-# name -> builders (called with the library module and a per-adapter seed offset); add rows here
+# name -> config builder per library (called with the peftkit or peft module); add rows here
 CASES: dict[str, dict[str, Any]] = {
     "lora": _case(lambda pk: _lora(pk), lambda hf: _lora(hf)),
     "lora_p05": _case(lambda pk: _lora(pk, 0.05), lambda hf: _lora(hf, 0.05)),
@@ -87,6 +86,11 @@ CASES: dict[str, dict[str, Any]] = {
                                          feedforward_modules=["down_proj"]),
                  lambda hf: hf.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                          feedforward_modules=["down_proj"])),
+    # prompt methods (issue 6): training rows only (nothing to merge; 20 virtual tokens)
+    "prompt_tuning": _case(lambda pk: pk.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
+                           lambda hf: hf.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
+    "prefix_tuning": _case(lambda pk: pk.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
+                           lambda hf: hf.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
 }
 MIXABLE = ("lora", "vera", "dora", "ia3")  # mixed-batch rows
 EVAL_CASES = ("lora", "vera", "dora", "ia3")  # inference / mixed / io rows (LoRA-FA is LoRA at inference)
