@@ -74,3 +74,77 @@ def test_adapter_names_errors() -> None:
     pm.merge_adapter()
     with pytest.raises(PeftError, match="unmerge_adapter"):
         pm(ids, adapter_names=["b", "c"])
+
+
+def _rows_match_alone(pm, names, ids, atol=1e-5) -> torch.Tensor:
+    mixed = pm(ids, adapter_names=names).logits
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                expected = pm(ids[row:row + 1]).logits
+        else:
+            pm.set_adapter(name)
+            expected = pm(ids[row:row + 1]).logits
+        torch.testing.assert_close(mixed[row:row + 1], expected, rtol=1e-4, atol=atol)
+    return mixed
+
+
+@pytest.mark.parametrize("method", ["lora+dora", "vera_shared", "vera_ranks", "ia3"])
+def test_every_mixable_method_rows_equal_alone(method) -> None:
+    from peftkit import IA3Config, VeraConfig
+
+    torch.manual_seed(0)
+    if method == "lora+dora":  # DoRA and plain LoRA rows in one batch
+        make = [LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False),
+                LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False),
+                LoraConfig(r=3, target_modules=["q_proj"], use_dora=True, init_lora_weights=False)]
+    elif method.startswith("vera"):
+        ranks = (4, 4, 4) if method == "vera_shared" else (4, 6, 4)
+        make = [VeraConfig(r=r, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False) for r in ranks]
+    else:
+        make = [IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                          init_ia3_weights=False) for _ in range(3)]
+    pm = get_peft_model(tiny_llama(), make[0])
+    for i, cfg in enumerate(make[1:]):
+        pm.add_adapter(f"x{i}", cfg)
+    for name in ("default", "x0", "x1"):
+        randomize(pm, name)
+    pm.eval()
+    ids = torch.randint(1, 128, (6, 5))
+    names = ["x1", "default", "__base__", "x0", "default", "x1"]
+    mixed = _rows_match_alone(pm, names, ids)
+    assert (mixed[0] - mixed[1]).abs().max() > 1e-2
+
+
+def test_stacked_weights_are_cached_and_follow_weight_changes() -> None:
+    pm = _three_adapters(tiny_llama, target_modules=["q_proj", "v_proj"])
+    ids = torch.randint(1, 128, (3, 4))
+    names = ["b", "c", "default"]
+    with torch.no_grad():
+        first = pm(ids, adapter_names=names).logits
+        layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+        tables = layer._row_tables[1]
+        assert torch.equal(pm(ids, adapter_names=names).logits, first)
+        assert layer._row_tables[1] is tables  # reused, not rebuilt
+        layer.lora_B["c"].weight.mul_(2)  # an in-place change (as an optimizer step) invalidates the stack
+        changed = pm(ids, adapter_names=names).logits
+    assert layer._row_tables[1] is not tables
+    assert (changed[1] - first[1]).abs().max() > 1e-4 and torch.equal(changed[0], first[0])
+    pm.set_adapter("c")
+    torch.testing.assert_close(changed[1:2], pm(ids[1:2]).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_rows_train_with_gradients() -> None:
+    """Per-row adapters with gradients (no dropout): each adapter's gradient equals its rows' run alone."""
+    pm = _three_adapters(tiny_llama, target_modules=["q_proj", "v_proj"]).train()
+    pm.set_adapter(["default", "b", "c"])  # all trainable
+    ids = torch.randint(1, 128, (2, 4))
+    pm(ids, adapter_names=["b", "c"], labels=ids).loss.backward()
+    grad_b = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["b"].weight.grad.clone()
+    pm.zero_grad()
+    pm.set_adapter("b")
+    out = pm(ids[:1], labels=ids[:1]).logits
+    loss_b = torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum") / (2 * 3)
+    loss_b.backward()
+    torch.testing.assert_close(grad_b, pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["b"].weight.grad,
+                               rtol=1e-4, atol=1e-6)

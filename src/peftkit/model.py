@@ -448,6 +448,20 @@ class PeftModel(nn.Module):
             store.detach(model)
         return model
 
+    # ---- combining adapters (the work is in peftkit/weighted.py) -----------------------------------
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd",
+        svd_rank: int | None = None, svd_clamp: float | None = None, svd_full_matrices: bool = True,
+        svd_driver: str | None = None, density: float | None = None, majority_sign_method: str = "total",
+    ) -> None:
+        """HF PEFT's ``add_weighted_adapter``: a new LoRA adapter combining ``adapters`` with ``weights``
+        ("cat" and full-rank "svd" are exact: ΔW = Σ w_i ΔW_i); see :mod:`peftkit.weighted`."""
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
+                             svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                             svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
+
     # ---- counting ---------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -610,3 +624,4 @@ def get_peft_model(
     if hasattr(peft_config, "autocast_adapter_dtype"):
         peft_config = peft_config.copy(autocast_adapter_dtype=peft_config.autocast_adapter_dtype and autocast_adapter_dtype)
     return _class_for(peft_config, PeftModel)(model, peft_config, adapter_name)
+

@@ -62,7 +62,7 @@ def dora_output(base: torch.Tensor, lora: torch.Tensor, magnitude: torch.Tensor,
 class DoraVariant(LoraVariant):
     """One DoRA adapter of a :class:`LoraLinear`: its magnitude lives in ``layer.lora_magnitude_vector``."""
 
-    per_row = False  # adapter_names batching gathers plain LoRA adapters only
+    # adapter_names batching: lora_kernels.per_row_lora applies m / ‖W + ΔW‖ per row (no dropout there)
 
     def __init__(self) -> None:
         self.merge_norm: torch.Tensor | None = None  # n at merge time, for an exact unmerge

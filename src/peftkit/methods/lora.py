@@ -27,6 +27,7 @@ from ..errors import PeftConfigError, PeftError
 from ..quantize import dequantize_for_merge, restore_after_unmerge
 from ..targeting import is_conv1d
 from .base import AdapterLayer, MethodSpec, register_method
+from .lora_kernels import dropout_p, fused_enabled, lora_linear_forward, per_row_lora, reference_dropped
 
 
 # ---- the maths, as pure functions ------------------------------------------------------------------
@@ -119,8 +120,9 @@ class LoraVariant:
         """Called after A and B exist (e.g. to create extra parameters or freeze A)."""
 
     def forward(self, layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The plain-torch reference of ``lora_kernels.LoraFunction`` (same dropout masks, ordinary autograd)."""
         A = layer.lora_A[adapter_name]
-        xa = layer.lora_dropout[adapter_name](x.to(A.weight.dtype))
+        xa = reference_dropped(x.to(A.weight.dtype), dropout_p(layer, adapter_name))
         return result + (layer.lora_B[adapter_name](A(xa)) * layer.scaling[adapter_name]).to(result.dtype)
 
     def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -203,14 +205,17 @@ class LoraLayer(AdapterLayer):
             return torch.float32
         return dtype if dtype.is_floating_point else torch.float32
 
-    def _stacked(self, names: tuple[str, ...], A_of, B_of) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (k+1, r_max, d_in) and s·B (k+1, d_out, r_max) of the named adapters, zero-padded to the largest
-        rank; the last slot (all zeros) serves rows that use the base model or an adapter this layer lacks."""
+    def _check_row_mix(self, names: tuple[str, ...]) -> None:
         if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names if n in self.r):
             raise PeftError("adapters mixed per row run without dropout: call model.eval() first")
         special = sorted({type(self.variant[n]).__name__ for n in names if n in self.r and not self.variant[n].per_row})
         if special:
             raise PeftError(f"adapter_names cannot mix {', '.join(special)} adapters per row yet; run them one at a time")
+
+    def _stacked(self, names: tuple[str, ...], A_of, B_of) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (k+1, r_max, d_in) and s·B (k+1, d_out, r_max) of the named adapters, zero-padded to the largest
+        rank; the last slot (all zeros) serves rows that use the base model or an adapter this layer lacks."""
+        self._check_row_mix(names)
         r_max = max((self.r[n] for n in names if n in self.r), default=1)
         some = next(iter(self.r))  # a layer always holds at least one adapter: it gives the shapes
         A_some, B_some = A_of(some), B_of(some)
@@ -267,24 +272,21 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         off = self.adapters_off()
+        # ---- the fused path (lora_kernels.py): plain LoRA adapters, base + s·B A x̃ in one autograd node ----
+        if (not off and self.row_adapters is None and not args and not kwargs and fused_enabled()
+                and self.active_adapters and all(type(self.variant[n]) is LoraVariant for n in self.active_adapters)):
+            return lora_linear_forward(self, x, self.active_adapters)
+        # ---- the reference path: base layer, then each adapter's variant --------------------------------
         result = self.base_layer(x, *args, **kwargs)
         if off:
             return result
-        if self.row_adapters is not None:
-            return result + self._per_row(x).to(result.dtype)
+        if self.row_adapters is not None:  # each row through its own adapter (lora_kernels.per_row_lora)
+            rows = self.row_adapters
+            self._check_row_mix(rows.names)
+            return per_row_lora(self, x, result, rows.for_batch(x.shape[0], x.device), rows.names)
         for name in self.active_adapters:
             result = self.variant[name].forward(self, name, x, result)
         return result
-
-    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row through its own adapter: gather the rows' A and B, two batched matmuls (no adapter loop)."""
-        rows = self.row_adapters
-        index = rows.for_batch(x.shape[0], x.device)
-        A, B = self._stacked(rows.names, lambda n: self.lora_A[n].weight, lambda n: self.lora_B[n].weight)
-        pick = torch.where(index < 0, len(rows.names), index)
-        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
-        out = torch.bmm(torch.bmm(xb, A[pick].transpose(1, 2)), B[pick].transpose(1, 2))
-        return out.reshape(*x.shape[:-1], B.shape[1])
 
 
 class LoraEmbedding(LoraLayer):

@@ -281,6 +281,18 @@ class VeraLinear(AdapterLayer):
             raise PeftError("adapters mixed per row run without dropout: call model.eval() first")
         like = next(iter(self.vera_lambda_d.values()))  # a layer always holds at least one adapter
         k, r_max = len(rows.names), max((self.r[n] for n in names), default=1)
+        pick = torch.where(index < 0, k, index)
+        shared = self._shared_projection(names)
+        if shared is not None:  # one A and B for all: two plain matmuls, only d and b gathered per row
+            like = self.vera_lambda_d[names[0]]
+            A, B = (t.to(like) for t in shared)
+            d = torch.stack([self.vera_lambda_d[n] if n in self.r else torch.zeros_like(like)
+                             for n in rows.names] + [torch.zeros_like(like)])
+            b = torch.stack([self.vera_lambda_b[n] if n in self.r else like.new_zeros(self.out_features)
+                             for n in rows.names] + [like.new_zeros(self.out_features)])
+            xb = x.reshape(x.shape[0], -1, self.in_features).to(A.dtype)
+            out = F.linear(F.linear(xb, A) * d[pick, None], B) * b[pick, None]
+            return out.reshape(*x.shape[:-1], self.out_features)
         A = like.new_zeros(k + 1, r_max, self.in_features)
         B = like.new_zeros(k + 1, self.out_features, r_max)
         d, b = like.new_zeros(k + 1, r_max), like.new_zeros(k + 1, self.out_features)
@@ -290,11 +302,27 @@ class VeraLinear(AdapterLayer):
                 A_i, B_i = self.sliced_projections(name)
                 A[i, :r], B[i, :, :r] = A_i, B_i
                 d[i, :r], b[i] = self.vera_lambda_d[name], self.vera_lambda_b[name]
-        pick = torch.where(index < 0, k, index)
         xb = x.reshape(x.shape[0], -1, self.in_features).to(A.dtype)
         h = torch.bmm(xb, A[pick].transpose(1, 2)) * d[pick, None]
         out = torch.bmm(h, B[pick].transpose(1, 2)) * b[pick, None]
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+    def _shared_projection(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's (A, B) slices if every named adapter has the same ones (the usual case: one
+        projection_prng_key, one r and target set, so the projections regenerate identically), else None.
+        Compared once per set of projections (cached by storage and version)."""
+        if not names:
+            return None
+        pairs = [self.sliced_projections(n) for n in names]
+        key = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in pairs)
+        cached = getattr(self, "_shared_check", None)
+        if cached is None or cached[0] != key:
+            A0, B0 = pairs[0]
+            same = all(a.shape == A0.shape and b.shape == B0.shape and torch.equal(a, A0) and torch.equal(b, B0)
+                       for a, b in pairs[1:])
+            self._shared_check = cached = (key, same)
+        return pairs[0] if cached[1] else None
 
 
 def vera_layer_for(module: nn.Module) -> type[VeraLinear] | None:

@@ -1,0 +1,338 @@
+"""The fast LoRA paths: a fused training/inference function, shared dropout masks, cached per-row stacks.
+
+Plain LoRA on a Linear (or GPT-2 Conv1D) computes, for x (..., d_in) and each active adapter,
+
+    y = W x + b + s · B A x̃,      x̃ = x ⊙ keep / (1 − p)   (training with lora_dropout p > 0), else x̃ = x
+
+:class:`LoraFunction` does that in one autograd node and saves only what backward needs:
+
+    saved          x (one tensor for every sibling that reads the same input: q, k, v; gate, up) and
+                   h = A x̃ (tokens × r); the dropout mask is an integer seed: backward regenerates it and
+                   x̃ once per sibling group
+    forward        y = addmm(b, x, Wᵀ); y += s · h Bᵀ          (one add-matmul into the output)
+    backward       g_B = s · gᵀ h,   g_h = s · g B,   g_A = g_hᵀ x̃
+                   g_x = g W  +  (g_h A) ⊙ keep / (1 − p)      (the LoRA term added into g W in place)
+
+A frozen W needs no saved input for its own backward (g W only). When the base is not a plain frozen
+Linear/Conv1D (nested adapter layers, a quantised base, a trainable W) or when another adapter came first,
+the base output ``result`` is computed as usual and the function only adds ``s · h Bᵀ`` into it.
+
+Dropout: ``keep`` comes from :func:`dropout_keep`, a mask drawn from one integer seed (16 random bits per
+element, kept where they are ≥ p·2¹⁶, so p is rounded to a multiple of 2⁻¹⁶). One seed, hence one mask,
+serves every target that reads the same input tensor (q, k and v read one normed hidden state): the first
+target draws it, its siblings find it in a small per-thread cache keyed by the input tensor's identity and
+version. HF PEFT draws an independent mask per target; in expectation the two are the same estimator.
+
+The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
+plain torch ops under ordinary autograd, with the same seeds and masks, so outputs and gradients match the
+fused path (tested to 1e-6 in fp64). The fused path runs when input, base weight and adapter share a dtype
+and autocast is off (otherwise the reference runs, casting as HF PEFT does). Gradient checkpointing: seeds come
+from torch's default generator, whose state checkpointing restores, so a recomputed forward redraws the same masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..targeting import is_conv1d
+
+_FUSED = os.environ.get("PEFTKIT_LORA_FUSED", "1").lower() not in ("0", "false", "no", "off")
+
+
+def fused_enabled() -> bool:
+    """Whether LoRA layers take the fused path (default True; ``PEFTKIT_LORA_FUSED=0`` turns it off)."""
+    return _FUSED
+
+
+@contextlib.contextmanager
+def use_fused(enabled: bool) -> Iterator[None]:
+    """``with use_fused(False): ...`` runs the plain-torch reference path inside the block (process-wide)."""
+    global _FUSED
+    before, _FUSED = _FUSED, enabled
+    try:
+        yield
+    finally:
+        _FUSED = before
+
+
+# ---- dropout: a mask from a seed, shared by the targets that read one input ----------------------------
+_BITS = 16
+
+
+def keep_probability(p: float) -> float:
+    """1 − p with p rounded to the mask's resolution (a multiple of 2⁻¹⁶): the mask's exact keep rate."""
+    return 1.0 - round(p * 2**_BITS) / 2**_BITS
+
+
+def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The keep-mask (bool, ``shape``) of dropout probability p that ``seed`` determines, on ``device``.
+
+    Four 16-bit lanes per 64-bit random draw: ~5× faster than ``torch.rand`` on CPU, same on every call."""
+    n = 1
+    for size in shape:
+        n *= size
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64, device=device)
+    lanes = words.view(torch.int16)[:n].view(shape)
+    return lanes >= -(2 ** (_BITS - 1)) + round(p * 2**_BITS)
+
+
+def draw_seed() -> int:
+    """One draw from torch's default generator (so ``torch.manual_seed`` governs every mask)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+class _SiblingCache(threading.local):
+    """Forward: the last dropped input, (input (weakly), its version, p) -> (seed, x̃); x̃ is held until another
+    input arrives (at most one input-sized tensor). Backward: the last regenerated (mask, x̃) by seed and input,
+    so siblings whose backwards run one after another regenerate once."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, int, float] | None = None
+        self.seed = 0
+        self.dropped: torch.Tensor | None = None
+        self.backward: tuple[tuple[int, int, torch.Size], torch.Tensor, torch.Tensor] | None = None
+
+
+_cache = _SiblingCache()
+
+
+def shared_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, int]:
+    """x̃ = x ⊙ keep / (1 − p) (no autograd graph: the caller's backward applies the mask) and its seed; a
+    sibling target calling with the same tensor (same version) gets the same seed and the same x̃."""
+    key = _cache.key
+    version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+    if key is not None and key[0]() is x and key[1] == version and key[2] == p:
+        return _cache.dropped, _cache.seed
+    seed = draw_seed()
+    _cache.dropped = None  # free the previous input's x̃ first
+    dropped = apply_keep(x, p, seed)
+    _cache.key, _cache.seed, _cache.dropped = (weakref.ref(x), version, p), seed, dropped
+    return dropped, seed
+
+
+def shared_seed(x: torch.Tensor, p: float) -> int:
+    """The seed :func:`shared_dropout` gives this input (the reference path builds x̃ with autograd from it)."""
+    return shared_dropout(x, p)[1]
+
+
+def apply_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    with torch.no_grad():
+        keep = dropout_keep(x.shape, p, seed, x.device)
+        return x.detach().mul(keep).mul_(1.0 / keep_probability(p))
+
+
+def _dropped_for_backward(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, x̃) of ``seed`` for the saved input x, regenerated once for siblings whose backwards run in a row."""
+    key = (seed, x.data_ptr(), x.shape)
+    cached = _cache.backward
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    _cache.backward = None
+    keep = dropout_keep(x.shape, p, seed, x.device)
+    dropped = x.mul(keep).mul_(1.0 / keep_probability(p))
+    _cache.backward = (key, keep, dropped)
+    return keep, dropped
+
+
+def clear_caches() -> None:
+    """Drop this thread's dropout caches (each holds at most one input-sized x̃ and mask until replaced)."""
+    _cache.key, _cache.dropped, _cache.backward = None, None, None
+
+
+# ---- the fused function ----------------------------------------------------------------------------------
+class LoraFunction(torch.autograd.Function):
+    """y = (result, or x Wᵀ + b) + s · (x̃ Aᵀ) Bᵀ in one node; saves x, h = x̃ Aᵀ and the parameters.
+
+    x, x̃ (..., d_in); result (..., d_out) or None; weight (d_out, d_in), or (d_in, d_out) when
+    ``fan_in_fan_out``, or None (then ``result`` is given); A (r, d_in); B (d_out, r). x̃ is x itself
+    without dropout, else ``shared_dropout(x, p)`` of seed ``seed``. W must be frozen (no gradient for it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor, result: torch.Tensor | None,
+                weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                scaling: float, p: float, seed: int, fan_in_fan_out: bool) -> torch.Tensor:
+        d_in, d_out = A.shape[1], B.shape[0]
+        h = dropped.reshape(-1, d_in) @ A.T  # (tokens, r)
+        if result is None:
+            w_t = weight if fan_in_fan_out else weight.T  # (d_in, d_out)
+            x2 = x.reshape(-1, d_in)
+            y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
+            y.addmm_(h, B.T, alpha=scaling)
+        else:
+            y = torch.addmm(result.reshape(-1, d_out), h, B.T, alpha=scaling)
+        need = ctx.needs_input_grad
+        # x, not x̃: x is shared with the siblings and often kept anyway (o_proj's input is the attention's saved
+        # output); backward rebuilds x̃ from the seed, once per sibling group
+        ctx.save_for_backward(x if need[5] else None, h if need[6] else None, A, B, weight if need[0] else None)
+        ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
+        ctx.x_shape, ctx.has_result = x.shape, result is not None
+        return y.view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, h, A, B, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s, p = ctx.scaling, ctx.p
+        g = grad_out.reshape(-1, B.shape[0])
+        keep = dropped = None
+        if p > 0 and (need[0] or need[5]):
+            keep, dropped = _dropped_for_backward(x, p, ctx.seed) if x is not None else \
+                (dropout_keep(ctx.x_shape, p, ctx.seed, g.device), None)
+        elif need[5]:
+            dropped = x
+        grad_x = grad_result = grad_bias = grad_A = grad_B = None
+        if need[6]:
+            grad_B = (g.T @ h).mul_(s)
+        if need[0] or need[5]:
+            grad_h = (g @ B).mul_(s)  # (tokens, r)
+            if need[5]:
+                grad_A = grad_h.T @ dropped.reshape(-1, A.shape[1])
+            if need[0]:
+                base = None if weight is None else g @ (weight.T if ctx.fan_in_fan_out else weight)  # g W
+                if p > 0:
+                    lora = grad_h @ A
+                    lora.mul_(keep.view(lora.shape))
+                    scale = 1.0 / keep_probability(p)
+                    grad_x = lora.mul_(scale) if base is None else base.add_(lora, alpha=scale)
+                else:
+                    grad_x = grad_h @ A if base is None else base.addmm_(grad_h, A)
+                grad_x = grad_x.view(ctx.x_shape)
+        if ctx.has_result and need[2]:
+            grad_result = grad_out
+        if need[4]:
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_result, None, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def _plain_frozen_base(base: nn.Module) -> bool:
+    """A Linear / Conv1D the fused function may compute itself: exact type, frozen weight, no hooks."""
+    if type(base) is not nn.Linear and not is_conv1d(base):
+        return False
+    weight = getattr(base, "weight", None)
+    return (isinstance(weight, torch.Tensor) and type(weight) in (torch.Tensor, nn.Parameter)
+            and not weight.requires_grad and not base._forward_hooks and not base._forward_pre_hooks)
+
+
+def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """The active plain-LoRA adapters ``names`` of a LoraLinear on x, through :class:`LoraFunction`."""
+    base = layer.base_layer
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks the dtypes op by op: the reference path
+        result = base(x)
+        for name in names:
+            result = layer.variant[name].forward(layer, name, x, result)
+        return result
+    result = None
+    weight = bias = None
+    if _plain_frozen_base(base) and base.weight.dtype == x.dtype:
+        weight, bias = base.weight, base.bias
+    else:
+        result = base(x)
+    for name in names:
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if not (A.dtype == B.dtype == x.dtype and (result is None or result.dtype == x.dtype)):
+            if result is None:
+                result = base(x)
+            result = layer.variant[name].forward(layer, name, x, result)  # casts, as HF PEFT
+            continue
+        p = dropout_p(layer, name)
+        dropped, seed = shared_dropout(x, p) if p > 0 else (x, 0)
+        result = LoraFunction.apply(x, dropped, result, weight if result is None else None,
+                                    bias if result is None else None, A, B, layer.scaling[name], p, seed,
+                                    layer.fan_in_fan_out)
+    return result if result is not None else base(x)
+
+
+def dropout_p(layer: Any, name: str) -> float:
+    """The adapter's dropout probability if it applies now (training), else 0."""
+    dropout = layer.lora_dropout[name]
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def reference_dropped(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x̃ with the fused path's mask (same seed, shared by siblings), as ordinary autograd ops."""
+    if p == 0:
+        return x
+    keep = dropout_keep(x.shape, p, shared_seed(x, p), x.device)
+    return x * keep * (1.0 / keep_probability(p))
+
+
+# ---- many adapters in one batch (S-LoRA / Punica): stacked weights, gathered per row -------------------------
+def _row_key(layer: Any, names: tuple[str, ...]) -> tuple:
+    """What the stacked tables depend on: the adapters, their weights (identity and in-place version), scalings."""
+    key: list[Any] = [names]
+    for name in names:
+        if name in layer.r:
+            tensors = [layer.lora_A[name].weight, layer.lora_B[name].weight]
+            if name in layer.lora_magnitude_vector:
+                tensors += [layer.lora_magnitude_vector[name], layer.get_base_layer().weight]
+            key.append((layer.scaling[name], *((t.data_ptr(), t._version) for t in tensors)))
+    return tuple(key)
+
+
+def row_tables(layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Aᵀ (k+1, d_in, r_max) and (s·B)ᵀ (k+1, r_max, d_out) of the named adapters, zero-padded to the largest
+    rank, and for DoRA adapters the per-output factor m / ‖W + ΔW‖ (k+1, d_out; 1 for plain LoRA), or None
+    without DoRA. The last slot serves rows on the base model (or an adapter this layer lacks).
+
+    Built once and reused while no weight changed (inference); rebuilt with autograd when gradients flow."""
+    grad = torch.is_grad_enabled() and any(
+        p.requires_grad for n in names if n in layer.r for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+    key = None if grad else _row_key(layer, names)
+    cached = getattr(layer, "_row_tables", None)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    present = [n for n in names if n in layer.r]
+    r_max = max((layer.r[n] for n in present), default=1)
+    like = layer.lora_A[present[0]].weight if present else layer.lora_A[next(iter(layer.r))].weight
+    k = len(names)
+    A_t = like.new_zeros(k + 1, layer.in_features, r_max)
+    B_t = like.new_zeros(k + 1, r_max, layer.out_features)
+    dora = [n for n in present if n in layer.lora_magnitude_vector]
+    factor = like.new_ones(k + 1, layer.out_features) if dora else None
+    for i, name in enumerate(names):
+        if name not in layer.r:
+            continue
+        r = layer.r[name]
+        A_t[i, :, :r] = layer.lora_A[name].weight.T
+        B_t[i, :r, :] = (layer.lora_B[name].weight * layer.scaling[name]).T
+        if name in dora:
+            weight = layer.get_base_layer().weight.to(like.dtype)
+            norm = layer.variant[name].weight_norm(layer, name, weight)  # detached, as in training
+            factor[i] = layer.lora_magnitude_vector[name] / norm
+    tables = (A_t, B_t, factor)
+    if key is not None:
+        layer._row_tables = (key, tables)
+    return tables
+
+
+def per_row_lora(layer: Any, x: torch.Tensor, result: torch.Tensor, index: torch.Tensor,
+                 names: tuple[str, ...]) -> torch.Tensor:
+    """result + each row's adapter: h = x Aᵀ[pick], then (s·B)ᵀ[pick] added into the output by one batched
+    add-matmul (baddbmm). DoRA rows: result + (f − 1)·(result − b) + f · s·B A x, f = m / ‖W + ΔW‖."""
+    A_t, B_t, factor = row_tables(layer, names)
+    pick = torch.where(index < 0, len(names), index)
+    batch = x.shape[0]
+    xb = x.reshape(batch, -1, x.shape[-1]).to(A_t.dtype)
+    h = torch.bmm(xb, A_t[pick])  # (batch, tokens, r_max)
+    res = result.reshape(batch, -1, result.shape[-1])
+    if factor is None and res.dtype == A_t.dtype:
+        if not torch.is_grad_enabled() and not res.requires_grad:
+            return res.baddbmm_(h, B_t[pick]).view(result.shape)
+        return torch.baddbmm(res, h, B_t[pick]).view(result.shape)
+    delta = torch.bmm(h, B_t[pick])
+    if factor is not None:
+        f = factor[pick][:, None, :]
+        bias = layer.get_base_layer().bias if hasattr(layer.get_base_layer(), "bias") else None
+        base = res.to(delta.dtype) if bias is None else res.to(delta.dtype) - bias.to(delta.dtype)
+        delta = delta * f + (f - 1) * base
+    return (res + delta.to(res.dtype)).view(result.shape)

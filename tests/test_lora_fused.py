@@ -1,0 +1,195 @@
+"""The fused LoRA path (lora_kernels.LoraFunction) against the plain-torch reference: equal outputs and gradients
+in fp64 (dropout included, same seed), one mask per shared input, and fewer saved bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import tiny_gpt2, tiny_llama
+
+from peftkit import LoraConfig, VeraConfig, get_peft_model
+from peftkit.methods import lora_kernels
+from peftkit.methods.lora import LoraLinear
+from peftkit.methods.lora_kernels import LoraFunction, dropout_keep, keep_probability, use_fused
+
+
+def _grads(pm: nn.Module, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    pm.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = pm(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+
+
+def _count_nodes(loss: torch.Tensor, name: str) -> int:
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        count += name in fn.name()
+        stack.extend(f for f, _ in fn.next_functions)
+    return count
+
+
+@pytest.mark.parametrize("make, cfg", [
+    (tiny_llama, {"target_modules": "all-linear"}),
+    (tiny_llama, {"target_modules": "all-linear", "lora_dropout": 0.3}),
+    (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "lora_dropout": 0.2, "fan_in_fan_out": True}),
+    (tiny_llama, {"target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1, "bias": "all"}),
+    (tiny_gpt2, {"target_modules": ["c_attn", "c_fc"], "lora_dropout": 0.1, "bias": "lora_only"}),  # base bias trains
+])
+def test_fused_equals_reference_fp64(make, cfg) -> None:
+    pm = get_peft_model(make().double(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **cfg))
+    pm.add_adapter("second", LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, **cfg))
+    pm.set_adapter(["default", "second"])  # two adapters: the second adds into the first's output
+    pm.train()
+    ids = torch.randint(1, 128, (3, 9))
+    torch.manual_seed(5)
+    out = pm(ids, labels=ids)
+    assert _count_nodes(out.loss, "LoraFunction") > 0
+    fused_logits, fused = _grads(pm, ids, seed=1)
+    with use_fused(False):
+        torch.manual_seed(5)
+        assert _count_nodes(pm(ids, labels=ids).loss, "LoraFunction") == 0
+        ref_logits, ref = _grads(pm, ids, seed=1)
+    assert fused.keys() == ref.keys() and len(fused) > 0
+    torch.testing.assert_close(fused_logits, ref_logits, rtol=0, atol=1e-6)
+    for name in fused:
+        torch.testing.assert_close(fused[name], ref[name], rtol=0, atol=1e-6, msg=name)
+    pm.eval()  # no dropout at inference: equal to the reference too
+    with torch.no_grad():
+        eval_fused = pm(ids).logits
+        with use_fused(False):
+            torch.testing.assert_close(eval_fused, pm(ids).logits, rtol=0, atol=1e-9)
+
+
+def test_fused_function_gradcheck() -> None:
+    """LoraFunction's backward against finite differences (both routes: base inside and base given)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    W, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    p, seed = 0.4, 1234
+    dropped = x.detach() * dropout_keep(x.shape, p, seed, x.device) / keep_probability(p)
+
+    def routed(x, b, A, B):  # x̃ must follow x for finite differences: rebuild it from the same mask
+        xd = x.detach() * dropout_keep(x.shape, p, seed, x.device) / keep_probability(p)
+        return LoraFunction.apply(x, xd, None, W, b, A, B, 1.5, p, seed, False)
+
+    assert torch.autograd.gradcheck(routed, (x, b, A, B))
+    result = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, r, A, B: LoraFunction.apply(x, x.detach(), r, None, None, A, B, 0.7, 0.0, 0, False),
+        (x, result, A, B))
+    assert dropped.ne(0).float().mean() < 0.9  # the mask really drops
+
+
+def test_siblings_share_one_mask_and_one_saved_input() -> None:
+    """q, k and v read one tensor: one seed, one x̃ storage saved for all three."""
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                 lora_dropout=0.5, init_lora_weights=False)).train()
+    attn = pm.base_model.model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    stores: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: stores.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        outs = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+    seeds = {o.grad_fn.seed for o in outs}  # ctx attributes of each LoraFunction node
+    assert len(seeds) == 1 and seeds == {lora_kernels._cache.seed}
+    params = {p.untyped_storage().data_ptr() for p in pm.parameters()}
+    assert len({ptr for ptr in stores if ptr not in params}) == 4  # x̃ (shared) + each target's own h
+    # the same x̃ as the reference builds with that seed
+    q = attn.q_proj
+    A, B = q.lora_A["default"].weight, q.lora_B["default"].weight
+    keep = dropout_keep(x.shape, 0.5, lora_kernels._cache.seed, x.device)
+    expected = q.base_layer(x) + q.scaling["default"] * ((x * keep / keep_probability(0.5)) @ A.T @ B.T)
+    torch.testing.assert_close(outs[0], expected)
+    sum(o.sum() for o in outs).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    stores: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            stores[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    return sum(stores.values())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_saves_less_than_reference(p: float) -> None:
+    tokens, d_in, r = 64, 96, 4
+    layer = LoraLinear(nn.Linear(d_in, 80).requires_grad_(False))
+    layer.update_layer("default", LoraConfig(r=r, lora_dropout=p, init_lora_weights=False), "m")
+    layer.set_adapter(["default"])
+    layer.train()
+    x = torch.randn(tokens, d_in, requires_grad=True)
+    fused = _saved_bytes(layer, x)
+    with use_fused(False):
+        reference = _saved_bytes(layer, x)
+    assert fused == tokens * (d_in + r) * 4  # x̃ and h, nothing else (the mask is a seed)
+    assert fused < reference if p > 0 else fused <= reference
+
+
+def test_dropout_keep_rate_and_determinism() -> None:
+    keep = dropout_keep(torch.Size((400, 500)), 0.05, 7, torch.device("cpu"))
+    assert abs(keep.float().mean().item() - keep_probability(0.05)) < 2e-3
+    assert torch.equal(keep, dropout_keep(torch.Size((400, 500)), 0.05, 7, torch.device("cpu")))
+    assert not torch.equal(keep, dropout_keep(torch.Size((400, 500)), 0.05, 8, torch.device("cpu")))
+    assert abs(keep_probability(0.05) - 0.95) < 2**-16
+
+
+def test_other_methods_and_bf16_still_take_their_paths(ids) -> None:
+    """A VeRA adapter nested under LoRA: LoRA's function adds into the base output the VeRA layer gives;
+    a bf16 base with fp32 adapters runs the reference path (dtypes differ) with bf16 outputs."""
+    pm = get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["q_proj"], init_weights=False))
+    pm.add_adapter("lora", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    pm.set_adapter(["default", "lora"])
+    fused = pm(ids).logits
+    with use_fused(False):
+        torch.testing.assert_close(fused, pm(ids).logits)
+    model = tiny_gpt2().to(torch.bfloat16)
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    assert pm(ids).logits.dtype == torch.bfloat16
+
+
+def test_autocast_and_inference_mode() -> None:
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1,
+                                                 init_lora_weights=False)).train()
+    ids = torch.randint(1, 128, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pm(ids, labels=ids).loss
+    loss.backward()  # the reference path under autocast: backward dtypes follow autograd's
+    assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)
+    with torch.inference_mode():
+        assert torch.isfinite(pm(ids).logits).all()
+
+
+def test_gradient_checkpointing_redraws_the_same_masks() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    layer = LoraLinear(nn.Linear(16, 12).requires_grad_(False))
+    layer.update_layer("default", LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False), "m")
+    layer.set_adapter(["default"])
+    layer.train()
+    x = torch.randn(5, 16, requires_grad=True)
+    torch.manual_seed(3)
+    layer(x).pow(2).sum().backward()
+    plain = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    torch.manual_seed(3)
+    checkpoint(layer, x, use_reentrant=False).pow(2).sum().backward()
+    for n, p in layer.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, plain[n])
