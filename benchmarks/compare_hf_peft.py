@@ -104,7 +104,7 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(args.seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
-                      max_position_embeddings=max(args.seq, 128))
+                      max_position_embeddings=max(args.seq, 128) + 64)  # room for virtual tokens
     return LlamaForCausalLM(cfg)
 
 
@@ -458,10 +458,11 @@ def table(summary: dict[str, Any]) -> str:
     lines = []
     fl = summary["floor"]
     if summary["train"]:
-        lines += [f"floor (frozen model, input grads, no adapter): saved {fl['saved_mib']:.0f} MiB, peak RSS "
-                  f"+{fl['peak_mib']:.0f} MiB; full fine-tuning: saved {fl['full_ft_saved_mib']:.0f} MiB, peak RSS "
-                  f"+{fl['full_ft_peak_mib']:.0f} MiB", "",
-                  "| training | peftkit ms | HF ms | floor ms | step ×HF | step ×floor (HF ×floor) | saved MiB pk / HF | "
+        if fl["saved_mib"]:  # absent with --no-floor
+            lines += [f"floor (frozen model, input grads, no adapter): saved {fl['saved_mib']:.0f} MiB, peak RSS "
+                      f"+{fl['peak_mib']:.0f} MiB; full fine-tuning: saved {fl['full_ft_saved_mib']:.0f} MiB, "
+                      f"peak RSS +{fl['full_ft_peak_mib']:.0f} MiB", ""]
+        lines += ["| training | peftkit ms | HF ms | floor ms | step ×HF | step ×floor (HF ×floor) | saved MiB pk / HF | "
                   "saved ×HF | peak RSS MiB pk / HF | peak ×HF |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for case, t in summary["train"].items():
