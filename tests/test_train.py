@@ -132,6 +132,18 @@ def test_prompt_methods_train_a_causal_lm(root, tmp_path, method):
     assert again["loss"] == pytest.approx(result.metrics["loss"], abs=1e-5)
 
 
+def test_quantization_key_trains_on_an_nf4_base(root, tmp_path):
+    cfg = lm_config(root, tmp_path / "q", max_steps=3)
+    cfg["quantization"] = {"method": "nf4", "block_size": 32, "scaler_block_size": 32}
+    runner = Runner(parse_spec(cfg), quiet=True)
+    q_proj = runner.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(q_proj.weight).__name__ == "NF4Tensor"
+    packed = q_proj.weight.quantized_data.clone()
+    runner.train()
+    assert torch.equal(q_proj.weight.quantized_data, packed)  # the frozen 4-bit base never changes
+    assert json.loads((tmp_path / "q" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
 def test_loss_is_normalised_over_the_global_batch(root, tmp_path):
     """batch 8 in one micro-batch == batch 2 with 4 accumulation steps (token-weighted causal LM loss)."""
     a = Runner(parse_spec(lm_config(root, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3)), quiet=True)
@@ -145,11 +157,11 @@ def test_loss_is_normalised_over_the_global_batch(root, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["head", "full", "ia3", "bitfit", "houlsby", "pfeiffer", "vera", "dora", "rslora",
-                                    "lora_fa", "delta_lora", "loraplus", "prompt", "p_tuning", "prefix"])
+                                    "lora_fa", "delta_lora", "loraplus", "qlora", "prompt", "p_tuning", "prefix"])
 def test_every_method_trains_through_the_runner(root, tmp_path, method):
     cfg = cls_config(root, tmp_path / method, max_steps=3)
     cfg["method"] = {"name": method}
-    if method in ("dora", "rslora", "lora_fa", "delta_lora", "loraplus"):
+    if method in ("dora", "rslora", "lora_fa", "delta_lora", "loraplus", "qlora"):
         cfg["method"].update(r=4, target_modules=["query", "value"])
     if method == "vera":
         cfg["method"].update(r=8)
