@@ -306,7 +306,9 @@ def row_tables(layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.
         A_t[i, :, :r] = layer.lora_A[name].weight.T
         B_t[i, :r, :] = (layer.lora_B[name].weight * layer.scaling[name]).T
         if name in dora:
-            weight = layer.get_base_layer().weight.to(like.dtype)
+            from ..quantize import dense_weight  # a quantised base is dequantised, never cast as integers
+
+            weight = dense_weight(layer.get_base_layer().weight, like.dtype)
             norm = layer.variant[name].weight_norm(layer, name, weight)  # detached, as in training
             factor[i] = layer.lora_magnitude_vector[name] / norm
     tables = (A_t, B_t, factor)

@@ -177,7 +177,9 @@ class Runner(Scorer):
         self.data: Dataset = build_dataset(spec, self.tokenizer, self.task)
         base, self.source = load_base(spec, self.task, self.data.labels)
         self.quant_report = quantize(base, spec)
-        self.base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+        from ..quantize import model_weight_bytes
+
+        self.base_bytes = model_weight_bytes(base)  # real bytes: a quantised base counts its packed size
         if head_state is not None:
             classifier_module(base).load_state_dict(head_state)
         self.model = apply_method(base, spec, self.task).to(self.device)
