@@ -361,7 +361,7 @@ class Runner(Scorer):
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.world > 1:
-                    packed = torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64)
+                    packed = torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64, device=self.device)
                     dist.all_reduce(packed)
                     loss_value, tokens = float(packed[0]) / denom, int(packed[1])
                 else:
