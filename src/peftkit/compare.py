@@ -181,16 +181,16 @@ def run_worker(task_file: str) -> None:
     before = _probe(runner, adapter_on=False)
     saved = _saved_bytes(runner)
     rss0 = _rss_kib()
-    reset = _reset_peak()
+    reset = _reset_peak()  # without it (not Linux), the peak also covers loading the model
     result = runner.train()
-    peak = _rss_kib("VmHWM") if reset else _rss_kib("VmHWM")
+    peak = _rss_kib("VmHWM")
     after = _probe(runner, adapter_on=True)
     base_bytes = runner.base_bytes
     row.update(
         status="ok", task=result.task, steps=result.steps, trainable=result.trainable, total=result.total,
         trainable_pct=100.0 * result.trainable / result.total, step_s=result.step_s,
         tokens_per_s=result.tokens_per_s, wall_s=result.wall_s,
-        peak_rss_mib=peak / 1024, train_rss_growth_mib=max(0, peak - rss0) / 1024,
+        peak_rss_mib=peak / 1024, peak_is_training_only=reset, train_rss_growth_mib=max(0, peak - rss0) / 1024,
         saved_activation_mib=saved / 2**20, adapter_bytes=result.adapter_bytes, full_model_bytes=base_bytes,
         size_vs_full=result.adapter_bytes / base_bytes if base_bytes else None,
         metric=runner.metric_name, metrics=result.metrics, history=result.history,

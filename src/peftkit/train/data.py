@@ -82,16 +82,15 @@ def read_records(path: str, spec: RunSpec) -> list[dict[str, Any]]:
     return records
 
 
-def _field(record: dict[str, Any], name: str, path: str, index: int) -> Any:
+def _field(record: dict[str, Any], spec: RunSpec, key: str, path: str, index: int) -> Any:
+    """``record``'s value for the field that ``data.<key>`` names (e.g. key="text_field")."""
+    name = getattr(spec.data, key)
     if name not in record:
         raise PeftError(
             f"{path}: record {index} has no field {name!r} (it has {', '.join(map(str, record)) or 'none'}); "
-            f"set data.{_FIELD_KEYS.get(name, 'text_field')} to the right name"
+            f"set data.{key} to the right name"
         )
     return record[name]
-
-
-_FIELD_KEYS: dict[str, str] = {}
 
 
 def _split(records: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
@@ -106,8 +105,6 @@ def _split(records: list[dict[str, Any]], fraction: float, seed: int) -> tuple[l
 def load_records(spec: RunSpec, task: str) -> tuple[list[dict], list[dict], str]:
     """(train records, eval records, format)."""
     d = spec.data
-    _FIELD_KEYS.update({d.text_field: "text_field", d.label_field: "label_field",
-                        d.prompt_field: "prompt_field", d.response_field: "response_field"})
     if d.train == "bbc_news":
         from ..embedded import load_bbc_split
 
@@ -150,7 +147,7 @@ def load_records(spec: RunSpec, task: str) -> tuple[list[dict], list[dict], str]
 
 
 def _label_names(records: list[dict], spec: RunSpec, path: str) -> list[str]:
-    values = [_field(r, spec.data.label_field, path, i) for i, r in enumerate(records)]
+    values = [_field(r, spec, "label_field", path, i) for i, r in enumerate(records)]
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return [str(i) for i in range(max(values) + 1)]
     return sorted({str(v) for v in values})
@@ -165,25 +162,25 @@ def _instruction_prompt(tokenizer: Any, spec: RunSpec, prompt: str) -> str:
 
 
 def encode(records: list[dict], spec: RunSpec, tokenizer: Any, fmt: str, labels: list[str] | None, what: str) -> list[Example]:
-    d, max_len = spec.data, spec.model.max_length
+    max_len = spec.model.max_length
     out: list[Example] = []
     for i, r in enumerate(records):
         if fmt == "classification":
-            text = str(_field(r, d.text_field, what, i))
-            label = str(_field(r, d.label_field, what, i))
+            text = str(_field(r, spec, "text_field", what, i))
+            label = str(_field(r, spec, "label_field", what, i))
             assert labels is not None
             if label not in labels:
                 raise PeftError(f"{what}: record {i} has label {label!r}, which the training data never uses ({', '.join(labels)})")
             ids = tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
             out.append(Example(ids, label=labels.index(label)))
         elif fmt == "text":
-            ids = tokenizer(str(_field(r, d.text_field, what, i)), truncation=True, max_length=max_len)["input_ids"]
+            ids = tokenizer(str(_field(r, spec, "text_field", what, i)), truncation=True, max_length=max_len)["input_ids"]
             if len(ids) < 2:
                 continue
             out.append(Example(ids, lm_labels=list(ids)))
         else:
-            prompt = _instruction_prompt(tokenizer, spec, str(_field(r, d.prompt_field, what, i)))
-            response = str(_field(r, d.response_field, what, i))
+            prompt = _instruction_prompt(tokenizer, spec, str(_field(r, spec, "prompt_field", what, i)))
+            response = str(_field(r, spec, "response_field", what, i))
             p_ids = tokenizer(prompt, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
             r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
