@@ -137,19 +137,6 @@ def randomize(pm: nn.Module, seed: int, adapter_name: str = "default") -> None:
                     p.copy_(0.02 * torch.randn(p.shape, generator=gen))
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
 
 def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
     times = []
@@ -221,6 +208,7 @@ def work_memory(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]
     """Saved activations and peak RSS growth of one row, alone in this fresh process."""
     pm, step = train_setup(lib, case, args)
     gc.collect()
+    from peftkit.measure import current_rss, reset_peak_rss
     rss_setup = current_rss()
     peak_reset = reset_peak_rss()
     step()  # warm-up (optimizer state exists from here on)

@@ -128,20 +128,6 @@ def wrap(row: str, model: nn.Module, dropout: float, lr: float) -> tuple[nn.Modu
     return pm, torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (what ru_maxrss reports) to the current RSS; False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
     loss = model(input_ids=ids, labels=ids).loss
@@ -196,6 +182,7 @@ def run_row(row: str, dropout: float, args: argparse.Namespace) -> dict[str, Any
     pm.train()
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     gc.collect()
+    from peftkit.measure import current_rss, reset_peak_rss
     rss_setup = current_rss()
     peak_reset = reset_peak_rss()
 

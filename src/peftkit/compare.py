@@ -37,28 +37,6 @@ PROBE_PAIRS = 200
 # ---- one method, in a worker process ---------------------------------------------------------------
 
 
-def _rss_kib(field: str = "VmRSS") -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _saved_bytes(runner: Any) -> int:
     """Bytes autograd keeps for backward in one training micro-batch (distinct storages, counted when
     backward unpacks them). The RNG state is restored and gradients cleared: training is unaffected."""
@@ -180,17 +158,19 @@ def run_worker(task_file: str) -> None:
     runner.probe_n = task.get("probe_n", PROBE_PAIRS)
     before = _probe(runner, adapter_on=False)
     saved = _saved_bytes(runner)
-    rss0 = _rss_kib()
-    reset = _reset_peak()  # without it (not Linux), the peak also covers loading the model
+    from .measure import current_rss, peak_rss, reset_peak_rss
+
+    rss0 = current_rss()
+    reset = reset_peak_rss()  # without it (not Linux), the peak also covers loading the model
     result = runner.train()
-    peak = _rss_kib("VmHWM")
+    peak = peak_rss()
     after = _probe(runner, adapter_on=True)
     base_bytes = runner.base_bytes
     row.update(
         status="ok", task=result.task, steps=result.steps, trainable=result.trainable, total=result.total,
         trainable_pct=100.0 * result.trainable / result.total, step_s=result.step_s,
         tokens_per_s=result.tokens_per_s, wall_s=result.wall_s,
-        peak_rss_mib=peak / 1024, peak_is_training_only=reset, train_rss_growth_mib=max(0, peak - rss0) / 1024,
+        peak_rss_mib=peak / 2**20, peak_is_training_only=reset, train_rss_growth_mib=max(0, peak - rss0) / 2**20,
         saved_activation_mib=saved / 2**20, adapter_bytes=result.adapter_bytes, full_model_bytes=base_bytes,
         size_vs_full=result.adapter_bytes / base_bytes if base_bytes else None,
         metric=runner.metric_name, metrics=result.metrics, history=result.history,
