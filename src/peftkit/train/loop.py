@@ -341,6 +341,7 @@ class Runner(Scorer):
         wall0 = time.perf_counter()
         step_time, step_tokens, steps_done = 0.0, 0, 0
         last_eval: dict[str, float] = {}
+        window: list[float] = []  # losses since the last metrics row: the row holds their mean
         try:
             for step in range(self.start_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -373,10 +374,13 @@ class Runner(Scorer):
                 done = step + 1
                 tps = tokens / dt if dt > 0 else 0.0
                 progress.update(done, loss_value, tps)
+                window.append(loss_value)
                 if metrics is not None and (done % t.log_every == 0 or done == self.total_steps):
-                    metrics.log({"step": done, "split": "train", "loss": loss_value,
+                    metrics.log({"step": done, "split": "train", "loss": sum(window) / len(window),
                                  "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps,
                                  "epoch": done * self.global_batch / len(self.data.train)})
+                if done % t.log_every == 0:
+                    window.clear()
                 if (t.eval_every and done % t.eval_every == 0) or done == self.total_steps:
                     if self.is_main:
                         last_eval = self.evaluate()
