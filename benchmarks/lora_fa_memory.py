@@ -86,10 +86,6 @@ def wrap(row: str, model: nn.Module, dropout: float) -> tuple[nn.Module, torch.o
     return pm, torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, ids: torch.Tensor) -> float:
     loss = model(input_ids=ids, labels=ids).loss
@@ -123,6 +119,7 @@ def run_row(row: str, dropout: float, args) -> dict:
     torch.manual_seed(args.seed + 1)
     ids = torch.randint(0, 8000, (args.batch, args.seq))
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    from peftkit.measure import current_rss
     rss_setup = current_rss()
     activation_bytes = saved_activation_bytes(pm, optimizer, ids)  # also the warm-up step
     times, losses = [], []

@@ -12,10 +12,12 @@ plain model given adapters by ``inject_adapter_in_model``, as in HF PEFT.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -52,6 +54,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike, replace: bool = False) -> Iterator[str]:
+    """Yield a temporary folder beside ``final``; on success rename it to ``final`` (replacing an existing
+    one when ``replace``, else only an empty one), on any error delete it: readers never see half a folder."""
+    final = os.path.abspath(os.fspath(final))
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(final)}-")
+    try:
+        yield tmp
+        if os.path.isdir(final):
+            shutil.rmtree(final) if replace else os.rmdir(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch.nn as nn
@@ -84,7 +82,6 @@ def load_base_for(base: str, adapter: str, config: PeftConfig) -> nn.Module:
 
 def merge_to_folder(base: str, adapter: str, out: str) -> str:
     """Merge and write ``out`` atomically (a new folder). Returns a short description of what was written."""
-    from .io import WEIGHTS_NAME  # noqa: F401 - adapter folders are checked by from_pretrained
     from .model import PeftModel
 
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
@@ -95,12 +92,10 @@ def merge_to_folder(base: str, adapter: str, out: str) -> str:
     model = PeftModel.from_pretrained(load_base_for(base, adapter, config), adapter)
     merged = model.merge_and_unload()  # refuses, with the reason, methods that cannot merge
     folder, extra = resolve_base(base)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out)}-")
-    try:
-        from .train.modeling import MeanPoolingClassifier
+    from .io import atomic_folder
+    from .train.modeling import MeanPoolingClassifier
 
+    with atomic_folder(out) as tmp:
         if isinstance(merged, MeanPoolingClassifier):
             from safetensors.torch import save_file
 
@@ -120,10 +115,4 @@ def merge_to_folder(base: str, adapter: str, out: str) -> str:
             transformers.AutoTokenizer.from_pretrained(folder, **extra).save_pretrained(tmp)
         except (OSError, ValueError):
             pass  # a base without tokenizer files: the weights are still a complete model
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return what

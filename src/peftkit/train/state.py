@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -99,27 +98,20 @@ def checkpoints(folder: str) -> list[tuple[int, str]]:
 
 def write_checkpoint(folder: str, step: int, payload: dict[str, Any], adapter_writer: Any = None, keep_last: int = 2) -> str:
     """Write ``checkpoint-<step>`` atomically (temporary folder, then rename); keep the last ``keep_last``."""
-    os.makedirs(folder, exist_ok=True)
+    from ..io import atomic_folder
+
     final = os.path.join(folder, f"checkpoint-{step}")
-    tmp = tempfile.mkdtemp(dir=folder, prefix=f".tmp-checkpoint-{step}-")
-    try:
-        path = os.path.join(tmp, STATE_FILE)
-        with open(path, "wb") as fh:
+    with atomic_folder(final, replace=True) as tmp:
+        with open(os.path.join(tmp, STATE_FILE), "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
         if adapter_writer is not None:
             adapter_writer(os.path.join(tmp, "adapter"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, old in checkpoints(folder)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for entry in os.listdir(folder):  # leftovers of a run killed mid-write
-        if entry.startswith(".tmp-checkpoint-") and os.path.join(folder, entry) != tmp:
+        if entry.startswith(".tmp-checkpoint-"):
             shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
     return final
 
