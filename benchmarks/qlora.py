@@ -79,7 +79,7 @@ def prepare_cache(cache: Path, seq: int, n_blocks: int) -> None:
         (model_dir / "config.json").write_text(json.dumps(config, indent=2))
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(model_dir)
     blocks = cache / f"bbc_blocks_{seq}.pt"
-    if not blocks.exists():
+    if not blocks.exists() or len(torch.load(blocks)) < n_blocks:  # an earlier, shorter run's cache is redone
         from transformers import AutoTokenizer
 
         from peftkit.embedded import load_bbc_split
@@ -170,6 +170,7 @@ def run_row(row: str, args) -> dict:
     eval_batches = [blocks[i * args.batch:(i + 1) * args.batch] for i in range(args.eval_batches)]
     train_blocks = blocks[args.eval_batches * args.batch:]
     loss_before = eval_loss(pm, eval_batches)
+    eval_curve = [[0, loss_before]]
     pm.train()
     release_and_reset_peak()
     rss_setup = rss()
@@ -188,11 +189,14 @@ def run_row(row: str, args) -> dict:
         if step == 0:
             own = {p.untyped_storage().data_ptr() for p in pm.parameters() if quantization_of(p) is None}
             saved = sum(n for ptr, n in storages.items() if ptr not in own)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            eval_curve.append([step + 1, eval_loss(pm, eval_batches)])  # forward only: below training's peak
     peak = peak_rss()
     adapter_bytes = sum(p.numel() * p.element_size() for p in params)
     optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                           if torch.is_tensor(t))
     loss_after = eval_loss(pm, eval_batches)
+    eval_curve.append([args.steps, loss_after])
     return {
         "row": row, "fp32_weight_bytes": fp32_bytes, "weight_bytes": weight_bytes,
         "weight_ratio": weight_bytes / fp32_bytes,
@@ -206,6 +210,7 @@ def run_row(row: str, args) -> dict:
         "peak_rss_growth_bytes": peak - rss_runtime,
         "step_time_s": statistics.median(times[1:] or times), "step_times_s": times,
         "losses": losses, "eval_loss_before": loss_before, "eval_loss_after": loss_after,
+        "eval_curve": eval_curve,
     }
 
 
@@ -235,7 +240,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--eval-batches", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=0, help="also take the held-out loss every N steps")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="rows run at once, each in its own process (--threads each); times then share the CPU")
     parser.add_argument("--scale", action=argparse.BooleanOptionalAction, default=True,
                         help="also the weights-only row of a larger model from a config")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps of batch 2 × 32, no scale row")
@@ -257,20 +265,36 @@ def main() -> None:
         raise SystemExit(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
     prepare_cache(args.cache, args.seq, args.batch * (args.steps + args.eval_batches))
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}"
-                   for k in ("batch", "seq", "steps", "eval_batches", "threads", "cache")]
-    results = []
-    for row in rows + (["scale"] if args.scale else []):
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", row], capture_output=True, text=True)
+                   for k in ("batch", "seq", "steps", "eval_batches", "eval_every", "threads", "cache")]
+    todo = rows + (["scale"] if args.scale else [])
+    done: dict[str, dict] = {}
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    while todo or running:
+        while todo and len(running) < max(1, args.jobs):
+            row = todo.pop(0)
+            running[row] = (subprocess.Popen([sys.executable, __file__, *passthrough, "--worker", row],
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                            time.perf_counter())
+        row = next(iter(running))
+        for name, (proc, _) in running.items():
+            if proc.poll() is not None:
+                row = name
+                break
+        else:
+            time.sleep(1)
+            continue
+        proc, t0 = running.pop(row)
+        out, err = proc.communicate()
         if proc.returncode != 0:
-            error = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            results.append({"row": row, "error": error})
+            error = (err.strip().splitlines() or ["?"])[-1]
+            done[row] = {"row": row, "error": error}
             print(f"{row} FAILED: {error}", flush=True)
             continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = json.loads(out.strip().splitlines()[-1])
         result["wall_s"] = time.perf_counter() - t0
-        results.append(result)
+        done[row] = result
         print(f"{result['row']:18s} done in {result['wall_s']:.0f}s", flush=True)
+    results = [done[r] for r in rows + (["scale"] if args.scale else [])]
 
     ref = next((r for r in results if r["row"] == "lora_fp32" and "error" not in r), None)
     mib = 2**20
@@ -299,6 +323,14 @@ def main() -> None:
               f"{r['eval_loss_before']:6.3f} -> {r['eval_loss_after']:6.3f} "
               f"{100 * r.get('eval_loss_after_vs_lora', math.nan):+8.2f}% "
               f"{r['step_time_s']:6.2f} {r.get('step_time_vs_lora', math.nan):5.2f}")
+    if ref and args.eval_every:
+        print("\nheld-out loss vs LoRA's at each evaluation (step: loss, gap)")
+        ref_curve = dict((s, v) for s, v in ref["eval_curve"])
+        for r in results:
+            if "eval_curve" in r:
+                r["eval_gap_vs_lora"] = [[s, v / ref_curve[s] - 1] for s, v in r["eval_curve"] if s in ref_curve]
+                print(f"{r['row']:16s} " + "  ".join(f"{s:3d}: {v:.3f} {100 * (v / ref_curve[s] - 1):+.2f}%"
+                                                       for s, v in r["eval_curve"] if s in ref_curve))
     for r in results:
         if r["row"] == "scale_nf4_weights" and "error" not in r:
             print(f"\n{r['config']} ({r['params'] / 1e6:.0f}M params): weights {r['fp32_weight_bytes'] / mib:.0f} MiB "

@@ -13,7 +13,7 @@ from peftkit.compare import run_compare
 
 FIELDS = ("method", "status", "lr", "trainable", "total", "trainable_pct", "step_s", "tokens_per_s", "peak_rss_mib",
           "saved_activation_mib", "adapter_bytes", "full_model_bytes", "size_vs_full", "metric", "metrics",
-          "history", "forgetting", "lr_tried")
+          "history", "forgetting", "lr_tried", "torch_train_mib", "torch_train_parts_mib")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,17 @@ def test_report_rows_errors_and_resume(config, tmp_path):
         assert row["steps"] == 3 and [h["step"] for h in row["history"] if h["split"] == "train"] == [1, 2, 3]
         assert row["forgetting"]["before"] is not None and row["adapter_bytes"] > 0
     assert rows["full"]["trainable_pct"] == pytest.approx(100.0)
+    for name in ("full", "lora", "head"):  # torch-level memory: its parts, and AdamW's two moments per trainable
+        row, parts = rows[name], rows[name]["torch_train_parts_mib"]
+        assert row["torch_train_mib"] == pytest.approx(sum(parts.values()))
+        assert parts["gradients"] == pytest.approx(row["trainable"] * 4 / 2**20)
+        # AdamW keeps two moments (+ a 'step' scalar) per parameter that got a gradient; under full fine-tuning
+        # the BERT pooler, which mean pooling never reads, gets none
+        if name == "full":
+            assert 1.9 * parts["gradients"] < parts["optimizer_state"] <= 2.001 * parts["gradients"]
+        else:
+            assert parts["optimizer_state"] == pytest.approx(2 * parts["gradients"], abs=1e-4)  # 4 B a step
+    assert rows["full"]["torch_train_mib"] > rows["lora"]["torch_train_mib"] > rows["head"]["torch_train_mib"]
     assert rows["head"]["forgetting"]["after"] == rows["head"]["forgetting"]["before"]  # the encoder is untouched
     assert rows["head"]["saved_activation_mib"] < rows["lora"]["saved_activation_mib"]
     assert rows["lora"]["trainable"] == 2 * 2 * (4 * 32 + 32 * 4) + 32 * 2 + 2

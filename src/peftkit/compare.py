@@ -7,8 +7,9 @@ kill becomes an explicit error row and the other methods still run. Results are 
 after every method, and ``--resume`` skips the methods already done.
 
 Per method: trainable parameters (count, % of the model), step time and throughput, peak process memory
-during training (VmHWM reset before the first step) and the bytes autograd saves for backward in one
-step, adapter size against the full model's, the task metric on the held-out split, train/eval loss
+during training (VmHWM reset before the first step), torch-level training memory (weights, gradients,
+optimizer state and the bytes autograd saves for backward in one step; what a GPU would have to hold),
+the saved bytes alone, adapter size against the full model's, the task metric on the held-out split, train/eval loss
 curves, and **forgetting**: the model's quality on its original domain before and after the fine-tune,
 with the adapter active — for an encoder, question→answer retrieval accuracy with its sentence
 embeddings (chatterbot-corpus pairs); for a causal LM, perplexity on general text (BBC News articles).
@@ -166,12 +167,21 @@ def run_worker(task_file: str) -> None:
     peak = peak_rss()
     after = _probe(runner, adapter_on=True)
     base_bytes = runner.base_bytes
+    from .quantize import model_weight_bytes
+
+    weights = model_weight_bytes(runner.model)  # base + adapters (quantised weights by their packed bytes)
+    grads = sum(p.numel() * p.element_size() for p in runner.model.parameters() if p.requires_grad)
+    optim = sum(t.numel() * t.element_size() for st in runner.optimizer.state.values() for t in st.values()
+                if torch.is_tensor(t))
     row.update(
         status="ok", task=result.task, steps=result.steps, trainable=result.trainable, total=result.total,
         trainable_pct=100.0 * result.trainable / result.total, step_s=result.step_s,
         tokens_per_s=result.tokens_per_s, wall_s=result.wall_s,
         peak_rss_mib=peak / 2**20, peak_is_training_only=reset, train_rss_growth_mib=max(0, peak - rss0) / 2**20,
         saved_activation_mib=saved / 2**20, adapter_bytes=result.adapter_bytes, full_model_bytes=base_bytes,
+        torch_train_mib=(weights + grads + optim + saved) / 2**20,
+        torch_train_parts_mib={"weights": weights / 2**20, "gradients": grads / 2**20,
+                               "optimizer_state": optim / 2**20, "saved_activations": saved / 2**20},
         size_vs_full=result.adapter_bytes / base_bytes if base_bytes else None,
         metric=runner.metric_name, metrics=result.metrics, history=result.history,
         forgetting={"probe": before["probe"], "before": before["value"], "after": after["value"],
@@ -356,19 +366,21 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["method", "lr", "trainable", "% of model", "step ms", "tokens/s", "peak RSS MiB", "saved act. MiB",
-            "adapter KiB", "vs full model", "eval metric", "eval loss", "forgetting (before → after)", "status"]
+    head = ["method", "lr", "trainable", "% of model", "step ms", "tokens/s", "peak RSS MiB", "torch MiB",
+            "saved act. MiB", "adapter KiB", "vs full model", "eval metric", "eval loss",
+            "forgetting (before → after)", "status"]
     body = []
     for r in report["rows"]:
         if r.get("status") != "ok":
-            body.append([r["method"], _fmt(r.get("lr"), ".1e")] + ["-"] * 11 + [f"error: {r.get('error', '?')}"])
+            body.append([r["method"], _fmt(r.get("lr"), ".1e")] + ["-"] * (len(head) - 3)
+                        + [f"error: {r.get('error', '?')}"])
             continue
         m = r["metric"]
         f = r["forgetting"]
         body.append([
             r["method"], _fmt(r["lr"], ".1e"), f"{r['trainable']:,}", _fmt(r["trainable_pct"], ".3f"),
             _fmt(r["step_s"] * 1000, ".0f"), _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["peak_rss_mib"], ",.0f"),
-            _fmt(r["saved_activation_mib"], ",.1f"), _fmt(r["adapter_bytes"] / 1024, ",.1f"),
+            _fmt(r.get("torch_train_mib"), ",.0f"), _fmt(r["saved_activation_mib"], ",.1f"), _fmt(r["adapter_bytes"] / 1024, ",.1f"),
             _fmt(r["size_vs_full"], ".4f"), f"{m} {_fmt(r['metrics'].get(m))}", _fmt(r["metrics"].get("loss")),
             f"{_fmt(f['before'])} → {_fmt(f['after'])}", "ok",
         ])
@@ -426,8 +438,15 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
     names = [r["method"] for r in ok]
     a1.barh(names, [r["step_s"] * 1000 for r in ok])
     a1.set_title("step time (ms)")
-    a2.barh(names, [r["peak_rss_mib"] for r in ok])
-    a2.set_title("peak process memory (MiB)")
+    import numpy as np
+
+    ys = np.arange(len(names))
+    a2.barh(ys - 0.2, [r["peak_rss_mib"] for r in ok], height=0.4, label="peak process RSS")
+    a2.barh(ys + 0.2, [r.get("torch_train_mib") or 0 for r in ok], height=0.4,
+            label="torch level (weights, grads, optimizer, saved)")
+    a2.set_yticks(ys, names)
+    a2.legend(fontsize=7)
+    a2.set_title("training memory (MiB)")
     a3.barh(names, [r["saved_activation_mib"] for r in ok])
     a3.set_title("autograd-saved activations (MiB)")
     for ax in (a1, a2, a3):
