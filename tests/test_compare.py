@@ -67,6 +67,7 @@ def test_report_rows_errors_and_resume(config, tmp_path):
     assert rows["lora"]["trainable"] == 2 * 2 * (4 * 32 + 32 * 4) + 32 * 2 + 2
     md = (out / "compare.md").read_text()
     assert "| ia3 |" in md and "error:" in md and "| lora |" in md
+    assert f"macro-F1 {rows['lora']['metrics']['f1']:.4f}" in md
     # resume: finished methods are skipped; the failed one runs again (and now succeeds)
     logs.clear()
     report = run_compare(str(config), ["full", "lora", "head", "ia3"], out=str(out), echo=logs.append, resume=True)

@@ -365,6 +365,12 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return format(v, spec)
 
 
+def _metric_text(row: dict[str, Any]) -> str:
+    m, metrics = row["metric"], row["metrics"]
+    text = f"{m} {_fmt(metrics.get(m))}"
+    return text + (f", macro-F1 {_fmt(metrics['f1'])}" if "f1" in metrics else "")
+
+
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["method", "lr", "trainable", "% of model", "step ms", "tokens/s", "peak RSS MiB", "torch MiB",
             "saved act. MiB", "adapter KiB", "vs full model", "eval metric", "eval loss",
@@ -375,13 +381,12 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             body.append([r["method"], _fmt(r.get("lr"), ".1e")] + ["-"] * (len(head) - 3)
                         + [f"error: {r.get('error', '?')}"])
             continue
-        m = r["metric"]
         f = r["forgetting"]
         body.append([
             r["method"], _fmt(r["lr"], ".1e"), f"{r['trainable']:,}", _fmt(r["trainable_pct"], ".3f"),
             _fmt(r["step_s"] * 1000, ".0f"), _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["peak_rss_mib"], ",.0f"),
             _fmt(r.get("torch_train_mib"), ",.0f"), _fmt(r["saved_activation_mib"], ",.1f"), _fmt(r["adapter_bytes"] / 1024, ",.1f"),
-            _fmt(r["size_vs_full"], ".4f"), f"{m} {_fmt(r['metrics'].get(m))}", _fmt(r["metrics"].get("loss")),
+            _fmt(r["size_vs_full"], ".4f"), _metric_text(r), _fmt(r["metrics"].get("loss")),
             f"{_fmt(f['before'])} → {_fmt(f['after'])}", "ok",
         ])
     return head, body

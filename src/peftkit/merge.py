@@ -107,7 +107,9 @@ def merge_to_folder(base: str, adapter: str, out: str) -> str:
                            "num_labels": merged.classifier.out_features}, fh, indent=2)
             what = "encoder (transformers layout) + classifier.safetensors (mean pooling)"
         else:
-            merged.save_pretrained(tmp)
+            from .train.modeling import save_transformers
+
+            save_transformers(merged, tmp)
             what = f"{type(merged).__name__} (transformers layout, safetensors)"
         try:
             import transformers

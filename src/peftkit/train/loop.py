@@ -435,7 +435,9 @@ class Runner(Scorer):
                 head = {k: v.detach().contiguous() for k, v in self.model.classifier.state_dict().items()}
                 atomic_write_bytes(os.path.join(folder, "classifier.safetensors"), save_bytes(head))
             else:
-                self.model.save_pretrained(folder)
+                from .modeling import save_transformers
+
+                save_transformers(self.model, folder)  # a GGUF-loaded base too (its weights are dense)
         return folder, _folder_bytes(folder) if os.path.exists(folder) else 0
 
     def summary_rows(self, result: RunResult) -> list[tuple[str, str]]:

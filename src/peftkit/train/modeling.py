@@ -183,3 +183,34 @@ def apply_method(model: nn.Module, spec: RunSpec, task: str) -> nn.Module:
         return model
     config = entry.make_config(task, spec.method.options, model)
     return get_peft_model(model, config)
+
+
+def save_transformers(model: nn.Module, folder: str) -> None:
+    """``model.save_pretrained(folder)``, also for a model loaded from a GGUF file.
+
+    transformers dequantises a GGUF file's weights to ordinary float tensors on load but keeps a GGUF
+    "quantizer" on the model, and then refuses to save it ("quantized with gguf and is not serializable").
+    The weights are dense, so they are saved as a plain model: without the quantizer and without the
+    ``quantization_config`` entry, which would otherwise make the folder claim a GGUF quantisation it lacks."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)).lower() != "gguf":
+        model.save_pretrained(folder)
+        return
+    packed = [n for n, t in model.named_parameters()
+              if type(t) not in (torch.Tensor, nn.Parameter) or not t.is_floating_point()]
+    if packed:
+        raise PeftError(f"this model keeps GGUF-packed weights ({packed[0]}, ...), which cannot be saved as a dense "
+                        "model; load it with transformers' GgufConfig(dequantize=True) first")
+    config = model.config
+    had = hasattr(config, "quantization_config")
+    qc = getattr(config, "quantization_config", None)
+    model.hf_quantizer = None
+    if had:
+        del config.quantization_config
+    try:
+        model.save_pretrained(folder)
+    finally:
+        model.hf_quantizer = quantizer
+        if had:
+            config.quantization_config = qc
