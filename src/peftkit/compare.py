@@ -413,13 +413,15 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
         pngs[name] = buf.getvalue()
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in ok:
+    palette = plt.get_cmap("tab20")
+    for i, r in enumerate(ok):  # 20 distinct colours, then dashed: no two methods share a look
+        look = {"color": palette((2 * i) % 20 + (i // 10) % 2), "linestyle": "-" if i < 20 else "--"}
         tr = [(h["step"], h["loss"]) for h in r["history"] if h["split"] == "train"]
         ev = [(h["step"], h["loss"]) for h in r["history"] if h["split"] == "eval"]
         if tr:
-            a1.plot(*zip(*tr, strict=True), label=r["method"])
+            a1.plot(*zip(*tr, strict=True), label=r["method"], **look)
         if ev:
-            a2.plot(*zip(*ev, strict=True), "o-", label=r["method"])
+            a2.plot(*zip(*ev, strict=True), marker="o", label=r["method"], **look)
     for ax, title in ((a1, "train loss"), (a2, "eval loss")):
         ax.set_xlabel("optimizer step")
         ax.set_title(title)
