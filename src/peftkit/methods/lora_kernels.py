@@ -125,15 +125,10 @@ def shared_seed(x: torch.Tensor, p: float) -> int:
     return shared_dropout(x, p)[1]
 
 
-def masked(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """x ⊙ keep · scale. ``torch.where`` then a scalar multiply: multiplying by the bool mask itself goes through
-    a type-promoting kernel about 9× slower on CPU (11 ms against 1.2 ms for 1.4 M elements on one core)."""
-    return torch.where(keep, x, 0.0).mul_(scale)
-
-
 def apply_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     with torch.no_grad():
-        return masked(x.detach(), dropout_keep(x.shape, p, seed, x.device), 1.0 / keep_probability(p))
+        keep = dropout_keep(x.shape, p, seed, x.device)
+        return x.detach().mul(keep).mul_(1.0 / keep_probability(p))
 
 
 def _dropped_for_backward(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +139,7 @@ def _dropped_for_backward(x: torch.Tensor, p: float, seed: int) -> tuple[torch.T
         return cached[1], cached[2]
     _cache.backward = None
     keep = dropout_keep(x.shape, p, seed, x.device)
-    dropped = masked(x, keep, 1.0 / keep_probability(p))
+    dropped = x.mul(keep).mul_(1.0 / keep_probability(p))
     _cache.backward = (key, keep, dropped)
     return keep, dropped
 
@@ -205,7 +200,8 @@ class LoraFunction(torch.autograd.Function):
             if need[0]:
                 base = None if weight is None else g @ (weight.T if ctx.fan_in_fan_out else weight)  # g W
                 if p > 0:
-                    lora = torch.where(keep.view(-1, A.shape[1]), grad_h @ A, 0.0)
+                    lora = grad_h @ A
+                    lora.mul_(keep.view(lora.shape))
                     scale = 1.0 / keep_probability(p)
                     grad_x = lora.mul_(scale) if base is None else base.add_(lora, alpha=scale)
                 else:
