@@ -55,6 +55,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftkit.measure import current_rss as rss
+from peftkit.measure import peak_rss, reset_peak_rss
+
 ROWS = ("lora_fp32", "qlora_nf4_fp32", "qlora_nf4_bf16", "qlora_int8_fp32", "qlora_nf4_fp32_b32")
 RANK, ALPHA, LR = 16, 32, 1e-3
 
@@ -95,17 +98,8 @@ def prepare_cache(cache: Path, seq: int, n_blocks: int) -> None:
 
 
 # ---- one row (in a worker process) -----------------------------------------------------------------
-def rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
-
-
 def release_and_reset_peak() -> None:
+    """Free what set-up left behind (Python garbage, malloc's free lists), then VmHWM := current RSS."""
     import gc
 
     gc.collect()
@@ -113,8 +107,7 @@ def release_and_reset_peak() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # VmHWM := current RSS
+    reset_peak_rss()
 
 
 def saved_bytes_hook():
