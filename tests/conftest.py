@@ -75,3 +75,18 @@ class TinyNet(torch.nn.Module):
 def ids() -> torch.Tensor:
     torch.manual_seed(123)
     return torch.randint(1, 128, (2, 7))
+
+
+def rows_match_alone(pm, names, ids, rtol=1e-4, atol=1e-5) -> torch.Tensor:
+    """``adapter_names=names`` logits, each row checked against that row run alone with its adapter active
+    (``"__base__"``: adapters disabled); returns the mixed logits."""
+    mixed = pm(ids, adapter_names=names).logits
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                expected = pm(ids[row:row + 1]).logits
+        else:
+            pm.set_adapter(name)
+            expected = pm(ids[row:row + 1]).logits
+        torch.testing.assert_close(mixed[row:row + 1], expected, rtol=rtol, atol=atol)
+    return mixed
