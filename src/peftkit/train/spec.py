@@ -12,6 +12,7 @@ its YAML path and reported together in one :class:`SpecError`, so a user fixes t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -191,6 +192,55 @@ def _section(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def _nonfinite_floats(section: Any, path: str, problems: list[str]) -> None:
+    """NaN / infinity in any float field (``lr: .nan`` compares false with every bound, so it must be named)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{path}.{f.name}: must be a finite number, got {value}")
+
+
+def _check_method_options(entry: Any, options: dict[str, Any], problems: list[str]) -> None:
+    """Type-check the method's options against its config class (``r: four``), every field, before any
+    model loads; when every type fits, build the config once so its own checks (ranges, choices) run too."""
+    cls = entry.config_class()
+    if cls is None:
+        return
+    hints = typing.get_type_hints(cls)
+    allowed = entry.option_names()
+    bad = False
+    for key, value in options.items():
+        if key not in allowed:
+            problems.append(f"method.{key}: not a field of {entry.name}'s config "
+                            f"({', '.join(sorted(allowed)) or 'it has none'})")
+            bad = True
+            continue
+        hint = hints.get(key)
+        if hint is not None and _checkable(hint):
+            ok, coerced = _type_ok(value, hint)
+            if not ok:
+                problems.append(f"method.{key}: expected {_type_name(hint)}, got {value!r}")
+                bad = True
+            elif isinstance(coerced, float) and not math.isfinite(coerced):
+                problems.append(f"method.{key}: must be a finite number, got {coerced}")
+                bad = True
+            else:
+                options[key] = coerced  # YAML reads 1e-3 as a string: the config gets the number
+    if bad:
+        return
+    try:
+        entry.make_config("causal_lm", options, None)
+    except Exception as exc:  # noqa: BLE001 - any refusal of the config class is a problem of the file
+        problems.append(f"method: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def _checkable(hint: Any) -> bool:
+    """Whether ``_type_ok`` understands every part of ``hint`` (lists, Any, classes: left to the config)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return all(_checkable(h) for h in typing.get_args(hint))
+    return hint in (int, float, bool, str, type(None))
+
+
 def _check_values(spec: RunSpec, problems: list[str]) -> None:
     from .methods import METHODS, method_entry
 
@@ -211,14 +261,9 @@ def _check_values(spec: RunSpec, problems: list[str]) -> None:
     if spec.method.name not in METHODS:
         problems.append(f"method.name: unknown method {spec.method.name!r}; known: {', '.join(METHODS)}")
     else:
-        entry = method_entry(spec.method.name)
-        allowed = entry.option_names()
-        for key in spec.method.options:
-            if key not in allowed:
-                problems.append(
-                    f"method.{key}: not a field of {spec.method.name}'s config "
-                    f"({', '.join(sorted(allowed)) or 'it has none'})"
-                )
+        _check_method_options(method_entry(spec.method.name), spec.method.options, problems)
+    for section, path in ((m, "model"), (d, "data"), (t, "training")):
+        _nonfinite_floats(section, path, problems)
     for name in ("train", "eval"):
         value = getattr(d, name)
         if value is not None and value not in EMBEDDED_DATA and not os.path.isfile(spec.resolve(value)):
@@ -239,8 +284,14 @@ def _check_values(spec: RunSpec, problems: list[str]) -> None:
         value = getattr(t, name)
         if value is not None and value <= 0:
             problems.append(f"training.{name}: must be positive or null, got {value}")
-    if t.lr is not None and t.lr <= 0:
-        problems.append(f"training.lr: must be positive, got {t.lr}")
+    for name in ("lr", "head_lr"):
+        value = getattr(t, name)
+        if value is not None and math.isfinite(value) and value <= 0:
+            problems.append(f"training.{name}: must be positive, got {value}")
+    if t.max_grad_norm is not None and math.isfinite(t.max_grad_norm) and t.max_grad_norm <= 0:
+        problems.append(f"training.max_grad_norm: must be positive or null, got {t.max_grad_norm}")
+    if math.isfinite(t.weight_decay) and t.weight_decay < 0:
+        problems.append(f"training.weight_decay: must be 0 or more, got {t.weight_decay}")
     if t.epochs <= 0 and t.max_steps is None:
         problems.append("training.epochs: must be positive (or set training.max_steps)")
     if t.loraplus_lr_ratio is not None and t.loraplus_lr_ratio <= 0:
@@ -319,10 +370,48 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_spec(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunSpec:
-    """Read a YAML run config (None: all defaults, i.e. the demo), apply ``--set`` overrides, check it."""
+def _unique_key_loader() -> type:
+    """A SafeLoader that refuses a key given twice in one mapping, at any depth (plain YAML keeps the last
+    one silently: two ``training:`` blocks would drop the first)."""
     import yaml
 
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override what it merges
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: the base class reports it
+                        continue
+                    if first is not None:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first at line {first}, again at line {line}); "
+                            "keep one and merge the two", key_node.start_mark)
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document with duplicate keys refused; a syntax error becomes one :class:`SpecError`."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], source) from None
+
+
+def load_spec(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunSpec:
+    """Read a YAML run config (None: all defaults, i.e. the demo), apply ``--set`` overrides, check it."""
     data: Any = {}
     base_dir = "."
     source = "defaults"
@@ -332,13 +421,16 @@ def load_spec(path: str | os.PathLike | None, overrides: list[str] | None = None
         if not p.is_file():
             raise SpecError([f"config file not found: {source!r}"], source)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise SpecError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], source) from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SpecError(["not UTF-8 text; save the config as UTF-8"], source) from None
+        data = read_yaml(text, source)
+        if data is None:  # an empty file (or only comments) is a mistake, not "all defaults"
+            raise SpecError(["the file is empty; give at least model/method/data/training sections "
+                             "(see examples/configs/)"], source)
         base_dir = str(p.parent)
     if not isinstance(data, dict):
-        raise SpecError([f"the top level must be a mapping with model/method/data/training, got {type(data).__name__}"], source)
+        raise SpecError([f"the top level must be a mapping with model/method/data/training, got "
+                         f"{type(data).__name__}"], source)
     data = apply_overrides(data, overrides or [])
     return parse_spec(data, base_dir, source)
