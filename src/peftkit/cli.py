@@ -1,9 +1,9 @@
 """``peftkit``: the command line (needs the cli extra: ``pip install "peftkit[cli,hf]"``).
 
     peftkit demo [--method lora] [--task classify|chat]     a real fine-tune, no arguments, no download
-    peftkit train CONFIG.yaml [--set training.lr=1e-4] [--resume]
+    peftkit train CONFIG.yaml [--set training.lr=1e-4] [--resume | --overwrite]
     peftkit eval CONFIG.yaml --adapter runs/x/adapter
-    peftkit merge BASE ADAPTER OUT
+    peftkit merge BASE ADAPTER OUT [--pooling cls|mean]
     peftkit inspect ADAPTER_DIR
 
 Errors are one line (``error: ...``) with exit status 2; ``--debug`` shows the stack trace instead.
@@ -98,13 +98,15 @@ def train(
     config: Annotated[str, typer.Argument(help="YAML run config (model, method, data, training).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: SECTION.KEY=VALUE.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in training.output_dir.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Delete a previous run's outputs in training.output_dir (only what a run writes) and start clean.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Fine-tune a model with any method; writes the adapter, metrics.jsonl, plot.png and checkpoints."""
     from .train import load_spec, run_training
 
     spec = load_spec(config, set_ or [])
-    run_training(spec, resume=resume, quiet=quiet)
+    run_training(spec, resume=resume, quiet=quiet, overwrite=overwrite)
 
 
 @app.command("eval", epilog="Example: peftkit eval run.yaml --adapter runs/demo/adapter")
@@ -133,11 +135,13 @@ def merge(
     base: Annotated[str, typer.Argument(help="Base model: a transformers folder, or minilm / smollm2.")],
     adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT).")],
     out: Annotated[str, typer.Argument(help="Output folder for the merged model.")],
+    pooling: Annotated[str | None, typer.Option(
+        help="Classification adapters that record none: cls (transformers' head) or mean.")] = None,
 ) -> None:
     """Merge an adapter into its base model and write the result (safetensors, transformers layout)."""
     from .merge import merge_to_folder
 
-    written = merge_to_folder(base, adapter, out)
+    written = merge_to_folder(base, adapter, out, pooling)
     typer.echo(f"merged model written to {out} ({written})")
 
 

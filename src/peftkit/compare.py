@@ -155,7 +155,7 @@ def run_worker(task_file: str) -> None:
     spec = parse_spec(task["config"], task.get("base_dir", "."), "compare")
     entry = method_entry(spec.method.name)
     row: dict[str, Any] = {"method": entry.name, "lr": spec.training.lr, "lr_source": task.get("lr_source", "")}
-    runner = Runner(spec, quiet=True)
+    runner = Runner(spec, quiet=True, overwrite=True)  # compare owns runs/<method>: a rerun starts it clean
     runner.probe_n = task.get("probe_n", PROBE_PAIRS)
     before = _probe(runner, adapter_on=False)
     saved = _saved_bytes(runner)

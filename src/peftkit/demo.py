@@ -88,14 +88,16 @@ def _classify(method: str, steps: int | None, out: str, overrides: list[str]) ->
     head_cfg = classify_config("head", os.path.join(out, "baseline"))
     head_cfg["training"].update(epochs=12, batch_size=32, eval_every=None, max_steps=None)
     print("1/3 baseline: frozen encoder, linear head trained on its mean-pooled features ...", flush=True)
-    baseline = Runner(_apply(head_cfg, [o for o in overrides if o.startswith(("model.", "data."))]), quiet=True).train()
+    # the demo owns its sub-folders: a rerun replaces the previous demo's outputs (only what a run writes)
+    baseline = Runner(_apply(head_cfg, [o for o in overrides if o.startswith(("model.", "data."))]), quiet=True,
+                      overwrite=True).train()
     acc0 = baseline.metrics["accuracy"]
     print(f"    head-only accuracy on the held-out split: {acc0:.4f}", flush=True)
     if method == "head":
         return {"baseline": baseline.to_dict()}
     spec = _apply(classify_config(method, os.path.join(out, method), steps), overrides)
     print(f"2/3 {method}: fine-tuning (head started from the baseline's) ...", flush=True)
-    runner = Runner(spec, head_state=load_file(baseline.adapter_dir))
+    runner = Runner(spec, head_state=load_file(baseline.adapter_dir), overwrite=True)
     result = runner.train()
     acc = result.metrics["accuracy"]
     reload_acc = None
@@ -141,7 +143,7 @@ def _chat(method: str, steps: int | None, out: str, overrides: list[str]) -> dic
     t0 = time.perf_counter()
     print("peftkit demo: SmolLM2-135M-Instruct instruction-tuned on chatterbot-corpus question/answer pairs")
     spec = _apply(chat_config(method, os.path.join(out, f"chat-{method}"), steps), overrides)
-    runner = Runner(spec)
+    runner = Runner(spec, overwrite=True)
     seen: dict[str, str] = {}
     for r in runner.data.eval_records:
         seen.setdefault(r["prompt"], r["response"])

@@ -32,18 +32,27 @@ def resolve_base(base: str) -> tuple[str, dict[str, Any]]:
     return base, ({"gguf_file": ggufs[0]} if ggufs and not has_weights else {})
 
 
-def _run_pooling(adapter: str) -> str:
-    """The pooling of the peftkit run that wrote ``adapter`` (its run_config.yaml sits one level up)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(adapter)), "run_config.yaml")
-    if not os.path.isfile(path):
-        return "cls"
-    try:
-        import yaml
+def head_of(adapter: str, pooling: str | None) -> tuple[str, list[str] | None]:
+    """(pooling, label names) of a classification adapter. The adapter's own ``peftkit_run.json`` says, or
+    (runs before it) the ``run_config.yaml`` of the run folder it sits in, or ``--pooling``. The two poolings
+    read different features, so a head merged with the wrong one scores near chance: never guess."""
+    from .train.outputs import adapter_pooling, read_run_info
 
-        with open(path, encoding="utf-8") as fh:
-            return (yaml.safe_load(fh) or {}).get("model", {}).get("pooling", "cls")
-    except Exception:  # noqa: BLE001 - an unreadable run config just means the default head
-        return "cls"
+    recorded, where = adapter_pooling(adapter)
+    if pooling is not None and pooling not in ("cls", "mean"):
+        raise PeftError(f"--pooling {pooling!r} is not one of cls, mean")
+    if recorded is not None and pooling is not None and pooling != recorded:
+        raise PeftError(f"--pooling {pooling} contradicts the run that trained {adapter!r} ({where} says "
+                        f"{recorded}); drop --pooling")
+    chosen = pooling or recorded
+    if chosen is None:
+        raise PeftError(
+            f"{adapter!r} is a classification adapter that does not say how its head pools (no peftkit_run.json "
+            "in it, no run_config.yaml next to it); pass --pooling cls (transformers' own head, e.g. an HF PEFT "
+            "adapter) or --pooling mean (a peftkit run with model.pooling: mean)")
+    info = read_run_info(adapter) or {}
+    labels = info.get("labels")
+    return chosen, [str(x) for x in labels] if isinstance(labels, list) else None
 
 
 def _num_labels(adapter: str) -> int | None:
@@ -55,20 +64,34 @@ def _num_labels(adapter: str) -> int | None:
     return None
 
 
-def load_base_for(base: str, adapter: str, config: PeftConfig) -> nn.Module:
-    """The base model class the adapter's task type needs, with the right number of labels."""
+def load_base_for(base: str, adapter: str, config: PeftConfig, pooling: str | None = None) -> nn.Module:
+    """The base model class the adapter's task type needs, with the right head (pooling, labels)."""
     import transformers
 
     folder, extra = resolve_base(base)
     task = config.task_type
     try:
         if task == "SEQ_CLS":
-            labels = _num_labels(adapter) or 2
-            if _run_pooling(adapter) == "mean":
+            pooling, names = head_of(adapter, pooling)
+            n = _num_labels(adapter)
+            if names is not None and n is not None and len(names) != n:
+                raise PeftError(f"{adapter!r}: its record names {len(names)} labels but its classifier has {n} "
+                                "outputs; the folder mixes two runs: copy it again from one run")
+            labels = n or (len(names) if names else None)
+            if labels is None:
+                raise PeftError(f"{adapter!r} holds no classifier weights and records no labels, so the number of "
+                                "classes is unknown; save the adapter with its trained head (modules_to_save)")
+            if pooling == "mean":
                 from .train.modeling import MeanPoolingClassifier
 
-                return MeanPoolingClassifier(transformers.AutoModel.from_pretrained(folder, **extra), labels)
-            return transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=labels, **extra)
+                merged = MeanPoolingClassifier(transformers.AutoModel.from_pretrained(folder, **extra), labels)
+            else:
+                merged = transformers.AutoModelForSequenceClassification.from_pretrained(
+                    folder, num_labels=labels, **extra)
+            if names is not None:
+                merged.config.id2label = dict(enumerate(names))
+                merged.config.label2id = {name: i for i, name in enumerate(names)}
+            return merged
         auto = {
             "CAUSAL_LM": transformers.AutoModelForCausalLM,
             "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM,
@@ -80,17 +103,26 @@ def load_base_for(base: str, adapter: str, config: PeftConfig) -> nn.Module:
         raise PeftError(f"cannot load the base model {base!r}: {str(exc).splitlines()[0]}") from None
 
 
-def merge_to_folder(base: str, adapter: str, out: str) -> str:
-    """Merge and write ``out`` atomically (a new folder). Returns a short description of what was written."""
+def merge_to_folder(base: str, adapter: str, out: str, pooling: str | None = None) -> str:
+    """Merge and write ``out`` atomically (a new folder). Returns a short description of what was written.
+
+    ``pooling`` (cls / mean) is needed only for a classification adapter that records none (see head_of)."""
     from .model import PeftModel
+    from .train.outputs import NonFiniteError, check_adapter_finite, nonfinite
 
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise AdapterFileError(f"{adapter!r} has no adapter_config.json; give an adapter folder")
     if os.path.exists(out) and os.listdir(out):
         raise PeftError(f"output folder {out!r} exists and is not empty; choose a new folder or delete it")
+    check_adapter_finite(adapter)
     config = PeftConfig.from_pretrained(adapter)
-    model = PeftModel.from_pretrained(load_base_for(base, adapter, config), adapter)
+    model = PeftModel.from_pretrained(load_base_for(base, adapter, config, pooling), adapter)
     merged = model.merge_and_unload()  # refuses, with the reason, methods that cannot merge
+    bad = nonfinite(merged.state_dict().items())  # finite factors can still overflow in B·A·scaling
+    if bad:
+        raise NonFiniteError(f"merging {adapter!r} gives NaN or infinite weights in {len(bad)} tensor(s) "
+                             f"({', '.join(bad[:3])}); nothing was written. The adapter's values are too large "
+                             "for the base's dtype: retrain with a lower training.lr")
     folder, extra = resolve_base(base)
     from .io import atomic_folder
     from .train.modeling import MeanPoolingClassifier
@@ -103,8 +135,12 @@ def merge_to_folder(base: str, adapter: str, out: str) -> str:
             save_file({k: v.contiguous() for k, v in merged.classifier.state_dict().items()},
                       os.path.join(tmp, "classifier.safetensors"))
             with open(os.path.join(tmp, "peftkit_head.json"), "w", encoding="utf-8") as fh:
-                json.dump({"pooling": "mean", "classifier": "classifier.safetensors",
-                           "num_labels": merged.classifier.out_features}, fh, indent=2)
+                head = {"pooling": "mean", "classifier": "classifier.safetensors",
+                        "num_labels": merged.classifier.out_features}
+                id2label = getattr(merged.config, "id2label", None) or {}
+                if len(id2label) == merged.classifier.out_features:
+                    head["labels"] = [id2label[i] for i in range(merged.classifier.out_features)]
+                json.dump(head, fh, indent=2)
             what = "encoder (transformers layout) + classifier.safetensors (mean pooling)"
         else:
             from .train.modeling import save_transformers

@@ -202,6 +202,32 @@ def build_dataset(spec: RunSpec, tokenizer: Any, task: str) -> Dataset:
     return Dataset(train, evals, labels, fmt, eval_records)
 
 
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in 1 MiB pieces (a data file may be larger than memory)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(spec: RunSpec) -> dict[str, str]:
+    """``{"data.train": sha256, "data.eval": sha256}`` of the run's local data files (an embedded set is
+    named instead): a resumed run must read the same examples, whatever the files are called."""
+    out = {}
+    for key in ("train", "eval"):
+        value = getattr(spec.data, key)
+        if value is None:
+            continue
+        if value in ("bbc_news", "chatterbot") and not os.path.isfile(spec.resolve(value)):
+            out[f"data.{key}"] = f"embedded:{value}"
+        else:
+            out[f"data.{key}"] = file_sha256(spec.resolve(value))
+    return out
+
+
 # ---- order and batches --------------------------------------------------------------------------
 
 

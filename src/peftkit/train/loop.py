@@ -23,9 +23,19 @@ import torch.nn.functional as F
 
 from ..errors import NoTrainableParametersError, PeftError
 from ..io import atomic_write_bytes
-from .data import Dataset, Order, build_dataset, collate
+from .data import Dataset, Order, build_dataset, collate, data_fingerprint
 from .methods import method_entry
 from .modeling import apply_method, classifier_module, load_base, load_tokenizer, model_task, quantize
+from .outputs import (
+    RUN_INFO,
+    NonFiniteError,
+    check_adapter_finite,
+    read_run_info,
+    refuse_foreign_outputs,
+    remove_previous_outputs,
+    run_config_next_to,
+    run_info_bytes,
+)
 from .report import Metrics, Progress, plot, table
 from .spec import RunSpec
 from .state import (
@@ -159,18 +169,23 @@ class Runner(Scorer):
     """Builds everything a run needs from a :class:`RunSpec`; ``train()`` runs it, ``evaluate()`` scores it."""
 
     def __init__(self, spec: RunSpec, *, quiet: bool = False, head_state: dict[str, torch.Tensor] | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, overwrite: bool = False) -> None:
         self.spec, self.quiet = spec, quiet
         self.world, self.rank, self.device = _world()
         self.entry = method_entry(spec.method.name)
-        self.task = model_task(spec)
         self.out = spec.resolve(spec.training.output_dir)
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         self._resume_from = None
+        if resume and overwrite:
+            raise PeftError("--resume continues the run in output_dir, --overwrite deletes it: give one of them")
         if resume:
             found = checkpoints(self.ckpt_dir)
             if found:
                 self._resume_from = found[-1]
+        if self._resume_from is None:  # a new run: the folder must not hold another run's outputs
+            self._claim_output(overwrite)
+        self.task = model_task(spec)
+        self.data_hashes = data_fingerprint(spec)
         t = spec.training
         torch.manual_seed(t.seed)
         self.tokenizer = load_tokenizer(spec)
@@ -210,6 +225,36 @@ class Runner(Scorer):
         self.is_main = self.rank == 0
 
     # ---- set-up -----------------------------------------------------------------------------------
+    def _claim_output(self, overwrite: bool) -> None:
+        """Refuse (or, with ``overwrite``, clean) an output folder holding a previous run's outputs; every
+        process checks before any of them writes, so all refuse together."""
+        if not overwrite:
+            refuse_foreign_outputs(self.out)
+            return
+        if self.world > 1:
+            dist.barrier()
+        if self.rank == 0:
+            remove_previous_outputs(self.out)
+        if self.world > 1:
+            dist.barrier()
+
+    def run_info(self) -> dict[str, Any]:
+        """What ``peftkit_run.json`` records (see peftkit.train.outputs)."""
+        m = self.spec.model
+        info: dict[str, Any] = {"task": self.task, "method": self.entry.name,
+                                "base_model": m.name if m.name in ("minilm", "smollm2") else self.spec.resolve(m.name),
+                                "max_length": m.max_length, "data_sha256": self.data_hashes}
+        if self.task == "classification":
+            info.update(pooling=m.pooling, num_labels=len(self.data.labels or []), labels=self.data.labels)
+        return info
+
+    def _write_adapter(self, folder: str) -> None:
+        """The adapter in HF PEFT's layout with ``peftkit_run.json`` beside it; the record goes first, so a
+        folder with an ``adapter_config.json`` (written last) always has its record."""
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_bytes(os.path.join(folder, RUN_INFO), run_info_bytes(self.run_info()))
+        self.model.save_pretrained(folder)
+
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.spec.training
         ratio = t.loraplus_lr_ratio if t.loraplus_lr_ratio is not None else self.entry.loraplus_lr_ratio
@@ -274,9 +319,10 @@ class Runner(Scorer):
                 "step": step, "model": training_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rngs, "world": self.world,
                 "training": {k: getattr(self.spec.training, k) for k in _RESUME_KEYS},
-                "method": self.spec.to_dict()["method"],
+                "method": self.spec.to_dict()["method"], "base": self._resume_model(),
+                "data_sha256": self.data_hashes,
             }
-            writer = self.model.save_pretrained if hasattr(self.model, "peft_config") else None
+            writer = self._write_adapter if hasattr(self.model, "peft_config") else None
             write_checkpoint(self.ckpt_dir, step, payload, writer, self.spec.training.keep_last)
         if self.world > 1:
             dist.barrier()
@@ -287,8 +333,14 @@ class Runner(Scorer):
         changed = [f"training.{k}" for k in _RESUME_KEYS if state["training"].get(k) != now[k]]
         if state.get("method") != self.spec.to_dict()["method"]:
             changed.append("method")
+        if "base" in state and state["base"] != self._resume_model():
+            changed.append("model")
         if state.get("world") != self.world:
             changed.append(f"number of processes ({state.get('world')} → {self.world})")
+        for key, digest in (state.get("data_sha256") or {}).items():  # absent in checkpoints before hashes
+            if self.data_hashes.get(key) != digest:
+                where = getattr(self.spec.data, key.split(".", 1)[1])
+                changed.append(f"the content of {key} ({self.spec.resolve(where) if where else 'none'})")
         if changed:
             raise PeftError(f"cannot resume {path!r}: the run changed {', '.join(changed)}; "
                             "resume with the config it started with, or start a new output_dir")
@@ -298,7 +350,21 @@ class Runner(Scorer):
         set_rng_state(state["rng"][self.rank])
         return int(state["step"])
 
+    def _resume_model(self) -> dict[str, Any]:
+        """The model keys that change the maths (a resumed run must load the base it started from)."""
+        m = self.spec.model
+        return {"name": m.name if m.name in ("minilm", "smollm2") else os.path.abspath(self.spec.resolve(m.name)),
+                "task": self.task, "dtype": m.dtype, "max_length": m.max_length, "pooling": m.pooling}
+
     # ---- training -------------------------------------------------------------------------------------
+    def _diverged(self, step: int, what: str) -> NonFiniteError:
+        """The one-line error of a run whose loss, gradients or weights stopped being finite."""
+        found = checkpoints(self.ckpt_dir)
+        last = f"the last good checkpoint is {found[-1][1]!r}" if found else "no checkpoint was written before it"
+        return NonFiniteError(
+            f"training stopped at step {step}: {what} not finite (NaN or infinity), so the run wrote no final "
+            f"adapter or model; {last}. Lower training.lr (now {self.lr:g}) or set training.max_grad_norm")
+
     def _micro_batches(self, step: int) -> tuple[list[list[int]], int]:
         t = self.spec.training
         g = self.global_batch
@@ -356,17 +422,31 @@ class Runner(Scorer):
                     loss_sum += loss.detach()
                     tokens += n_tok
                 self._sync_grads()
+                grads = [p.grad for p in self.trainable if p.grad is not None]
                 if t.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
+                    norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
+                else:
+                    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+                # one all-reduce (the one the loss needed anyway) also carries the gradient norm: the gradients
+                # are already summed, so every process sees the same values and all stop together
+                packed = torch.stack([loss_sum.double(), torch.tensor(float(tokens), dtype=torch.float64,
+                                                                      device=self.device), norm.double()])
+                if self.world > 1:
+                    dist.all_reduce(packed)
+                loss_total, tokens_f, norm_value = packed.tolist()
+                loss_value, tokens = loss_total / denom, int(tokens_f)
+                if not math.isfinite(loss_value):
+                    raise self._diverged(step + 1, "the training loss is")
+                if not math.isfinite(norm_value):
+                    raise self._diverged(step + 1, "the gradient norm is")
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                if self.world > 1:
-                    packed = torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64, device=self.device)
-                    dist.all_reduce(packed)
-                    loss_value, tokens = float(packed[0]) / denom, int(packed[1])
-                else:
-                    loss_value = float(loss_sum) / denom
+                # AdamW can turn finite gradients into non-finite weights (a huge lr): check what trains, after
+                # the step (processes hold identical weights, so they agree without talking)
+                peaks = torch._foreach_norm(self.trainable, float("inf"))  # max |w| per tensor: one pass, no overflow
+                if not bool(torch.isfinite(torch.stack([n.float() for n in peaks])).all()):
+                    raise self._diverged(step + 1, "after the optimizer step, the trained weights are")
                 dt = time.perf_counter() - t0
                 step_time += dt
                 step_tokens += tokens
@@ -417,7 +497,7 @@ class Runner(Scorer):
             return None, 0
         if hasattr(self.model, "peft_config"):
             folder = os.path.join(self.out, "adapter")
-            self.model.save_pretrained(folder)
+            self._write_adapter(folder)
         elif self.entry.name == "head":
             from safetensors.torch import save as save_bytes
 
@@ -452,10 +532,11 @@ class Runner(Scorer):
         return rows
 
 
-def run_training(spec: RunSpec, *, resume: bool = False, quiet: bool = False,
+def run_training(spec: RunSpec, *, resume: bool = False, quiet: bool = False, overwrite: bool = False,
                  head_state: dict[str, torch.Tensor] | None = None) -> RunResult:
-    """Build the run, train it (resuming from its last checkpoint when ``resume``), print the summary."""
-    runner = Runner(spec, quiet=quiet, head_state=head_state, resume=resume)
+    """Build the run, train it (resuming from its last checkpoint when ``resume``; deleting a previous
+    run's outputs first when ``overwrite``), print the summary."""
+    runner = Runner(spec, quiet=quiet, head_state=head_state, resume=resume, overwrite=overwrite)
     result = runner.train()
     if runner.is_main and not quiet:
         table(f"peftkit train: {runner.entry.name}", runner.summary_rows(result))
@@ -467,18 +548,49 @@ def evaluate_adapter(spec: RunSpec, adapter: str) -> dict[str, float]:
     from ..model import PeftModel
 
     task = model_task(spec)
+    is_head = os.path.isfile(adapter) and adapter.endswith(".safetensors")
+    if not is_head and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise PeftError(f"--adapter {adapter!r} is neither an adapter folder (adapter_config.json) nor a head "
+                        "file (head.safetensors)")
+    check_adapter_finite(adapter)
     tokenizer = load_tokenizer(spec)
     data = build_dataset(spec, tokenizer, task)
+    if not is_head:
+        _check_adapter_fits_run(adapter, spec, task, data.labels)
     base, _ = load_base(spec, task, data.labels)
     quantize(base, spec)
-    if os.path.isfile(adapter) and adapter.endswith(".safetensors"):
+    if is_head:
         from safetensors.torch import load_file
 
         classifier_module(base).load_state_dict(load_file(adapter))
         model: nn.Module = base
-    elif os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        model = PeftModel.from_pretrained(base, adapter)
     else:
-        raise PeftError(f"--adapter {adapter!r} is neither an adapter folder (adapter_config.json) nor a head "
-                        "file (head.safetensors)")
+        model = PeftModel.from_pretrained(base, adapter)
     return Scorer(spec, task, data, tokenizer, model, torch.device("cpu")).evaluate()
+
+
+def _check_adapter_fits_run(adapter: str, spec: RunSpec, task: str, labels: list[str] | None) -> None:
+    """``peftkit eval`` builds the model from the config: refuse when the adapter's run recorded another
+    task, pooling or label set (the scores would be silently wrong, e.g. a mean-pooling head read at CLS)."""
+    info = read_run_info(adapter)
+    where = os.path.join(adapter, RUN_INFO)
+    if info is None:  # a run before peftkit_run.json: its run_config.yaml, when it is still next to it
+        config = run_config_next_to(adapter)
+        model = config.get("model") if config else None
+        if not isinstance(model, dict):
+            return
+        info = {"pooling": model.get("pooling", "cls")} if task == "classification" else {}
+        where = os.path.join(os.path.dirname(os.path.abspath(adapter)), "run_config.yaml")
+    wrong = []
+    if info.get("task") not in (None, task):
+        wrong.append(f"task {info['task']!r} (the config: {task!r}; set model.task)")
+    if task == "classification":
+        if info.get("pooling") not in (None, spec.model.pooling):
+            wrong.append(f"pooling {info['pooling']!r} (the config: {spec.model.pooling!r}; set model.pooling: "
+                         f"{info['pooling']})")
+        if info.get("labels") is not None and info["labels"] != labels:
+            wrong.append(f"labels {info['labels']} (the config's data: {labels}; evaluate on data with the "
+                         "run's labels)")
+    if wrong:
+        raise PeftError(f"--adapter {adapter!r} does not fit this config: its run ({where}) used "
+                        + "; ".join(wrong))
