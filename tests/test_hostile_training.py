@@ -26,13 +26,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+import peftkit
 from peftkit.cli import app
 from peftkit.errors import PeftError
 from peftkit.train import Runner, SpecError, evaluate_adapter, load_spec, parse_spec
 
 cli = CliRunner()
 PY = sys.executable
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+# subprocesses import the peftkit this test process imported
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(peftkit.__file__).parents[1])}
 
 
 @pytest.fixture(scope="module")
@@ -88,25 +90,26 @@ def _mean_pool_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 def test_copied_adapter_folder_merges_with_its_runs_mean_pooling_and_labels(root, tmp_path):
     runner = Runner(parse_spec(cls_config(root, tmp_path / "run", save_every=2)), quiet=True)
     runner.train()
-    info = json.loads((tmp_path / "run" / "adapter" / "peftkit_run.json").read_text())
-    assert info["pooling"] == "mean" and info["labels"] == ["neg", "pos"] and info["task"] == "classification"
-    ckpt_info = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter" / "peftkit_run.json").read_text())
-    assert ckpt_info == info  # a checkpoint's adapter is a complete adapter too
     alone = tmp_path / "elsewhere" / "adapter"
     shutil.copytree(tmp_path / "run" / "adapter", alone)  # no run_config.yaml next to it any more
     res = cli.invoke(app, ["merge", str(root / "tiny-bert"), str(alone), str(tmp_path / "merged")])
     assert res.exit_code == 0, res.output
+    assert (tmp_path / "merged" / "peftkit_head.json").is_file(), "merged with CLS pooling: the run's pooling was lost"
     head = json.loads((tmp_path / "merged" / "peftkit_head.json").read_text())
     assert head["pooling"] == "mean" and head["labels"] == ["neg", "pos"]
     ids = torch.tensor([[2, 45, 50, 47, 3]])
     expected = runner.model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(_mean_pool_logits(tmp_path / "merged", ids), expected, atol=1e-5, rtol=1e-5)
+    info = json.loads((alone / "peftkit_run.json").read_text())
+    assert info["pooling"] == "mean" and info["labels"] == ["neg", "pos"] and info["task"] == "classification"
+    ckpt_info = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter" / "peftkit_run.json").read_text())
+    assert ckpt_info == info  # a checkpoint's adapter is a complete adapter too
 
 
 def test_old_run_folder_without_the_record_still_merges_from_its_run_config(root, tmp_path):
     runner = Runner(parse_spec(cls_config(root, tmp_path / "run")), quiet=True)
     runner.train()
-    (tmp_path / "run" / "adapter" / "peftkit_run.json").unlink()  # as runs before peftkit_run.json wrote it
+    (tmp_path / "run" / "adapter" / "peftkit_run.json").unlink(missing_ok=True)  # as runs before peftkit_run.json wrote it
     res = cli.invoke(app, ["merge", str(root / "tiny-bert"), str(tmp_path / "run" / "adapter"), str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
     ids = torch.tensor([[2, 46, 51, 3]])
@@ -261,6 +264,8 @@ def test_a_new_run_into_another_runs_folder_refuses_and_overwrite_cleans_only_ru
     cfg = write_yaml(tmp_path / "run.yaml", lm_config(root, out))
     assert "already holds" in one_error_line(cli.invoke(app, ["train", str(cfg), "--quiet"]))
     assert "give one of them" in one_error_line(cli.invoke(app, ["train", str(cfg), "--resume", "--overwrite"]))
+    shutil.rmtree(out / "checkpoints")  # nothing to resume, yet a finished run's outputs: not silently replaced
+    assert "no checkpoint to continue" in one_error_line(cli.invoke(app, ["train", str(cfg), "--resume"]))
 
 
 def test_resume_refuses_when_a_data_files_content_changed(root, tmp_path):

@@ -183,7 +183,7 @@ class Runner(Scorer):
             if found:
                 self._resume_from = found[-1]
         if self._resume_from is None:  # a new run: the folder must not hold another run's outputs
-            self._claim_output(overwrite)
+            self._claim_output(overwrite, resume)
         self.task = model_task(spec)
         self.data_hashes = data_fingerprint(spec)
         t = spec.training
@@ -225,11 +225,11 @@ class Runner(Scorer):
         self.is_main = self.rank == 0
 
     # ---- set-up -----------------------------------------------------------------------------------
-    def _claim_output(self, overwrite: bool) -> None:
+    def _claim_output(self, overwrite: bool, resume: bool) -> None:
         """Refuse (or, with ``overwrite``, clean) an output folder holding a previous run's outputs; every
         process checks before any of them writes, so all refuse together."""
         if not overwrite:
-            refuse_foreign_outputs(self.out)
+            refuse_foreign_outputs(self.out, resume)
             return
         if self.world > 1:
             dist.barrier()

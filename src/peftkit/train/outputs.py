@@ -166,8 +166,13 @@ def remove_previous_outputs(out: str) -> list[str]:
     return found
 
 
-def refuse_foreign_outputs(out: str) -> None:
+def refuse_foreign_outputs(out: str, resume: bool = False) -> None:
     found = previous_outputs(out)
+    if found and resume:
+        raise OutputFolderError(
+            f"--resume: training.output_dir {out!r} holds a run's outputs ({', '.join(found)}) but no checkpoint to "
+            "continue (set training.save_every to write them); choose another output_dir, or run without --resume "
+            "and with --overwrite to delete them and start clean")
     if found:
         raise OutputFolderError(
             f"training.output_dir {out!r} already holds a run's outputs ({', '.join(found)}); continue that run "
