@@ -103,7 +103,11 @@ def test_copied_adapter_folder_merges_with_its_runs_mean_pooling_and_labels(root
     info = json.loads((alone / "peftkit_run.json").read_text())
     assert info["pooling"] == "mean" and info["labels"] == ["neg", "pos"] and info["task"] == "classification"
     ckpt_info = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter" / "peftkit_run.json").read_text())
-    assert ckpt_info == info  # a checkpoint's adapter is a complete adapter too
+    assert ckpt_info == info  # a checkpoint's adapter is a complete adapter too (no run_config.yaml beside it)
+    ckpt_adapter = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter"
+    res = cli.invoke(app, ["merge", str(root / "tiny-bert"), str(ckpt_adapter), str(tmp_path / "merged-2")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "merged-2" / "peftkit_head.json").read_text())["pooling"] == "mean"
 
 
 def test_old_run_folder_without_the_record_still_merges_from_its_run_config(root, tmp_path):
