@@ -1,0 +1,311 @@
+"""Export: any LoRA-family adapter as a plain LoRA file (HF PEFT layout) that every LoRA engine can load.
+
+Serving engines (vLLM, TGI, LoRAX, llama.cpp) understand plain LoRA, ΔW = s·B A, and nothing else. This
+module converts between files; it adds no method:
+
+* **LoRA, rsLoRA, LoRA-FA, Delta-LoRA** are plain LoRA files already (LoRA-FA's frozen A and Delta-LoRA's
+  rank-2r net change are saved that way): exported as they are, and the report says so.
+* **VeRA** is exactly low rank: ΔW = Λ_b B Λ_d A (Kopiczko et al., eq. 1), so B′ = Λ_b B Λ_d and A′ = A
+  (this layer's slices of the shared projections) with scaling 1 give the same outputs.
+* **DoRA** (W′ = m·(W + sBA)/‖W + sBA‖, Liu et al., eq. 5) and **(IA)³** (W′ = l ⊙ W, Liu et al. 2022) change
+  W by a matrix that is full rank in general. Only when a rank k is asked for, each layer's exact ΔW = W′ − W
+  is replaced by its truncated SVD U_k Σ_k V_kᵀ, the best rank-k approximation in Frobenius norm
+  (Eckart–Young): B′ = U_k Σ_k^½, A′ = Σ_k^½ V_kᵀ. The report gives the relative error of ΔW and of the
+  model's outputs on a few inputs. (IA)³ also scales the bias of the layers it scales at the output; a LoRA
+  file has no place for that, and the output error includes it.
+* **Bottleneck adapters, prompt methods, BitFit** are not weight deltas of the adapted layers (new modules,
+  virtual tokens, biases): refused, pointing to ``peftkit merge``.
+
+The exported file writes ``lora_alpha = r`` (scaling 1) with ΔW folded into B′, lists the adapted modules by
+full name in ``target_modules``, and keeps the adapter's ``modules_to_save`` heads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .config import CONFIG_NAME, PeftConfig
+from .errors import AdapterFileError, PeftError
+from .io import PEFT_PREFIX, file_tensors, write_adapter_folder
+from .methods.base import AdapterLayer, adapter_layers, logical_path, method_for, modules_to_save_wrappers
+from .methods.lora import LoraConfig, LoraLinear
+from .quantize import base_weight
+from .targeting import is_conv1d
+
+# peft_types whose files are plain LoRA already (LoRA-FA and Delta-LoRA write peft_type LORA)
+PLAIN_LORA_TYPES = ("LORA", "LORA_FA", "DELTA_LORA")
+# methods that are not a weight delta of the adapted layers, and why
+NOT_WEIGHT_DELTAS = {
+    "BOTTLENECK": "bottleneck adapters add new modules (down-projection, nonlinearity, up-projection), not a change of W",
+    "PROMPT_TUNING": "prompt tuning adds virtual tokens to the input, not a change of any weight",
+    "P_TUNING": "P-tuning adds virtual tokens to the input, not a change of any weight",
+    "PREFIX_TUNING": "prefix tuning adds key/value prefixes to attention, not a change of any weight",
+    "BEFT": "BitFit trains biases, which a LoRA file cannot hold",
+    "BITFIT": "BitFit trains biases, which a LoRA file cannot hold",
+}
+
+
+@dataclass
+class ExportReport:
+    """What ``to_lora`` wrote. Errors are relative Frobenius norms (0.0 where the export is exact)."""
+
+    kind: str                       # "plain" (already LoRA), "exact" (VeRA), "svd" (DoRA, IA3 at rank k)
+    method: str                     # the source adapter's peft_type (DoRA: "LORA+DORA")
+    rank: int
+    layers: int
+    delta_rel_error: float = 0.0    # ‖ΔW − B′A′‖ / ‖ΔW‖ over all layers together
+    max_layer_delta_rel_error: float = 0.0
+    output_rel_error: float | None = None   # ‖y_export − y_adapter‖ / ‖y_adapter − y_base‖ on probe inputs
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        what = {"plain": "already a plain LoRA file: copied unchanged",
+                "exact": f"exact rank-{self.rank} LoRA (ΔW is low rank)",
+                "svd": f"rank-{self.rank} truncated SVD of each layer's exact ΔW"}[self.kind]
+        lines = [f"{self.method} → LoRA, {self.layers} layers: {what}"]
+        if self.kind == "svd":
+            lines.append(f"ΔW relative error {self.delta_rel_error:.3e} overall, {self.max_layer_delta_rel_error:.3e} "
+                         "worst layer (the Eckart–Young optimum at this rank)")
+        if self.output_rel_error is not None:
+            lines.append(f"outputs on probe inputs: relative error {self.output_rel_error:.3e} "
+                         "(of the adapter's change to the outputs)")
+        return "\n".join([*lines, *self.notes])
+
+
+# ---- the maths, as pure functions ------------------------------------------------------------------
+def svd_lora_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A′ (k, d_in), B′ (d_out, k), ‖ΔW − B′A′‖_F) for ΔW (d_out, d_in): the best rank-k approximation.
+    Ranks beyond min(d_out, d_in) are padded with zeros (the factorisation is then exact)."""
+    U, S, Vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
+    k = min(rank, S.numel())
+    root = S[:k].sqrt()
+    B = U[:, :k] * root
+    A = root[:, None] * Vh[:k]
+    error = float(S[k:].square().sum().sqrt())
+    if k < rank:
+        A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
+    return A.float(), B.float(), error
+
+
+def vera_lora_factors(A: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VeRA's ΔW = Λ_b B Λ_d A as a plain LoRA: A′ = A, B′ = Λ_b B Λ_d (scaling 1)."""
+    return A.float(), b.float()[:, None] * B.float() * d.float()[None, :]
+
+
+def _out_major(delta: torch.Tensor, layer: AdapterLayer) -> torch.Tensor:
+    """A delta in the base weight's layout as (d_out, d_in) (GPT-2's Conv1D stores (d_in, d_out))."""
+    return delta.T if is_conv1d(layer.get_base_layer()) else delta
+
+
+@torch.no_grad()
+def exact_delta(layer: AdapterLayer, adapter_name: str) -> torch.Tensor:
+    """ΔW = W′ − W (d_out, d_in) that this adapter alone makes to the layer's weight, from the paper's formula."""
+    from .methods.dora import dora_merged_weight, dora_weight_norm
+    from .methods.ia3 import IA3Layer
+
+    if isinstance(layer, IA3Layer):
+        return _out_major(layer.delta_weight(adapter_name), layer)
+    if isinstance(layer, LoraLinear) and adapter_name in getattr(layer, "lora_magnitude_vector", {}):
+        weight = base_weight(layer)  # dense fp32, also for a quantised base
+        delta = layer.delta_weight(adapter_name)
+        norm = dora_weight_norm(weight, delta, layer.fan_in_fan_out)
+        magnitude = layer.lora_magnitude_vector[adapter_name].detach().float()
+        merged = dora_merged_weight(weight, delta, magnitude, norm, layer.fan_in_fan_out)
+        return _out_major(merged - weight, layer)
+    return _out_major(layer.delta_weight(adapter_name), layer)
+
+
+# ---- export ----------------------------------------------------------------------------------------
+def _source_kind(config: PeftConfig) -> str:
+    peft_type = config.PEFT_TYPE
+    if peft_type in NOT_WEIGHT_DELTAS:
+        raise PeftError(f"cannot export a {peft_type} adapter as LoRA: {NOT_WEIGHT_DELTAS[peft_type]}; "
+                        "use `peftkit merge` to fold it into the base model instead")
+    if isinstance(config, LoraConfig) and getattr(config, "use_dora", False):
+        return "dora"
+    if peft_type in PLAIN_LORA_TYPES:
+        return "plain"
+    if peft_type == "VERA":
+        return "vera"
+    if peft_type == "IA3":
+        return "ia3"
+    raise PeftError(f"cannot export a {peft_type} adapter as LoRA: peftkit knows no LoRA form of it; "
+                    "use `peftkit merge` instead")
+
+
+def to_lora(model_or_folder: nn.Module | str | os.PathLike, out: str | os.PathLike, rank: int | None = None, *,
+            adapter_name: str = "default", base_model: nn.Module | None = None,
+            probe_inputs: dict[str, torch.Tensor] | None = None) -> ExportReport:
+    """Write adapter ``adapter_name`` of a PeftModel (or an adapter folder) to ``out`` as a plain LoRA folder.
+
+    ``rank`` is needed for DoRA and (IA)³ (truncated SVD; refused without it) and ignored otherwise. A folder
+    that is plain LoRA already needs no base model; VeRA, DoRA and (IA)³ folders need ``base_model`` (the
+    model the adapter was trained on). ``probe_inputs`` (keyword arguments of the model's forward) measure
+    the output error; by default a few random token sequences when the model has a vocabulary."""
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+        raise PeftError(f"rank must be a positive integer, got {rank!r}; e.g. --rank 16")
+    from .model import PeftModel
+
+    if not isinstance(model_or_folder, nn.Module):
+        folder = os.fspath(model_or_folder)
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            raise AdapterFileError(f"{folder!r} has no {CONFIG_NAME}; give an adapter folder or a PeftModel")
+        config = PeftConfig.from_pretrained(folder)
+        kind = _source_kind(config)
+        if kind == "plain":
+            return _copy_plain(folder, out, config)
+        if kind in ("dora", "ia3") and rank is None:
+            _refuse_without_rank(config, kind)
+        if base_model is None:
+            raise PeftError(f"exporting a {config.PEFT_TYPE} adapter needs its base model (its ΔW depends on the "
+                            "base weights or shapes): pass base_model=, or --base on the command line")
+        model = PeftModel.from_pretrained(base_model, folder, adapter_name=adapter_name)
+        try:
+            return to_lora(model, out, rank, adapter_name=adapter_name, probe_inputs=probe_inputs)
+        finally:
+            model.unload()
+    model = model_or_folder
+    if not isinstance(model, PeftModel):
+        raise PeftError(f"to_lora needs a PeftModel or an adapter folder, got {type(model).__name__}")
+    model._check_name(adapter_name)
+    config = model.peft_config[adapter_name]
+    kind = _source_kind(config)
+    if kind in ("dora", "ia3") and rank is None:
+        _refuse_without_rank(config, kind)
+    root = model.base_model.model
+    layers = [(path, layer) for path, layer in adapter_layers(root) if adapter_name in layer.adapter_names]
+    if any(layer.merged for _, layer in layers):
+        raise PeftError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() first")
+    if kind == "plain":
+        spec = method_for(config)
+        file_config = config.copy(inference_mode=True)
+        tensors = file_tensors(root, adapter_name, file_config, PEFT_PREFIX, save_embedding_layers=False)
+        if spec.to_file is not None:
+            file_config, tensors = spec.to_file(root, adapter_name, file_config, tensors, PEFT_PREFIX)
+        write_adapter_folder(out, file_config, tensors)
+        return ExportReport("plain", config.PEFT_TYPE, int(getattr(file_config, "r", 0)), len(layers))
+    return _export_factors(model, adapter_name, config, kind, layers, out, rank, probe_inputs)
+
+
+def _refuse_without_rank(config: PeftConfig, kind: str) -> None:
+    what = "DoRA's W′ = m·(W + sBA)/‖W + sBA‖" if kind == "dora" else "(IA)³'s W′ = l ⊙ W"
+    raise PeftError(f"{what} is not a low-rank change of W, so no LoRA file reproduces it exactly; ask for a "
+                    "rank-k approximation (truncated SVD of each ΔW, its error printed) with rank=k / --rank k")
+
+
+def _copy_plain(folder: str, out: str | os.PathLike, config: PeftConfig) -> ExportReport:
+    from .io import read_adapter_weights
+
+    tensors = read_adapter_weights(folder)
+    write_adapter_folder(out, config.copy(inference_mode=True), tensors)
+    ranks = {int(t.shape[0]) for k, t in tensors.items() if k.endswith("lora_A.weight")}
+    layers = sum(k.endswith("lora_A.weight") for k in tensors)
+    return ExportReport("plain", config.PEFT_TYPE, max(ranks, default=0), layers,
+                        notes=["(LoRA-FA and Delta-LoRA write plain LoRA files too)"])
+
+
+def _export_factors(model, adapter_name: str, config: PeftConfig, kind: str, layers: list[tuple[str, AdapterLayer]],
+                    out: str | os.PathLike, rank: int | None, probe_inputs: dict[str, torch.Tensor] | None) -> ExportReport:
+    from .methods.vera import VeraLinear
+
+    root = model.base_model.model
+    for path, layer in layers:
+        base = layer.get_base_layer()
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+            raise PeftError(f"{path} is a {type(base).__name__}; LoRA export handles Linear and GPT-2 Conv1D targets only")
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    total_sq, error_sq, worst = 0.0, 0.0, 0.0
+    for path, layer in layers:
+        if kind == "vera":
+            assert isinstance(layer, VeraLinear)
+            A, B = layer.sliced_projections(adapter_name)
+            factors[path] = vera_lora_factors(A, B, layer.vera_lambda_d[adapter_name].detach(),
+                                              layer.vera_lambda_b[adapter_name].detach())
+            continue
+        delta = exact_delta(layer, adapter_name)
+        A, B, err = svd_lora_factors(delta, rank)
+        norm = float(delta.double().norm())
+        total_sq, error_sq = total_sq + norm**2, error_sq + err**2
+        worst = max(worst, err / norm if norm > 0 else 0.0)
+        factors[path] = (A, B)
+    r = rank if kind != "vera" else int(config.r)
+    fan_in_fan_out = any(is_conv1d(layer.get_base_layer()) for _, layer in layers)
+    lora_config = LoraConfig(
+        r=r, lora_alpha=r, target_modules=sorted(logical_path(p) for p, _ in layers), lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out, bias="none", task_type=config.task_type, inference_mode=True,
+        modules_to_save=[p for p, w in modules_to_save_wrappers(root) if adapter_name in w.modules_to_save] or None,
+        base_model_name_or_path=config.base_model_name_or_path,
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for path, (A, B) in factors.items():
+        key = f"{PEFT_PREFIX}{logical_path(path)}"
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A.contiguous(), B.contiguous()
+    for path, wrapper in modules_to_save_wrappers(root):
+        if adapter_name in wrapper.modules_to_save:
+            for name, p in wrapper.modules_to_save[adapter_name].named_parameters():
+                tensors[f"{PEFT_PREFIX}{path}.{name}"] = p.detach()
+    notes = []
+    if kind == "ia3" and any(getattr(layer.get_base_layer(), "bias", None) is not None and not layer.is_feedforward
+                             for _, layer in layers):
+        notes.append("note: (IA)³ also scales these layers' biases, which a LoRA file cannot hold (in the output error)")
+    report = ExportReport(
+        "exact" if kind == "vera" else "svd", "LORA+DORA" if kind == "dora" else config.PEFT_TYPE, r, len(layers),
+        math.sqrt(error_sq / total_sq) if total_sq > 0 else 0.0, worst, notes=notes,
+    )
+    # write to a temporary folder first, measure the output error by loading it back, then move it into place
+    from .io import atomic_folder
+
+    with atomic_folder(out, replace=False) as tmp:
+        write_adapter_folder(tmp, lora_config, tensors)
+        report.output_rel_error = _output_error(model, adapter_name, tmp, probe_inputs)
+    return report
+
+
+@torch.no_grad()
+def _output_error(model, adapter_name: str, folder: str, probe_inputs: dict[str, torch.Tensor] | None) -> float | None:
+    """‖y_export − y_adapter‖ / ‖y_adapter − y_base‖ on probe inputs, the exported file loaded beside the adapter."""
+    if probe_inputs is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if not vocab:
+            return None
+        generator = torch.Generator().manual_seed(0)
+        probe_inputs = {"input_ids": torch.randint(0, int(vocab), (4, 32), generator=generator)}
+    device = next(model.parameters()).device
+    probe_inputs = {k: v.to(device) for k, v in probe_inputs.items()}
+    check = "_export_check"
+    while check in model.peft_config:
+        check += "_"
+    active, training = model.active_adapters, model.training
+    model.eval()
+    try:
+        model.set_adapter(adapter_name)
+        y_adapter = _logits(model(**probe_inputs))
+        with model.disable_adapter():
+            y_base = _logits(model(**probe_inputs))
+        model.load_adapter(folder, check)
+        model.set_adapter(check)
+        y_export = _logits(model(**probe_inputs))
+    finally:
+        if check in model.peft_config:
+            model.delete_adapter(check)
+        model.set_adapter(active)
+        model.train(training)
+    effect = float((y_adapter - y_base).double().norm())
+    error = float((y_export - y_adapter).double().norm())
+    return error / effect if effect > 0 else error
+
+
+def _logits(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value.float()
+    return output[0].float()

@@ -1,0 +1,182 @@
+"""peftkit.export.to_lora: every LoRA-family adapter as a plain LoRA file.
+
+Exact cases (VeRA, and LoRA-family files that are plain LoRA already) are checked against the original
+adapter's outputs and against HF PEFT loading the exported file; approximate cases (DoRA, IA3 at rank k)
+against the Eckart–Young optimum computed here from the papers' formulas and torch's singular values.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
+
+from peftkit import IA3Config, LoraConfig, PeftError, PeftModel, VeraConfig, get_peft_model
+from peftkit.export import to_lora
+
+
+def randomise(model, seed: int = 1) -> None:
+    """Give every trainable tensor random values (fresh adapters are the identity, so a test could not fail)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "classifier" not in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])])
+def test_vera_exports_exactly_and_hf_peft_loads_it(make, targets, tmp_path, ids) -> None:
+    model = get_peft_model(make(), VeraConfig(r=8, target_modules=targets))
+    randomise(model)
+    expected = logits(model, ids)
+    report = to_lora(model, tmp_path / "lora")
+    assert report.kind == "exact" and report.rank == 8 and report.output_rel_error < 1e-5
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 8
+    ours = PeftModel.from_pretrained(make(), tmp_path / "lora")
+    torch.testing.assert_close(logits(ours, ids), expected, rtol=0, atol=1e-5)
+    import peft
+
+    theirs = peft.PeftModel.from_pretrained(make(), str(tmp_path / "lora"))
+    torch.testing.assert_close(logits(theirs, ids), expected, rtol=0, atol=1e-5)
+
+
+def test_vera_factors_are_the_papers_product(tmp_path) -> None:
+    """B′A′ equals Λ_b B Λ_d A written out from VeRA's eq. 1 with this layer's slices of the projections."""
+    model = get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["v_proj"]))
+    randomise(model)
+    to_lora(model, tmp_path / "lora")
+    from safetensors.torch import load_file
+
+    file = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    A_full, B_full = layer.vera_projections.get("default")
+    d_out, d_in = layer.get_base_layer().weight.shape
+    d, b = layer.vera_lambda_d["default"].detach(), layer.vera_lambda_b["default"].detach()
+    paper = torch.diag(b) @ B_full[:d_out] @ torch.diag(d) @ A_full[:, :d_in]
+    key = "base_model.model.model.layers.0.self_attn.v_proj"
+    torch.testing.assert_close(file[f"{key}.lora_B.weight"] @ file[f"{key}.lora_A.weight"], paper, rtol=0, atol=1e-6)
+
+
+def dora_delta(layer, name="default") -> torch.Tensor:
+    """DoRA (Liu et al. 2024, eq. 5), written out: m · (W + sBA) / ‖W + sBA‖_row − W."""
+    W = layer.get_base_layer().weight.detach()
+    full = W + layer.scaling[name] * layer.lora_B[name].weight.detach() @ layer.lora_A[name].weight.detach()
+    m = layer.lora_magnitude_vector[name].detach()
+    return m[:, None] * full / full.norm(dim=1, keepdim=True) - W
+
+
+def ia3_delta(layer, feedforward: bool, name="default") -> torch.Tensor:
+    """(IA)³ (Liu et al. 2022): l scales the output rows of W (keys, values) or its input columns (FFN)."""
+    W = layer.get_base_layer().weight.detach()
+    l = layer.ia3_l[name].detach().flatten()  # noqa: E741 (the paper's name)
+    return (W * l[None, :] if feedforward else W * l[:, None]) - W
+
+
+def eckart_young_error(delta: torch.Tensor, k: int) -> float:
+    return float(torch.linalg.svdvals(delta.double())[k:].square().sum().sqrt())
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+@pytest.mark.parametrize("k", [2, 8, 32])
+def test_svd_export_is_the_eckart_young_optimum(method, k, tmp_path, ids) -> None:
+    if method == "dora":
+        config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"])
+    else:
+        config = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    model = get_peft_model(tiny_llama(), config)
+    randomise(model)
+    report = to_lora(model, tmp_path / "lora", rank=k)
+    assert report.kind == "svd" and report.rank == k
+    from safetensors.torch import load_file
+
+    file = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    layers = [(n, m) for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "down_proj"))
+              and hasattr(m, "base_layer")]
+    total, errors = 0.0, 0.0
+    for name, layer in layers:
+        delta = dora_delta(layer) if method == "dora" else ia3_delta(layer, name.endswith("down_proj"))
+        key = name.replace(".base_layer", "")
+        approx = file[f"{key}.lora_B.weight"] @ file[f"{key}.lora_A.weight"]
+        error = float((delta.double() - approx.double()).norm())
+        assert error == pytest.approx(eckart_young_error(delta, k), rel=1e-4, abs=1e-5)
+        total, errors = total + float(delta.double().norm()) ** 2, errors + error**2
+    assert report.delta_rel_error == pytest.approx((errors / total) ** 0.5, rel=1e-4, abs=1e-6)
+    # full rank (32 = hidden size, ≥ every min(d_out, d_in) here): the export is exact, outputs too
+    if k == 32:
+        assert report.delta_rel_error < 1e-6 and report.output_rel_error < 1e-4
+        exported = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
+        torch.testing.assert_close(logits(exported, ids), logits(model, ids), rtol=0, atol=1e-4)
+    else:
+        assert report.delta_rel_error > 1e-3 and report.output_rel_error > 0
+
+
+def test_plain_lora_family_is_copied_and_said_so(tmp_path, ids) -> None:
+    from peftkit import DeltaLoraConfig, LoraFAConfig
+
+    for config in (LoraConfig(r=4, target_modules=["q_proj"], use_rslora=True),
+                   LoraFAConfig(r=4, target_modules=["q_proj"]),
+                   DeltaLoraConfig(r=4, target_modules=["q_proj"], update_start=0)):
+        model = get_peft_model(tiny_llama(), config)
+        randomise(model)
+        model.save_pretrained(tmp_path / "src")
+        report = to_lora(tmp_path / "src", tmp_path / "out")
+        assert report.kind == "plain" and "plain LoRA" in report.summary()
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out")
+        torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-6)
+        for folder in ("src", "out"):
+            for f in (tmp_path / folder).iterdir():
+                f.unlink()
+            (tmp_path / folder).rmdir()
+
+
+def test_classifier_head_travels_with_the_export(tmp_path, ids) -> None:
+    model = get_peft_model(tiny_bert_cls(), VeraConfig(r=4, task_type="SEQ_CLS", target_modules=["query", "value"]))
+    randomise(model)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.mul_(3)
+    report = to_lora(model, tmp_path / "lora")
+    assert report.output_rel_error < 1e-5
+    loaded = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "lora")
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_refusals_name_the_reason_and_write_nothing(tmp_path) -> None:
+    from peftkit import BottleneckConfig, PromptTuningConfig
+
+    dora = get_peft_model(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    with pytest.raises(PeftError, match="not a low-rank change.*--rank"):
+        to_lora(dora, tmp_path / "a")
+    ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    with pytest.raises(PeftError, match="l ⊙ W.*rank"):
+        to_lora(ia3, tmp_path / "a")
+    bottleneck = get_peft_model(tiny_llama(), BottleneckConfig(target_modules=["down_proj"]))
+    with pytest.raises(PeftError, match="new modules.*peftkit merge"):
+        to_lora(bottleneck, tmp_path / "a")
+    prompt = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(PeftError, match="virtual tokens"):
+        to_lora(prompt, tmp_path / "a")
+    with pytest.raises(PeftError, match="positive integer"):
+        to_lora(dora, tmp_path / "a", rank=0)
+    vera = get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["q_proj"]))
+    vera.save_pretrained(tmp_path / "vera")
+    with pytest.raises(PeftError, match="needs its base model"):
+        to_lora(tmp_path / "vera", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_vera_folder_with_its_base_model(tmp_path, ids) -> None:
+    model = get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomise(model)
+    model.save_pretrained(tmp_path / "vera")
+    report = to_lora(tmp_path / "vera", tmp_path / "lora", base_model=tiny_llama())
+    assert report.kind == "exact"
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
