@@ -180,3 +180,34 @@ def test_vera_folder_with_its_base_model(tmp_path, ids) -> None:
     assert report.kind == "exact"
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_cli_export_vera_with_its_base_and_dora_refused_without_rank(tmp_path) -> None:
+    import tiny_run
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    base = tiny_run.model_folder(tmp_path, "llama")
+    ids = torch.randint(1, 20, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), VeraConfig(r=4, target_modules=["q_proj"],
+                                                                                   task_type="CAUSAL_LM"))
+    randomise(model)
+    model.save_pretrained(tmp_path / "vera")
+    cli = CliRunner()
+    res = cli.invoke(app, ["export", str(tmp_path / "vera"), str(tmp_path / "out"), "--base", str(base)])
+    assert res.exit_code == 0, res.output
+    assert "exact rank-4 LoRA" in res.output and "relative error" in res.output
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "out")
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, use_dora=True, task_type="CAUSAL_LM",
+                                                                                  target_modules=["q_proj"]))
+    dora.save_pretrained(tmp_path / "dora")
+    res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "out2"), "--base", str(base)])
+    assert res.exit_code == 2 and res.output.startswith("error: ") and "--rank" in res.output
+    assert not (tmp_path / "out2").exists()
+    res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "out2"), "--base", str(base), "--rank", "4"])
+    assert res.exit_code == 0, res.output
+    assert "truncated SVD" in res.output and "ΔW relative error" in res.output

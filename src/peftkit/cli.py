@@ -141,6 +141,39 @@ def merge(
     typer.echo(f"merged model written to {out} ({written})")
 
 
+# ---- export -----------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Examples: peftkit export runs/vera/adapter lora-out --base minilm   |   "
+             "peftkit export runs/dora/adapter lora-out --base smollm2 --rank 32")
+@friendly
+def export(
+    adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT).")],
+    out: Annotated[str, typer.Argument(help="Output folder for the exported adapter.")],
+    to: Annotated[str, typer.Option(help="Target format: lora (a plain LoRA folder, HF PEFT layout).")] = "lora",
+    rank: Annotated[int | None, typer.Option(help="DoRA / IA3 only: rank of the truncated-SVD approximation.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (a transformers folder, minilm or smollm2); "
+                                              "needed for VeRA, DoRA and IA3.")] = None,
+) -> None:
+    """Write any LoRA-family adapter as a plain LoRA that serving engines load (exact where the maths allows)."""
+    from .errors import PeftError
+    from .export import to_lora
+
+    if to != "lora":
+        raise PeftError(f"--to {to!r} is not a known format; use --to lora")
+    if os.path.exists(out):
+        raise PeftError(f"output folder {out!r} already exists; choose a new folder or delete it")
+    base_model = None
+    if base is not None:
+        from .config import PeftConfig
+        from .merge import load_base_for
+
+        base_model = load_base_for(base, adapter, PeftConfig.from_pretrained(adapter))
+    report = to_lora(adapter, out, rank, base_model=base_model)
+    typer.echo(report.summary())
+    typer.echo(f"plain LoRA adapter written to {out}")
+
+
 # ---- inspect ----------------------------------------------------------------------------------------
 
 
