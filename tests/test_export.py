@@ -211,3 +211,99 @@ def test_cli_export_vera_with_its_base_and_dora_refused_without_rank(tmp_path) -
     res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "out2"), "--base", str(base), "--rank", "4"])
     assert res.exit_code == 0, res.output
     assert "truncated SVD" in res.output and "ΔW relative error" in res.output
+
+
+# ---- llama.cpp GGUF ----------------------------------------------------------------------------------
+def test_gguf_file_has_llama_cpps_metadata_names_and_folded_scaling(tmp_path) -> None:
+    import gguf
+    import numpy as np
+
+    from peftkit.export import llama_permute, to_gguf
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "up_proj"],
+                                                    rank_pattern={"up_proj": 2}))
+    randomise(model)
+    report = to_gguf(model, tmp_path / "a.gguf")
+    assert report.kind == "plain"
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama" and fields["adapter.lora.alpha"] == 4.0
+    names = {t.name: np.array(t.data) for t in reader.tensors}
+    assert sorted(names) == sorted(f"blk.{i}.{m}.weight.lora_{ab}" for i in (0, 1)
+                                   for m in ("attn_q", "attn_k", "ffn_up") for ab in "ab")
+    layer = model.base_model.model.model.layers[1]
+    # llama.cpp applies (alpha / r_pair) · B A: with alpha 4, up_proj (r 2, s = 16/2) must hold B · 8 · 2/4
+    up = layer.mlp.up_proj
+    ba = (torch.from_numpy(names["blk.1.ffn_up.weight.lora_b"]) * (4.0 / 2)) @ torch.from_numpy(names["blk.1.ffn_up.weight.lora_a"])
+    torch.testing.assert_close(ba, up.delta_weight("default"), rtol=1e-5, atol=1e-6)
+    k = layer.self_attn.k_proj
+    ba = torch.from_numpy(names["blk.1.attn_k.weight.lora_b"]) @ torch.from_numpy(names["blk.1.attn_k.weight.lora_a"])
+    torch.testing.assert_close(ba, llama_permute(k.delta_weight("default"), 2), rtol=1e-5, atol=1e-6)
+
+
+def test_gguf_refuses_what_llama_cpp_cannot_hold(tmp_path) -> None:
+    from peftkit.export import to_gguf
+
+    heads = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(PeftError, match="trains whole modules.*merge"):
+        to_gguf(heads, tmp_path / "a.gguf")
+    gpt2 = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]))
+    with pytest.raises(PeftError, match="model types.*convert_lora_to_gguf"):
+        to_gguf(gpt2, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_gguf_adapter_in_the_real_llama_cpp_matches_peftkit(tmp_path) -> None:
+    """SmolLM2 (Q4_1 GGUF) in llama.cpp with the exported adapter changes the logits as peftkit's adapter does.
+
+    llama.cpp multiplies by the Q4_1 weights with 8-bit activations while transformers dequantises to fp32, so
+    the two base models differ a little; the comparison is of the adapter's effect (logits with minus without)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (builds llama.cpp)")
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    import peftkit.export as export
+    from peftkit.embedded import smollm2_gguf
+
+    folder, name = smollm2_gguf()
+    base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    model = get_peft_model(base, VeraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                                                   "down_proj"], task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * (0.05 if "lambda_b" in n else 1.0))
+    tokens = [1, 504, 2444, 314, 260, 1345, 28, 339, 2365, 253, 1837, 6353, 30, 378, 314, 2]
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[0].double()
+        with model.disable_adapter():
+            ours_base = model(input_ids=ids).logits[0].double()
+
+    def llama_logits(lora_path):
+        llm = llama_cpp.Llama(model_path=str(folder / name), lora_path=lora_path, n_ctx=64, logits_all=True,
+                              n_threads=2, verbose=False, seed=0)
+        llm.eval(tokens)
+        out = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
+        llm.close()
+        return out
+
+    export.to_gguf(model, tmp_path / "vera.gguf")
+    theirs_base = llama_logits(None)
+    theirs = llama_logits(str(tmp_path / "vera.gguf"))
+    effect = ours - ours_base
+    error = float((theirs - theirs_base - effect).norm() / effect.norm())
+    # the same file with q/k left in transformers' row order (no llama.cpp permutation): the test can fail
+    original = export.llama_permute
+    export.llama_permute = lambda weight, n_head: weight
+    try:
+        export.to_gguf(model, tmp_path / "unpermuted.gguf")
+    finally:
+        export.llama_permute = original
+    wrong = float((llama_logits(str(tmp_path / "unpermuted.gguf")) - theirs_base - effect).norm() / effect.norm())
+    base_gap = float((theirs_base - ours_base).norm() / ours_base.norm())
+    print(f"adapter effect error {error:.4f}, unpermuted {wrong:.4f}, base models' gap {base_gap:.4f}")
+    assert error < 0.05 and wrong > 4 * error

@@ -145,22 +145,25 @@ def merge(
 
 
 @app.command(epilog="Examples: peftkit export runs/vera/adapter lora-out --base minilm   |   "
-             "peftkit export runs/dora/adapter lora-out --base smollm2 --rank 32")
+             "peftkit export runs/dora/adapter lora-out --base smollm2 --rank 32   |   "
+             "peftkit export runs/chat/adapter chat.gguf --to gguf --base smollm2")
 @friendly
 def export(
     adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT).")],
     out: Annotated[str, typer.Argument(help="Output folder for the exported adapter.")],
-    to: Annotated[str, typer.Option(help="Target format: lora (a plain LoRA folder, HF PEFT layout).")] = "lora",
+    to: Annotated[str, typer.Option(help="lora (a plain LoRA folder, HF PEFT layout) or gguf (a llama.cpp LoRA "
+                                        "adapter file).")] = "lora",
     rank: Annotated[int | None, typer.Option(help="DoRA / IA3 only: rank of the truncated-SVD approximation.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (a transformers folder, minilm or smollm2); "
                                               "needed for VeRA, DoRA and IA3.")] = None,
 ) -> None:
-    """Write any LoRA-family adapter as a plain LoRA that serving engines load (exact where the maths allows)."""
+    """Write any LoRA-family adapter as a plain LoRA (or llama.cpp GGUF) that serving engines load (exact where the
+    maths allows; DoRA and IA3 as a rank-k SVD with its error printed)."""
     from .errors import PeftError
-    from .export import to_lora
+    from .export import to_gguf, to_lora
 
-    if to != "lora":
-        raise PeftError(f"--to {to!r} is not a known format; use --to lora")
+    if to not in ("lora", "gguf"):
+        raise PeftError(f"--to {to!r} is not a known format; use --to lora or --to gguf")
     if os.path.exists(out):
         raise PeftError(f"output folder {out!r} already exists; choose a new folder or delete it")
     base_model = None
@@ -169,9 +172,9 @@ def export(
         from .merge import load_base_for
 
         base_model = load_base_for(base, adapter, PeftConfig.from_pretrained(adapter))
-    report = to_lora(adapter, out, rank, base_model=base_model)
+    report = (to_lora if to == "lora" else to_gguf)(adapter, out, rank, base_model=base_model)
     typer.echo(report.summary())
-    typer.echo(f"plain LoRA adapter written to {out}")
+    typer.echo(f"{'plain LoRA adapter' if to == 'lora' else 'llama.cpp LoRA adapter (GGUF)'} written to {out}")
 
 
 # ---- inspect ----------------------------------------------------------------------------------------

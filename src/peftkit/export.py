@@ -309,3 +309,115 @@ def _logits(output) -> torch.Tensor:
         if value is not None:
             return value.float()
     return output[0].float()
+
+
+# ---- llama.cpp: LoRA adapter GGUF ------------------------------------------------------------------
+# transformers module names (Llama family) → llama.cpp tensor names (llama.cpp's tensor_mapping / LLM_TN)
+GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+# model_type → llama.cpp architecture. The "llama" architecture stores q and k with their rows permuted
+# (convert_hf_to_gguf.py's LlamaModel.permute, for llama.cpp's rotary layout), so LoRA's B is permuted alike.
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+
+
+def llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The row permutation llama.cpp's converter applies to q/k weights of the "llama" architecture: within
+    each head, rows (first half, second half) are interleaved (HF's rotate-half → llama.cpp's pairwise rope)."""
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def gguf_tensor_name(module_path: str, tie_word_embeddings: bool) -> str:
+    """llama.cpp's name of the weight of ``module_path`` (e.g. ``model.layers.3.mlp.up_proj`` → ``blk.3.ffn_up.weight``)."""
+    import re
+
+    if module_path == "lm_head" and not tie_word_embeddings:
+        return "output.weight"
+    match = re.fullmatch(r"(?:model\.)?layers\.(\d+)\.(.+)", module_path)
+    if match is None or match.group(2) not in GGUF_LAYER_NAMES:
+        raise PeftError(f"{module_path!r} has no llama.cpp LoRA tensor (adaptable there: "
+                        f"{', '.join(GGUF_LAYER_NAMES)}, and an untied lm_head); export without it")
+    return f"blk.{match.group(1)}.{GGUF_LAYER_NAMES[match.group(2)]}.weight"
+
+
+def to_gguf(model_or_folder: nn.Module | str | os.PathLike, out: str | os.PathLike, rank: int | None = None, *,
+            adapter_name: str = "default", base_model: nn.Module | None = None) -> ExportReport:
+    """Write a llama.cpp LoRA adapter GGUF (``llama-cli --lora``, llama-cpp-python's ``lora_path``) from any
+    adapter ``to_lora`` can export, for the Llama architecture (SmolLM2, Llama, Mistral).
+
+    The file holds, per adapted weight, ``<llama.cpp tensor>.lora_a`` (r, d_in) and ``.lora_b`` (d_out, r) in
+    F32, with ``general.type = adapter``, ``adapter.type = lora``, ``general.architecture`` the base model's,
+    and ``adapter.lora.alpha`` = the largest rank, each layer's LoRA scaling s folded into its B as s·r/alpha
+    (llama.cpp scales each pair by alpha/r, r its own rank), so rank_pattern, alpha_pattern and rsLoRA carry over.
+    ``base_model`` (or the PeftModel's own base) gives the architecture and head counts."""
+    import tempfile
+
+    from .io import read_adapter_weights
+    from .methods.lora import lora_scaling, pattern_value
+
+    source = model_or_folder.base_model.model if hasattr(model_or_folder, "peft_config") else base_model
+    hf_config = getattr(source, "config", None)
+    if hf_config is None:
+        raise PeftError("GGUF export needs the base model (its architecture and head counts): pass base_model=, "
+                        "or --base on the command line")
+    arch = GGUF_ARCHITECTURES.get(getattr(hf_config, "model_type", None))
+    if arch is None:
+        raise PeftError(f"GGUF export supports model types {sorted(GGUF_ARCHITECTURES)} (checked in llama.cpp), not "
+                        f"{getattr(hf_config, 'model_type', None)!r}; export --to lora and convert with llama.cpp's "
+                        "convert_lora_to_gguf.py")
+    out = os.fspath(out)
+    folder = os.path.dirname(os.path.abspath(out))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-export-") as tmp:
+        report = to_lora(model_or_folder, os.path.join(tmp, "lora"), rank, adapter_name=adapter_name,
+                         base_model=base_model)
+        config = PeftConfig.from_pretrained(os.path.join(tmp, "lora"))
+        tensors = read_adapter_weights(os.path.join(tmp, "lora"))
+        heads = sorted({k for k in tensors if ".lora_A." not in k and ".lora_B." not in k})
+        if heads:
+            raise PeftError(f"the adapter trains whole modules too ({heads[0]}, ...); a llama.cpp LoRA file holds "
+                            "low-rank pairs only: merge the adapter (peftkit merge) instead")
+        if getattr(config, "bias", "none") != "none" or getattr(config, "use_dora", False):
+            raise PeftError("a llama.cpp LoRA file holds plain LoRA pairs only (no biases, no DoRA magnitudes); "
+                            "export with --rank k for DoRA, or merge the adapter")
+        tie = bool(getattr(hf_config, "tie_word_embeddings", False))
+        n_head = int(hf_config.num_attention_heads)
+        n_kv = int(getattr(hf_config, "num_key_value_heads", None) or n_head)
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        ranks = {int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_A.weight")}
+        alpha = float(max(ranks, default=1))
+        for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+            path = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+            A, B = tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float()
+            if A.dim() != 2:
+                raise PeftError(f"{path}: only Linear LoRA pairs go into a llama.cpp adapter")
+            scaling = lora_scaling(pattern_value(config.alpha_pattern, path, config.lora_alpha),
+                                   pattern_value(config.rank_pattern, path, config.r), config.use_rslora)
+            # llama.cpp multiplies B A x by alpha / r (r = this pair's rank): fold s · r / alpha into B
+            B = B * (scaling * A.shape[0] / alpha)
+            if arch == "llama" and path.endswith("self_attn.q_proj"):
+                B = llama_permute(B, n_head)
+            elif arch == "llama" and path.endswith("self_attn.k_proj"):
+                B = llama_permute(B, n_kv)
+            pairs[gguf_tensor_name(path, tie)] = (A, B)
+        if not pairs:
+            raise PeftError("the adapter has no LoRA pairs to export")
+        import gguf
+
+        tmp_file = os.path.join(tmp, "adapter.gguf")
+        writer = gguf.GGUFWriter(tmp_file, arch)
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", alpha)
+        for name, (A, B) in pairs.items():
+            writer.add_tensor(f"{name}.lora_a", A.contiguous().numpy())
+            writer.add_tensor(f"{name}.lora_b", B.contiguous().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp_file, out)
+    report.notes.append(f"llama.cpp LoRA GGUF ({arch}): {len(pairs)} LoRA pairs, F32")
+    return report
