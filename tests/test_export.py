@@ -307,3 +307,84 @@ def test_gguf_adapter_in_the_real_llama_cpp_matches_peftkit(tmp_path) -> None:
     base_gap = float((theirs_base - ours_base).norm() / ours_base.norm())
     print(f"adapter effect error {error:.4f}, unpermuted {wrong:.4f}, base models' gap {base_gap:.4f}")
     assert error < 0.05 and wrong > 4 * error
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, target_modules=["q_proj", "down_proj"], modules_to_save=["lm_head"]),
+    LoraConfig(r=4, use_dora=True, target_modules=["k_proj", "up_proj"]),
+    VeraConfig(r=4, target_modules=["v_proj"]),
+    IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+], ids=["lora+head", "dora", "vera", "ia3"])
+def test_merged_weights_equal_merge_and_unload_without_changing_the_model(config, ids) -> None:
+    import copy
+
+    from peftkit.export import merged_weights
+
+    model = get_peft_model(tiny_llama(), config)
+    randomise(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = merged_weights(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert sorted(weights) == sorted(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(weights[key], value.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_merged_weights_of_delta_lora_include_the_moved_w(ids) -> None:
+    from peftkit import DeltaLoraConfig
+    from peftkit.export import merged_weights
+    from peftkit.optim import attach
+
+    model = get_peft_model(tiny_llama(), DeltaLoraConfig(r=4, target_modules=["q_proj"], update_start=1))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    attach(model, optimizer)
+    for _ in range(4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = merged_weights(model)
+    expected = logits(model, ids)
+    plain = tiny_llama()
+    plain.load_state_dict(weights)
+    torch.testing.assert_close(logits(plain, ids), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
+    """SmolLM2 with a DoRA adapter merged, written as a GGUF model (f16 and q8_0) with the base GGUF's tokenizer
+    and metadata: transformers' own GGUF reader (which undoes llama.cpp's q/k permutation) gives peftkit's
+    logits back, and so does llama.cpp when installed. Errors are relative to the adapter's effect on the
+    logits (an unmerged or wrongly permuted file is off by ≥ 1)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.embedded import smollm2_gguf
+    from peftkit.export import merged_to_gguf
+
+    folder, name = smollm2_gguf()
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, gguf_file=name),
+                           LoraConfig(r=8, use_dora=True, target_modules=["q_proj", "k_proj", "down_proj"]))
+    randomise(model, seed=3)
+    tokens = AutoTokenizer.from_pretrained(folder, gguf_file=name)("The cat sat on the mat.")["input_ids"]
+    ids = torch.tensor([tokens])
+    ours = logits(model, ids)[0].double()
+    with model.disable_adapter():
+        effect = ours - logits(model, ids)[0].double()
+    # q8_0 rounds every weight to 8 bits per block of 32: about 0.1 of this adapter's (small) effect
+    for out_type, limit in (("f16", 0.01), ("q8_0", 0.25)):
+        file = tmp_path / f"merged-{out_type}.gguf"
+        assert merged_to_gguf(model, file, folder / name, out_type) == 272
+        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name)
+        error = float((logits(back, ids)[0].double() - ours).norm() / effect.norm())
+        assert error < limit, (out_type, error)
+        assert AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)("The cat sat on the mat.")["input_ids"] == tokens
+        try:
+            import llama_cpp
+        except ImportError:
+            continue
+        llm = llama_cpp.Llama(model_path=str(file), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+        llm.eval(tokens)
+        theirs = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
+        llm.close()
+        assert float((theirs - ours).norm() / effect.norm()) < 2 * limit + 0.05, out_type

@@ -33,7 +33,7 @@ from .config import CONFIG_NAME, PeftConfig
 from .errors import AdapterFileError, PeftError
 from .io import PEFT_PREFIX, file_tensors, write_adapter_folder
 from .methods.base import AdapterLayer, adapter_layers, logical_path, method_for, modules_to_save_wrappers
-from .methods.lora import LoraConfig, LoraLinear
+from .methods.lora import LoraConfig, LoraLayer, LoraLinear
 from .quantize import base_weight
 from .targeting import is_conv1d
 
@@ -118,6 +118,9 @@ def exact_delta(layer: AdapterLayer, adapter_name: str) -> torch.Tensor:
         magnitude = layer.lora_magnitude_vector[adapter_name].detach().float()
         merged = dora_merged_weight(weight, delta, magnitude, norm, layer.fan_in_fan_out)
         return _out_major(merged - weight, layer)
+    if isinstance(layer, LoraLayer):  # LoRA, LoRA-FA, Delta-LoRA (whose W moved by (1+λ)P_t − λP_K): the variant's merge
+        weight = base_weight(layer)
+        return _out_major(layer.variant[adapter_name].merged_weight(layer, adapter_name, weight) - weight, layer)
     return _out_major(layer.delta_weight(adapter_name), layer)
 
 
@@ -421,3 +424,131 @@ def to_gguf(model_or_folder: nn.Module | str | os.PathLike, out: str | os.PathLi
         os.replace(tmp_file, out)
     report.notes.append(f"llama.cpp LoRA GGUF ({arch}): {len(pairs)} LoRA pairs, F32")
     return report
+
+
+# ---- llama.cpp: the whole merged model as GGUF ------------------------------------------------------
+GGUF_MODEL_NAMES = {  # llama.cpp tensor name → transformers parameter (Llama family)
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    **{v: k for k, v in GGUF_LAYER_NAMES.items()},
+}
+GGUF_OUT_TYPES = ("f16", "q8_0")
+
+
+def _hf_name(gguf_name: str) -> str:
+    import re
+
+    if gguf_name in GGUF_MODEL_NAMES:
+        return GGUF_MODEL_NAMES[gguf_name]
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if match is None or match.group(2) not in GGUF_BLOCK_NAMES:
+        raise PeftError(f"the base GGUF holds tensor {gguf_name!r}, which peftkit cannot map to the model; "
+                        "merge with `peftkit merge` and convert with llama.cpp's convert_hf_to_gguf.py")
+    return f"model.layers.{match.group(1)}.{GGUF_BLOCK_NAMES[match.group(2)]}.weight"
+
+
+@torch.no_grad()
+def merged_weights(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The base model's parameters (transformers names) with adapter ``adapter_name`` merged, computed without
+    changing the model: W + ΔW per adapted layer (ΔW from each method's formula, see ``exact_delta``) and the
+    trained copies of ``modules_to_save`` modules."""
+    from .model import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise PeftError(f"merged export needs a PeftModel, got {type(model).__name__}")
+    model._check_name(adapter_name)
+    _source_kind(model.peft_config[adapter_name])  # refuses methods that are not weight deltas
+    root = model.base_model.model
+    out: dict[str, torch.Tensor] = {}
+    layers = dict(adapter_layers(root))
+    if any(layer.merged for layer in layers.values()):
+        raise PeftError("an adapter is merged into the base weights; call unmerge_adapter() first")
+    # base weights under the user's names: inside an adapter layer only its base_layer's, inside a
+    # modules_to_save wrapper only the original module's (the trained copy is put in below)
+    own = [f"{path}." for path in layers] + [f"{path}." for path, _ in modules_to_save_wrappers(root)]
+    for name, p in root.named_parameters():
+        inside = [prefix for prefix in own if name.startswith(prefix)]
+        if all(name[len(prefix):].startswith(("base_layer.", "original_module.")) for prefix in inside):
+            out[logical_path(name).replace(".original_module.", ".")] = p.detach().float()
+    for path, layer in layers.items():
+        if adapter_name in layer.adapter_names:
+            delta = exact_delta(layer, adapter_name)
+            key = f"{logical_path(path)}.weight"
+            out[key] = out[key] + (delta.T if is_conv1d(layer.get_base_layer()) else delta)
+    for path, wrapper in modules_to_save_wrappers(root):
+        if adapter_name in wrapper.modules_to_save:
+            for name, p in wrapper.modules_to_save[adapter_name].named_parameters():
+                out[f"{path}.{name}"] = p.detach().float()
+    return out
+
+
+def merged_to_gguf(model, out: str | os.PathLike, base_gguf: str | os.PathLike, out_type: str = "f16", *,
+                   adapter_name: str = "default") -> int:
+    """Write the base model with the adapter merged as a whole llama.cpp GGUF model (``f16`` or ``q8_0``),
+    taking every metadata key (architecture, hyper-parameters, tokenizer, chat template) from ``base_gguf``,
+    the GGUF the base model was loaded from, and the tensor list and order from it too. Norms stay F32.
+    Returns the number of tensors written. The model is not changed."""
+    import gguf
+    import numpy as np
+
+    if out_type not in GGUF_OUT_TYPES:
+        raise PeftError(f"out_type {out_type!r} is not one of {', '.join(GGUF_OUT_TYPES)}")
+    reader = gguf.GGUFReader(os.fspath(base_gguf))
+    arch = reader.fields["general.architecture"].contents()
+    if arch not in set(GGUF_ARCHITECTURES.values()):
+        raise PeftError(f"merged GGUF export supports the {sorted(set(GGUF_ARCHITECTURES.values()))} architecture, "
+                        f"not {arch!r}")
+    weights = merged_weights(model, adapter_name)
+    hf_config = model.base_model.model.config
+    n_head = int(hf_config.num_attention_heads)
+    n_kv = int(getattr(hf_config, "num_key_value_heads", None) or n_head)
+    qtype = gguf.GGMLQuantizationType.F16 if out_type == "f16" else gguf.GGMLQuantizationType.Q8_0
+    out = os.fspath(out)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        for field_name, f in reader.fields.items():
+            if field_name.startswith("GGUF.") or field_name in ("general.architecture", "general.file_type",
+                                                                "general.quantization_version"):
+                continue
+            vtype = f.types[0]
+            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field_name, f.contents(), vtype, sub)
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if out_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for tensor in reader.tensors:
+            hf = _hf_name(tensor.name)
+            if hf == "lm_head.weight" and hf not in weights:
+                hf = "model.embed_tokens.weight"
+            if hf not in weights:
+                raise PeftError(f"the model has no {hf!r} for the base GGUF's {tensor.name!r}; is this its base?")
+            w = weights[hf]
+            if tensor.name.endswith("attn_q.weight"):
+                w = llama_permute(w, n_head)
+            elif tensor.name.endswith("attn_k.weight"):
+                w = llama_permute(w, n_kv)
+            expected = tuple(int(d) for d in reversed(list(tensor.shape)))
+            if tuple(w.shape) != expected[-w.dim():] or w.numel() != int(np.prod(expected)):
+                raise PeftError(f"{hf} has shape {tuple(w.shape)} but the base GGUF's {tensor.name} is {expected}; "
+                                "give the GGUF this model was loaded from")
+            data = w.numpy().astype(np.float32)
+            if w.dim() == 1:
+                writer.add_tensor(tensor.name, data)
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(tensor.name, data.astype(np.float16))
+            else:
+                writer.add_tensor(tensor.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return len(reader.tensors)
