@@ -211,6 +211,12 @@ def test_cli_export_vera_with_its_base_and_dora_refused_without_rank(tmp_path) -
     res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "out2"), "--base", str(base), "--rank", "4"])
     assert res.exit_code == 0, res.output
     assert "truncated SVD" in res.output and "ΔW relative error" in res.output
+    res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "m.gguf"), "--to", "gguf", "--merged",
+                           "--base", str(base)])
+    assert res.exit_code == 2 and "was not loaded from one" in res.output and "convert_hf_to_gguf" in res.output
+    res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "m.gguf"), "--merged"])
+    assert res.exit_code == 2 and "add --to gguf" in res.output
+    assert not (tmp_path / "m.gguf").exists()
 
 
 # ---- llama.cpp GGUF ----------------------------------------------------------------------------------
@@ -388,3 +394,16 @@ def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
         theirs = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
         llm.close()
         assert float((theirs - ours).norm() / effect.norm()) < 2 * limit + 0.05, out_type
+    # the command line writes the same file from the saved adapter
+    import gguf
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    model.save_pretrained(tmp_path / "dora")
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "cli.gguf"), "--to", "gguf",
+                                   "--merged", "--base", "smollm2"])
+    assert res.exit_code == 0, res.output
+    ours_file, cli_file = gguf.GGUFReader(tmp_path / "merged-f16.gguf"), gguf.GGUFReader(tmp_path / "cli.gguf")
+    assert [t.name for t in ours_file.tensors] == [t.name for t in cli_file.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours_file.tensors, cli_file.tensors, strict=True))
