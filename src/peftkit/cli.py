@@ -145,6 +145,65 @@ def merge(
     typer.echo(f"merged model written to {out} ({written})")
 
 
+# ---- export -----------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Examples: peftkit export runs/vera/adapter lora-out --base minilm   |   "
+             "peftkit export runs/dora/adapter lora-out --base smollm2 --rank 32   |   "
+             "peftkit export runs/chat/adapter chat.gguf --to gguf --base smollm2")
+@friendly
+def export(
+    adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT).")],
+    out: Annotated[str, typer.Argument(help="Output folder for the exported adapter.")],
+    to: Annotated[str, typer.Option(help="lora (a plain LoRA folder, HF PEFT layout) or gguf (a llama.cpp LoRA "
+                                        "adapter file).")] = "lora",
+    rank: Annotated[int | None, typer.Option(help="DoRA / IA3 only: rank of the truncated-SVD approximation.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (a transformers folder, minilm or smollm2); "
+                                              "needed for VeRA, DoRA and IA3.")] = None,
+    merged: Annotated[bool, typer.Option(help="With --to gguf: the whole model with the adapter merged, its "
+                                              "metadata and tokenizer from the base's GGUF.")] = False,
+    gguf_type: Annotated[str, typer.Option(help="With --merged: f16 or q8_0.")] = "f16",
+) -> None:
+    """Write any LoRA-family adapter as a plain LoRA (or llama.cpp GGUF) that serving engines load (exact where the
+    maths allows; DoRA and IA3 as a rank-k SVD with its error printed)."""
+    from .errors import PeftError
+    from .export import to_gguf, to_lora
+
+    if to not in ("lora", "gguf"):
+        raise PeftError(f"--to {to!r} is not a known format; use --to lora or --to gguf")
+    if os.path.exists(out):
+        raise PeftError(f"output folder {out!r} already exists; choose a new folder or delete it")
+    if merged and to != "gguf":
+        raise PeftError("--merged writes a GGUF model: add --to gguf (for a merged transformers folder: peftkit merge)")
+    base_model = None
+    if base is not None:
+        from .config import PeftConfig
+        from .merge import load_base_for
+
+        base_model = load_base_for(base, adapter, PeftConfig.from_pretrained(adapter))
+    if merged:
+        from .export import GGUF_OUT_TYPES, merged_to_gguf
+        from .merge import resolve_base
+        from .model import PeftModel
+
+        if gguf_type not in GGUF_OUT_TYPES:
+            raise PeftError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_OUT_TYPES)}")
+        if base_model is None:
+            raise PeftError("--merged needs --base, the model the adapter was trained on (loaded from its GGUF)")
+        folder, extra = resolve_base(base)
+        if "gguf_file" not in extra:
+            raise PeftError(f"--merged takes the tokenizer and metadata from the base's GGUF, and {base!r} was not "
+                            "loaded from one; write a merged folder with `peftkit merge` and convert it with "
+                            "llama.cpp's convert_hf_to_gguf.py")
+        count = merged_to_gguf(PeftModel.from_pretrained(base_model, adapter), out,
+                               os.path.join(folder, extra["gguf_file"]), gguf_type)
+        typer.echo(f"merged model written to {out} (GGUF {gguf_type}, {count} tensors, metadata from {extra['gguf_file']})")
+        return
+    report = (to_lora if to == "lora" else to_gguf)(adapter, out, rank, base_model=base_model)
+    typer.echo(report.summary())
+    typer.echo(f"{'plain LoRA adapter' if to == 'lora' else 'llama.cpp LoRA adapter (GGUF)'} written to {out}")
+
+
 # ---- inspect ----------------------------------------------------------------------------------------
 
 

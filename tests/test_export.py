@@ -1,0 +1,409 @@
+"""peftkit.export.to_lora: every LoRA-family adapter as a plain LoRA file.
+
+Exact cases (VeRA, and LoRA-family files that are plain LoRA already) are checked against the original
+adapter's outputs and against HF PEFT loading the exported file; approximate cases (DoRA, IA3 at rank k)
+against the Eckart–Young optimum computed here from the papers' formulas and torch's singular values.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
+
+from peftkit import IA3Config, LoraConfig, PeftError, PeftModel, VeraConfig, get_peft_model
+from peftkit.export import to_lora
+
+
+def randomise(model, seed: int = 1) -> None:
+    """Give every trainable tensor random values (fresh adapters are the identity, so a test could not fail)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "classifier" not in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])])
+def test_vera_exports_exactly_and_hf_peft_loads_it(make, targets, tmp_path, ids) -> None:
+    model = get_peft_model(make(), VeraConfig(r=8, target_modules=targets))
+    randomise(model)
+    expected = logits(model, ids)
+    report = to_lora(model, tmp_path / "lora")
+    assert report.kind == "exact" and report.rank == 8 and report.output_rel_error < 1e-5
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 8
+    ours = PeftModel.from_pretrained(make(), tmp_path / "lora")
+    torch.testing.assert_close(logits(ours, ids), expected, rtol=0, atol=1e-5)
+    import peft
+
+    theirs = peft.PeftModel.from_pretrained(make(), str(tmp_path / "lora"))
+    torch.testing.assert_close(logits(theirs, ids), expected, rtol=0, atol=1e-5)
+
+
+def test_vera_factors_are_the_papers_product(tmp_path) -> None:
+    """B′A′ equals Λ_b B Λ_d A written out from VeRA's eq. 1 with this layer's slices of the projections."""
+    model = get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["v_proj"]))
+    randomise(model)
+    to_lora(model, tmp_path / "lora")
+    from safetensors.torch import load_file
+
+    file = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    A_full, B_full = layer.vera_projections.get("default")
+    d_out, d_in = layer.get_base_layer().weight.shape
+    d, b = layer.vera_lambda_d["default"].detach(), layer.vera_lambda_b["default"].detach()
+    paper = torch.diag(b) @ B_full[:d_out] @ torch.diag(d) @ A_full[:, :d_in]
+    key = "base_model.model.model.layers.0.self_attn.v_proj"
+    torch.testing.assert_close(file[f"{key}.lora_B.weight"] @ file[f"{key}.lora_A.weight"], paper, rtol=0, atol=1e-6)
+
+
+def dora_delta(layer, name="default") -> torch.Tensor:
+    """DoRA (Liu et al. 2024, eq. 5), written out: m · (W + sBA) / ‖W + sBA‖_row − W."""
+    W = layer.get_base_layer().weight.detach()
+    full = W + layer.scaling[name] * layer.lora_B[name].weight.detach() @ layer.lora_A[name].weight.detach()
+    m = layer.lora_magnitude_vector[name].detach()
+    return m[:, None] * full / full.norm(dim=1, keepdim=True) - W
+
+
+def ia3_delta(layer, feedforward: bool, name="default") -> torch.Tensor:
+    """(IA)³ (Liu et al. 2022): l scales the output rows of W (keys, values) or its input columns (FFN)."""
+    W = layer.get_base_layer().weight.detach()
+    l = layer.ia3_l[name].detach().flatten()  # noqa: E741 (the paper's name)
+    return (W * l[None, :] if feedforward else W * l[:, None]) - W
+
+
+def eckart_young_error(delta: torch.Tensor, k: int) -> float:
+    return float(torch.linalg.svdvals(delta.double())[k:].square().sum().sqrt())
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+@pytest.mark.parametrize("k", [2, 8, 32])
+def test_svd_export_is_the_eckart_young_optimum(method, k, tmp_path, ids) -> None:
+    if method == "dora":
+        config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"])
+    else:
+        config = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    model = get_peft_model(tiny_llama(), config)
+    randomise(model)
+    report = to_lora(model, tmp_path / "lora", rank=k)
+    assert report.kind == "svd" and report.rank == k
+    from safetensors.torch import load_file
+
+    file = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    layers = [(n, m) for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "down_proj"))
+              and hasattr(m, "base_layer")]
+    total, errors = 0.0, 0.0
+    for name, layer in layers:
+        delta = dora_delta(layer) if method == "dora" else ia3_delta(layer, name.endswith("down_proj"))
+        key = name.replace(".base_layer", "")
+        approx = file[f"{key}.lora_B.weight"] @ file[f"{key}.lora_A.weight"]
+        error = float((delta.double() - approx.double()).norm())
+        assert error == pytest.approx(eckart_young_error(delta, k), rel=1e-4, abs=1e-5)
+        total, errors = total + float(delta.double().norm()) ** 2, errors + error**2
+    assert report.delta_rel_error == pytest.approx((errors / total) ** 0.5, rel=1e-4, abs=1e-6)
+    # full rank (32 = hidden size, ≥ every min(d_out, d_in) here): the export is exact, outputs too
+    if k == 32:
+        assert report.delta_rel_error < 1e-6 and report.output_rel_error < 1e-4
+        exported = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
+        torch.testing.assert_close(logits(exported, ids), logits(model, ids), rtol=0, atol=1e-4)
+    else:
+        assert report.delta_rel_error > 1e-3 and report.output_rel_error > 0
+
+
+def test_plain_lora_family_is_copied_and_said_so(tmp_path, ids) -> None:
+    from peftkit import DeltaLoraConfig, LoraFAConfig
+
+    for config in (LoraConfig(r=4, target_modules=["q_proj"], use_rslora=True),
+                   LoraFAConfig(r=4, target_modules=["q_proj"]),
+                   DeltaLoraConfig(r=4, target_modules=["q_proj"], update_start=0)):
+        model = get_peft_model(tiny_llama(), config)
+        randomise(model)
+        model.save_pretrained(tmp_path / "src")
+        report = to_lora(tmp_path / "src", tmp_path / "out")
+        assert report.kind == "plain" and "plain LoRA" in report.summary()
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out")
+        torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-6)
+        for folder in ("src", "out"):
+            for f in (tmp_path / folder).iterdir():
+                f.unlink()
+            (tmp_path / folder).rmdir()
+
+
+def test_classifier_head_travels_with_the_export(tmp_path, ids) -> None:
+    model = get_peft_model(tiny_bert_cls(), VeraConfig(r=4, task_type="SEQ_CLS", target_modules=["query", "value"]))
+    randomise(model)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.mul_(3)
+    report = to_lora(model, tmp_path / "lora")
+    assert report.output_rel_error < 1e-5
+    loaded = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "lora")
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_refusals_name_the_reason_and_write_nothing(tmp_path) -> None:
+    from peftkit import BottleneckConfig, PromptTuningConfig
+
+    dora = get_peft_model(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    with pytest.raises(PeftError, match="not a low-rank change.*--rank"):
+        to_lora(dora, tmp_path / "a")
+    ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    with pytest.raises(PeftError, match="l ⊙ W.*rank"):
+        to_lora(ia3, tmp_path / "a")
+    bottleneck = get_peft_model(tiny_llama(), BottleneckConfig(target_modules=["down_proj"]))
+    with pytest.raises(PeftError, match="new modules.*peftkit merge"):
+        to_lora(bottleneck, tmp_path / "a")
+    prompt = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(PeftError, match="virtual tokens"):
+        to_lora(prompt, tmp_path / "a")
+    with pytest.raises(PeftError, match="positive integer"):
+        to_lora(dora, tmp_path / "a", rank=0)
+    vera = get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["q_proj"]))
+    vera.save_pretrained(tmp_path / "vera")
+    with pytest.raises(PeftError, match="needs its base model"):
+        to_lora(tmp_path / "vera", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_vera_folder_with_its_base_model(tmp_path, ids) -> None:
+    model = get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomise(model)
+    model.save_pretrained(tmp_path / "vera")
+    report = to_lora(tmp_path / "vera", tmp_path / "lora", base_model=tiny_llama())
+    assert report.kind == "exact"
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_cli_export_vera_with_its_base_and_dora_refused_without_rank(tmp_path) -> None:
+    import tiny_run
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    base = tiny_run.model_folder(tmp_path, "llama")
+    ids = torch.randint(1, 20, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), VeraConfig(r=4, target_modules=["q_proj"],
+                                                                                   task_type="CAUSAL_LM"))
+    randomise(model)
+    model.save_pretrained(tmp_path / "vera")
+    cli = CliRunner()
+    res = cli.invoke(app, ["export", str(tmp_path / "vera"), str(tmp_path / "out"), "--base", str(base)])
+    assert res.exit_code == 0, res.output
+    assert "exact rank-4 LoRA" in res.output and "relative error" in res.output
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "out")
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, use_dora=True, task_type="CAUSAL_LM",
+                                                                                  target_modules=["q_proj"]))
+    dora.save_pretrained(tmp_path / "dora")
+    res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "out2"), "--base", str(base)])
+    assert res.exit_code == 2 and res.output.startswith("error: ") and "--rank" in res.output
+    assert not (tmp_path / "out2").exists()
+    res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "out2"), "--base", str(base), "--rank", "4"])
+    assert res.exit_code == 0, res.output
+    assert "truncated SVD" in res.output and "ΔW relative error" in res.output
+    res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "m.gguf"), "--to", "gguf", "--merged",
+                           "--base", str(base)])
+    assert res.exit_code == 2 and "was not loaded from one" in res.output and "convert_hf_to_gguf" in res.output
+    res = cli.invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "m.gguf"), "--merged"])
+    assert res.exit_code == 2 and "add --to gguf" in res.output
+    assert not (tmp_path / "m.gguf").exists()
+
+
+# ---- llama.cpp GGUF ----------------------------------------------------------------------------------
+def test_gguf_file_has_llama_cpps_metadata_names_and_folded_scaling(tmp_path) -> None:
+    import gguf
+    import numpy as np
+
+    from peftkit.export import llama_permute, to_gguf
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "up_proj"],
+                                                    rank_pattern={"up_proj": 2}))
+    randomise(model)
+    report = to_gguf(model, tmp_path / "a.gguf")
+    assert report.kind == "plain"
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama" and fields["adapter.lora.alpha"] == 4.0
+    names = {t.name: np.array(t.data) for t in reader.tensors}
+    assert sorted(names) == sorted(f"blk.{i}.{m}.weight.lora_{ab}" for i in (0, 1)
+                                   for m in ("attn_q", "attn_k", "ffn_up") for ab in "ab")
+    layer = model.base_model.model.model.layers[1]
+    # llama.cpp applies (alpha / r_pair) · B A: with alpha 4, up_proj (r 2, s = 16/2) must hold B · 8 · 2/4
+    up = layer.mlp.up_proj
+    ba = (torch.from_numpy(names["blk.1.ffn_up.weight.lora_b"]) * (4.0 / 2)) @ torch.from_numpy(names["blk.1.ffn_up.weight.lora_a"])
+    torch.testing.assert_close(ba, up.delta_weight("default"), rtol=1e-5, atol=1e-6)
+    k = layer.self_attn.k_proj
+    ba = torch.from_numpy(names["blk.1.attn_k.weight.lora_b"]) @ torch.from_numpy(names["blk.1.attn_k.weight.lora_a"])
+    torch.testing.assert_close(ba, llama_permute(k.delta_weight("default"), 2), rtol=1e-5, atol=1e-6)
+
+
+def test_gguf_refuses_what_llama_cpp_cannot_hold(tmp_path) -> None:
+    from peftkit.export import to_gguf
+
+    heads = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(PeftError, match="trains whole modules.*merge"):
+        to_gguf(heads, tmp_path / "a.gguf")
+    gpt2 = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]))
+    with pytest.raises(PeftError, match="model types.*convert_lora_to_gguf"):
+        to_gguf(gpt2, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_gguf_adapter_in_the_real_llama_cpp_matches_peftkit(tmp_path) -> None:
+    """SmolLM2 (Q4_1 GGUF) in llama.cpp with the exported adapter changes the logits as peftkit's adapter does.
+
+    llama.cpp multiplies by the Q4_1 weights with 8-bit activations while transformers dequantises to fp32, so
+    the two base models differ a little; the comparison is of the adapter's effect (logits with minus without)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (builds llama.cpp)")
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    import peftkit.export as export
+    from peftkit.embedded import smollm2_gguf
+
+    folder, name = smollm2_gguf()
+    base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    model = get_peft_model(base, VeraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                                                   "down_proj"], task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * (0.05 if "lambda_b" in n else 1.0))
+    tokens = [1, 504, 2444, 314, 260, 1345, 28, 339, 2365, 253, 1837, 6353, 30, 378, 314, 2]
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[0].double()
+        with model.disable_adapter():
+            ours_base = model(input_ids=ids).logits[0].double()
+
+    def llama_logits(lora_path):
+        llm = llama_cpp.Llama(model_path=str(folder / name), lora_path=lora_path, n_ctx=64, logits_all=True,
+                              n_threads=2, verbose=False, seed=0)
+        llm.eval(tokens)
+        out = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
+        llm.close()
+        return out
+
+    export.to_gguf(model, tmp_path / "vera.gguf")
+    theirs_base = llama_logits(None)
+    theirs = llama_logits(str(tmp_path / "vera.gguf"))
+    effect = ours - ours_base
+    error = float((theirs - theirs_base - effect).norm() / effect.norm())
+    # the same file with q/k left in transformers' row order (no llama.cpp permutation): the test can fail
+    original = export.llama_permute
+    export.llama_permute = lambda weight, n_head: weight
+    try:
+        export.to_gguf(model, tmp_path / "unpermuted.gguf")
+    finally:
+        export.llama_permute = original
+    wrong = float((llama_logits(str(tmp_path / "unpermuted.gguf")) - theirs_base - effect).norm() / effect.norm())
+    base_gap = float((theirs_base - ours_base).norm() / ours_base.norm())
+    print(f"adapter effect error {error:.4f}, unpermuted {wrong:.4f}, base models' gap {base_gap:.4f}")
+    assert error < 0.05 and wrong > 4 * error
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, target_modules=["q_proj", "down_proj"], modules_to_save=["lm_head"]),
+    LoraConfig(r=4, use_dora=True, target_modules=["k_proj", "up_proj"]),
+    VeraConfig(r=4, target_modules=["v_proj"]),
+    IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+], ids=["lora+head", "dora", "vera", "ia3"])
+def test_merged_weights_equal_merge_and_unload_without_changing_the_model(config, ids) -> None:
+    import copy
+
+    from peftkit.export import merged_weights
+
+    model = get_peft_model(tiny_llama(), config)
+    randomise(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = merged_weights(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert sorted(weights) == sorted(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(weights[key], value.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_merged_weights_of_delta_lora_include_the_moved_w(ids) -> None:
+    from peftkit import DeltaLoraConfig
+    from peftkit.export import merged_weights
+    from peftkit.optim import attach
+
+    model = get_peft_model(tiny_llama(), DeltaLoraConfig(r=4, target_modules=["q_proj"], update_start=1))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    attach(model, optimizer)
+    for _ in range(4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = merged_weights(model)
+    expected = logits(model, ids)
+    plain = tiny_llama()
+    plain.load_state_dict(weights)
+    torch.testing.assert_close(logits(plain, ids), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
+    """SmolLM2 with a DoRA adapter merged, written as a GGUF model (f16 and q8_0) with the base GGUF's tokenizer
+    and metadata: transformers' own GGUF reader (which undoes llama.cpp's q/k permutation) gives peftkit's
+    logits back, and so does llama.cpp when installed. Errors are relative to the adapter's effect on the
+    logits (an unmerged or wrongly permuted file is off by ≥ 1)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.embedded import smollm2_gguf
+    from peftkit.export import merged_to_gguf
+
+    folder, name = smollm2_gguf()
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, gguf_file=name),
+                           LoraConfig(r=8, use_dora=True, target_modules=["q_proj", "k_proj", "down_proj"]))
+    randomise(model, seed=3)
+    tokens = AutoTokenizer.from_pretrained(folder, gguf_file=name)("The cat sat on the mat.")["input_ids"]
+    ids = torch.tensor([tokens])
+    ours = logits(model, ids)[0].double()
+    with model.disable_adapter():
+        effect = ours - logits(model, ids)[0].double()
+    # q8_0 rounds every weight to 8 bits per block of 32: about 0.1 of this adapter's (small) effect
+    for out_type, limit in (("f16", 0.01), ("q8_0", 0.25)):
+        file = tmp_path / f"merged-{out_type}.gguf"
+        assert merged_to_gguf(model, file, folder / name, out_type) == 272
+        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name)
+        error = float((logits(back, ids)[0].double() - ours).norm() / effect.norm())
+        assert error < limit, (out_type, error)
+        assert AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)("The cat sat on the mat.")["input_ids"] == tokens
+        try:
+            import llama_cpp
+        except ImportError:
+            continue
+        llm = llama_cpp.Llama(model_path=str(file), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+        llm.eval(tokens)
+        theirs = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
+        llm.close()
+        assert float((theirs - ours).norm() / effect.norm()) < 2 * limit + 0.05, out_type
+    # the command line writes the same file from the saved adapter
+    import gguf
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    model.save_pretrained(tmp_path / "dora")
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "dora"), str(tmp_path / "cli.gguf"), "--to", "gguf",
+                                   "--merged", "--base", "smollm2"])
+    assert res.exit_code == 0, res.output
+    ours_file, cli_file = gguf.GGUFReader(tmp_path / "merged-f16.gguf"), gguf.GGUFReader(tmp_path / "cli.gguf")
+    assert [t.name for t in ours_file.tensors] == [t.name for t in cli_file.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours_file.tensors, cli_file.tensors, strict=True))
