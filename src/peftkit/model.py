@@ -286,6 +286,15 @@ class PeftModel(nn.Module):
     def model(self) -> nn.Module:
         return self.base_model.model
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "forward" and type(value).__name__ == "method":
+            from .integrations.transformers import is_fused_lm_head_patch, move_fused_lm_head
+
+            if is_fused_lm_head_patch(self, value):  # TRL's SFTTrainer: its patch belongs on the wrapped model
+                move_fused_lm_head(self, value)
+                return
+        super().__setattr__(name, value)
+
     # ---- running ----------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward. ``adapter_names`` (one name per row, "__base__" for none) runs
