@@ -117,9 +117,11 @@ def eval_(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: SECTION.KEY=VALUE.")] = None,
 ) -> None:
     """Metrics of a saved adapter on the config's eval split."""
+    from .hub import resolve_adapter
     from .train import evaluate_adapter, load_spec
     from .train.report import table
 
+    adapter = resolve_adapter(adapter)  # a Hub id (org/name): its cached snapshot
     spec = load_spec(config, set_ or [])
     metrics = evaluate_adapter(spec, adapter)
     table(f"peftkit eval: {adapter}", [(f"eval {k}", f"{v:.4f}") for k, v in metrics.items()])
@@ -133,15 +135,16 @@ def eval_(
 @friendly
 def merge(
     base: Annotated[str, typer.Argument(help="Base model: a transformers folder, or minilm / smollm2.")],
-    adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT).")],
+    adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT) or Hub id (org/name).")],
     out: Annotated[str, typer.Argument(help="Output folder for the merged model.")],
     pooling: Annotated[str | None, typer.Option(
         help="Classification adapters that record none: cls (transformers' head) or mean.")] = None,
 ) -> None:
     """Merge an adapter into its base model and write the result (safetensors, transformers layout)."""
+    from .hub import resolve_adapter
     from .merge import merge_to_folder
 
-    written = merge_to_folder(base, adapter, out, pooling)
+    written = merge_to_folder(base, resolve_adapter(adapter), out, pooling)
     typer.echo(f"merged model written to {out} ({written})")
 
 
@@ -210,7 +213,7 @@ def export(
 @app.command(epilog="Example: peftkit inspect runs/demo/adapter")
 @friendly
 def inspect(
-    folder: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT), or a run folder.")],
+    folder: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT), a run folder, or a Hub id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Method, config, per-module shapes, trainable parameters and size of an adapter folder."""

@@ -185,8 +185,13 @@ class PeftConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> PeftConfig:
-        return cls.from_json_file(os.path.join(folder, CONFIG_NAME))
+    def from_pretrained(cls, folder: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> PeftConfig:
+        """Read ``adapter_config.json`` of a folder, or of a Hub id (``revision``, ``token``, ``cache_dir``,
+        ``local_files_only`` as in HF PEFT; see :func:`peftkit.hub.resolve_adapter`)."""
+        from .hub import resolve_adapter
+
+        hub = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+        return cls.from_json_file(os.path.join(resolve_adapter(folder, subfolder, **hub), CONFIG_NAME))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         from .io import atomic_write_bytes

@@ -83,6 +83,9 @@ def describe_one(name: str, folder: str) -> dict[str, Any]:
 
 
 def describe(folder: str) -> dict[str, Any]:
+    from .hub import resolve_adapter
+
+    folder = resolve_adapter(folder)  # a Hub id: its cached snapshot (fetched once when online)
     if not os.path.isdir(folder):
         raise AdapterFileError(f"{folder!r} is not a folder; give an adapter folder (adapter_config.json inside)")
     run: dict[str, Any] = {}

@@ -286,6 +286,15 @@ class PeftModel(nn.Module):
     def model(self) -> nn.Module:
         return self.base_model.model
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "forward" and type(value).__name__ == "method":
+            from .integrations.transformers import is_fused_lm_head_patch, move_fused_lm_head
+
+            if is_fused_lm_head_patch(self, value):  # TRL's SFTTrainer: its patch belongs on the wrapped model
+                move_fused_lm_head(self, value)
+                return
+        super().__setattr__(name, value)
+
     # ---- running ----------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward. ``adapter_names`` (one name per row, "__base__" for none) runs
@@ -497,12 +506,14 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
         save_embedding_layers: str | bool = "auto", safe_serialization: bool = True,
-        is_main_process: bool = True, **kwargs: Any,
+        is_main_process: bool = True, push_to_hub: bool = False, **kwargs: Any,
     ) -> None:
         """Write each adapter as a folder in HF PEFT's layout: "default" at the root, others in sub-folders.
 
         ``save_embedding_layers`` is HF PEFT's option: "auto" also writes the full input/output embedding
-        weights when ``embed_tokens``/``lm_head`` are targeted (large; pass False to keep the file small)."""
+        weights when ``embed_tokens``/``lm_head`` are targeted (large; pass False to keep the file small).
+        ``push_to_hub=True`` then uploads the folder with a model card (``repo_id=``, default the folder's name;
+        ``private=``, ``token=``, ``commit_message=``), as :meth:`push_to_hub`."""
         if not safe_serialization:
             raise PeftError("peftkit writes safetensors only; drop safe_serialization=False")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -519,6 +530,34 @@ class PeftModel(nn.Module):
             if spec.to_file is not None:
                 config, tensors = spec.to_file(self.base_model.model, name, config, tensors, PEFT_PREFIX)
             write_adapter_folder(folder, config, tensors, extra)
+        if push_to_hub:
+            from .hub import push_folder
+
+            repo_id = kwargs.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
+            push_folder(save_directory, repo_id, private=kwargs.get("private"), token=kwargs.get("token"),
+                        commit_message=kwargs.get("commit_message"), card=self.model_card(repo_id))
+
+    def model_card(self, repo_id: str, adapter_name: str | None = None) -> str:
+        """The README.md that ``push_to_hub`` uploads (see :func:`peftkit.hub.model_card`)."""
+        from .hub import model_card
+
+        name = adapter_name or (self._active[0] if self._active else next(iter(self.peft_config)))
+        trainable, total = self.get_nb_trainable_parameters()
+        return model_card(self.peft_config[name], repo_id, trainable, total, getattr(self, "run_metrics", None))
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str | None = None, selected_adapters: list[str] | None = None,
+                    save_embedding_layers: str | bool = "auto", **kwargs: Any) -> Any:
+        """Upload the adapters (HF PEFT's layout, as ``save_pretrained`` writes them) and a model card to the Hub
+        repository ``repo_id`` through huggingface_hub, creating it if needed; returns its commit info."""
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="peftkit-push-") as tmp:
+            self.save_pretrained(tmp, selected_adapters=selected_adapters, save_embedding_layers=save_embedding_layers)
+            return push_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message,
+                               card=self.model_card(repo_id))
 
     @classmethod
     def from_pretrained(
@@ -526,7 +565,7 @@ class PeftModel(nn.Module):
         is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any,
     ) -> PeftModel:
         """Wrap ``model`` and load the adapter folder ``model_id``. On any error the model is left untouched."""
-        folder = _local_folder(model_id, kwargs.get("subfolder"))
+        folder = _local_folder(model_id, **kwargs)
         config = config or PeftConfig.from_pretrained(folder)
         config = config.copy(inference_mode=not is_trainable)
         tensors = read_adapter_weights(folder)  # fails on a corrupt file before the model is touched
@@ -544,7 +583,7 @@ class PeftModel(nn.Module):
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
     ) -> None:
         """Load another adapter folder under ``adapter_name`` (not made active, as in HF PEFT)."""
-        folder = _local_folder(model_id, kwargs.get("subfolder"))
+        folder = _local_folder(model_id, **kwargs)
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"an adapter named {adapter_name!r} already exists; pick another name")
         config = PeftConfig.from_pretrained(folder).copy(inference_mode=not is_trainable)
@@ -601,13 +640,20 @@ def _class_for(config: PeftConfig, default: type[PeftModel]) -> type[PeftModel]:
     return MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type or "", PeftModel)
 
 
-def _local_folder(model_id: str | os.PathLike, subfolder: str | None = None) -> str:
-    folder = os.fspath(model_id)
-    if subfolder:
-        folder = os.path.join(folder, subfolder)
+HUB_KEYWORDS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+
+
+def _local_folder(model_id: str | os.PathLike, **kwargs: Any) -> str:
+    """The local adapter folder of ``model_id``: a folder, or a Hub id resolved by huggingface_hub
+    (:func:`peftkit.hub.resolve_adapter`; ``subfolder``, ``revision``, ``token``, ``cache_dir``,
+    ``local_files_only`` as in HF PEFT)."""
+    from .hub import resolve_adapter
+
+    hub = {k: kwargs[k] for k in HUB_KEYWORDS if kwargs.get(k) is not None}
+    folder = resolve_adapter(model_id, **hub)
     if not os.path.isdir(folder):
         raise AdapterFileError(
-            f"adapter folder {folder!r} does not exist; peftkit loads local folders only (download it first)"
+            f"adapter folder {folder!r} does not exist; give a local adapter folder or a Hub id like 'org/name'"
         )
     return folder
 

@@ -112,6 +112,28 @@ def adapter_checkpoints(trainer: Any) -> Any:
     return trainer
 
 
+def is_fused_lm_head_patch(peft_model: PeftModel, value: Any) -> bool:
+    """Is ``value`` TRL's fused LM-head forward (``trl.trainer.utils.add_fused_lm_head``) bound to ``peft_model``?"""
+    function = getattr(value, "__func__", None)
+    return (getattr(value, "__self__", None) is peft_model and function is not None
+            and function.__code__.co_name == "_fused_forward")  # functools.wraps renamed the function itself
+
+
+def move_fused_lm_head(peft_model: PeftModel, patch: Any) -> None:
+    """Put TRL's fused LM-head patch where it belongs. SFTTrainer replaces the forward of the model it is
+    given with one that reads ``self.base_model`` as the transformer backbone (transformers' meaning); on a
+    PeftModel ``base_model`` is HF PEFT's tuner wrapper (the whole model). So the same patch, with the same
+    options, goes on the wrapped transformers model instead, and PeftModel.forward passes its
+    ``fused_lm_head=True`` through. PeftModel.__setattr__ calls this when SFTTrainer assigns the patch."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    function = patch.__func__
+    cells = dict(zip(function.__code__.co_freevars, function.__closure__ or (), strict=True))
+    options = {name: cells[name].cell_contents for name in ("temperature", "cast_lm_head_to_fp32", "outputs")
+               if name in cells}
+    add_fused_lm_head(peft_model.base_model.model, **options)
+
+
 def _trainer_class() -> type:
     from transformers import Trainer
 
