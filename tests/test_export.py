@@ -407,3 +407,13 @@ def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
     ours_file, cli_file = gguf.GGUFReader(tmp_path / "merged-f16.gguf"), gguf.GGUFReader(tmp_path / "cli.gguf")
     assert [t.name for t in ours_file.tensors] == [t.name for t in cli_file.tensors]
     assert all(np.array_equal(a.data, b.data) for a, b in zip(ours_file.tensors, cli_file.tensors, strict=True))
+
+
+def test_a_non_finite_adapter_is_never_exported(tmp_path) -> None:
+    for config in (LoraConfig(r=4, target_modules=["q_proj"]), VeraConfig(r=4, target_modules=["q_proj"])):
+        model = get_peft_model(tiny_llama(), config)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        with pytest.raises(PeftError, match="NaN/inf.*nothing was written"):
+            to_lora(model, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -191,9 +191,18 @@ def to_lora(model_or_folder: nn.Module | str | os.PathLike, out: str | os.PathLi
         tensors = file_tensors(root, adapter_name, file_config, PEFT_PREFIX, save_embedding_layers=False)
         if spec.to_file is not None:
             file_config, tensors = spec.to_file(root, adapter_name, file_config, tensors, PEFT_PREFIX)
+        _check_finite(tensors, "adapter")
         write_adapter_folder(out, file_config, tensors)
         return ExportReport("plain", config.PEFT_TYPE, int(getattr(file_config, "r", 0)), len(layers))
     return _export_factors(model, adapter_name, config, kind, layers, out, rank, probe_inputs)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write NaN/inf: an exported file must never be silently broken."""
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise PeftError(f"{what}: {bad!r} holds NaN/inf values; the adapter is broken (check its training), "
+                        "nothing was written")
 
 
 def _refuse_without_rank(config: PeftConfig, kind: str) -> None:
@@ -206,6 +215,7 @@ def _copy_plain(folder: str, out: str | os.PathLike, config: PeftConfig) -> Expo
     from .io import read_adapter_weights
 
     tensors = read_adapter_weights(folder)
+    _check_finite(tensors, folder)
     write_adapter_folder(out, config.copy(inference_mode=True), tensors)
     ranks = {int(t.shape[0]) for k, t in tensors.items() if k.endswith("lora_A.weight")}
     layers = sum(k.endswith("lora_A.weight") for k in tensors)
@@ -265,6 +275,7 @@ def _export_factors(model, adapter_name: str, config: PeftConfig, kind: str, lay
     from .io import atomic_folder
 
     with atomic_folder(out, replace=False) as tmp:
+        _check_finite(tensors, "exported adapter")
         write_adapter_folder(tmp, lora_config, tensors)
         report.output_rel_error = _output_error(model, adapter_name, tmp, probe_inputs)
     return report
@@ -502,6 +513,7 @@ def merged_to_gguf(model, out: str | os.PathLike, base_gguf: str | os.PathLike, 
         raise PeftError(f"merged GGUF export supports the {sorted(set(GGUF_ARCHITECTURES.values()))} architecture, "
                         f"not {arch!r}")
     weights = merged_weights(model, adapter_name)
+    _check_finite(weights, "merged model")
     hf_config = model.base_model.model.config
     n_head = int(hf_config.num_attention_heads)
     n_kv = int(getattr(hf_config, "num_key_value_heads", None) or n_head)
