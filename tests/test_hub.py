@@ -152,3 +152,43 @@ def test_push_to_hub_uploads_the_adapter_and_a_model_card(monkeypatch, tmp_path)
     model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="me/other")
     assert sent["repo_id"] == "me/other" and "README.md" in sent["files"]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_train_takes_a_hub_id_as_model_name(tmp_path) -> None:
+    """model.name: org/tiny resolves through the same cache (transformers' own resolution, offline)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import tiny_run
+    import yaml
+
+    source = tiny_run.model_folder(tmp_path / "src", "llama")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(source, repo / "snapshots" / COMMIT_1)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT_1)
+    tiny_run.lm_data(tmp_path / "lm.jsonl", n=16)
+    config = {"model": {"name": "org/tiny", "max_length": 32}, "method": {"name": "lora", "r": 4},
+              "data": {"train": str(tmp_path / "lm.jsonl")},
+              "training": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "output_dir": str(tmp_path / "run")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "peftkit", "train", str(tmp_path / "run.yaml"), "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    trained = PeftModel.from_pretrained(tiny_llama_from(source), tmp_path / "run" / "adapter")
+    assert trained.peft_config["default"].r == 4
+    config["model"]["name"] = "org/absent"
+    (tmp_path / "run2.yaml").write_text(yaml.safe_dump({**config, "training": {**config["training"],
+                                                                                "output_dir": str(tmp_path / "r2")}}))
+    out = subprocess.run([sys.executable, "-m", "peftkit", "train", str(tmp_path / "run2.yaml"), "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+    assert "hf download org/absent" in out.stderr
+
+
+def tiny_llama_from(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)

