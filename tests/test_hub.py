@@ -192,3 +192,44 @@ def tiny_llama_from(folder):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_cli_push_of_a_train_run_carries_its_metrics_in_the_card(monkeypatch, tmp_path) -> None:
+    """peftkit train records the held-out metrics in the adapter's peftkit_run.json; `peftkit push` puts them in
+    the card. The upload itself is captured (no hub can be reached)."""
+    import huggingface_hub
+    import tiny_run
+    import yaml
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    sent: dict = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            sent.update(repo_id=repo_id, private=private)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            sent["card"] = (Path(folder_path) / "README.md").read_text()
+            sent["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    folder = tiny_run.model_folder(tmp_path, "llama")
+    tiny_run.lm_data(tmp_path / "lm.jsonl", n=16)
+    config = {"model": {"name": str(folder), "max_length": 32}, "method": {"name": "lora", "r": 4},
+              "data": {"train": str(tmp_path / "lm.jsonl")},
+              "training": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "output_dir": str(tmp_path / "run")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    cli = CliRunner()
+    assert cli.invoke(app, ["train", str(tmp_path / "run.yaml"), "--quiet"]).exit_code == 0
+    run = json.loads((tmp_path / "run" / "adapter" / "peftkit_run.json").read_text())
+    assert "loss" in run["metrics"]
+    res = cli.invoke(app, ["push", str(tmp_path / "run" / "adapter"), "me/run", "--private"])
+    assert res.exit_code == 0, res.output
+    assert sent["repo_id"] == "me/run" and sent["private"] is True
+    assert f"| loss | {run['metrics']['loss']:.4f} |" in sent["card"] and str(folder) in sent["card"]
+    assert sent["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors", "peftkit_run.json"]

@@ -148,6 +148,25 @@ def merge(
     typer.echo(f"merged model written to {out} ({written})")
 
 
+# ---- push ---------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: peftkit push runs/demo/lora/adapter my-name/minilm-bbc-lora --private")
+@friendly
+def push(
+    adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, org/name (created if needed).")],
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+) -> None:
+    """Upload an adapter folder to the Hugging Face Hub with a model card (base model, method, parameters, the
+    run's metrics). Log in first with `hf auth login` (or set HF_TOKEN)."""
+    from .hub import folder_card, push_folder
+
+    push_folder(adapter, repo_id, private=private, commit_message=message, card=folder_card(adapter, repo_id))
+    typer.echo(f"pushed {adapter} to https://huggingface.co/{repo_id}")
+
+
 # ---- export -----------------------------------------------------------------------------------------
 
 

@@ -116,6 +116,8 @@ def model_card(config: Any, repo_id: str, trainable: int | None = None, total: i
         lines.append(f"- **Task type**: {task}")
     if trainable is not None and total:
         lines.append(f"- **Trainable parameters**: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)")
+    elif trainable is not None:
+        lines.append(f"- **Adapter parameters**: {trainable:,d}")
     if metrics:
         lines += ["", "## Metrics (from `peftkit train`)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
@@ -132,6 +134,28 @@ def model_card(config: Any, repo_id: str, trainable: int | None = None, total: i
     else:
         lines += ["", f"HF PEFT has no {method}; the files load in peftkit."]
     return "\n".join(lines) + "\n"
+
+
+def folder_card(folder: str | os.PathLike, repo_id: str) -> str:
+    """The model card of an adapter folder: its config, its stored trainable parameters (from the safetensors
+    header) and, for a folder written by ``peftkit train``, the run's held-out metrics (``peftkit_run.json``)."""
+    import json
+
+    from .config import PeftConfig
+    from .inspection import describe_one
+
+    folder = os.fspath(folder)
+    config = PeftConfig.from_pretrained(folder)
+    info = describe_one("default", folder)
+    metrics = None
+    record = os.path.join(folder, "peftkit_run.json")
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as fh:
+            run = json.load(fh)
+        metrics = run.get("metrics") if isinstance(run, dict) else None
+        if config.base_model_name_or_path is None and isinstance(run, dict) and run.get("base_model"):
+            config.base_model_name_or_path = run["base_model"]
+    return model_card(config, repo_id, info["parameters"], None, metrics)
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,

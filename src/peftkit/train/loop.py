@@ -246,6 +246,8 @@ class Runner(Scorer):
                                 "max_length": m.max_length, "data_sha256": self.data_hashes}
         if self.task == "classification":
             info.update(pooling=m.pooling, num_labels=len(self.data.labels or []), labels=self.data.labels)
+        if getattr(self, "final_metrics", None):  # the final adapter: its held-out metrics (push_to_hub's card shows them)
+            info.update(steps=self.total_steps, metrics=self.final_metrics)
         return info
 
     def _write_adapter(self, folder: str) -> None:
@@ -477,6 +479,7 @@ class Runner(Scorer):
             progress.close()
         if not last_eval and self.is_main:  # resumed at the very end
             last_eval = self.evaluate()
+        self.final_metrics = dict(last_eval or {})
         adapter_dir, size = self._save_final()
         wall = time.perf_counter() - wall0
         result = RunResult(
