@@ -30,6 +30,7 @@ def randomize(model, name: str = "default", scale: float = 0.3, norms: bool = Tr
 
 def _layer(base: nn.Module, **cfg) -> BottleneckLayer:
     layer = BottleneckLayer(base)
+    cfg.setdefault("original_ln_before", False)  # a bare layer: the adapter reads the projection's output
     layer.update_layer("default", BottleneckConfig(**cfg), "m")
     layer.set_adapter(["default"])
     randomize(nn.Sequential(layer))
@@ -71,7 +72,7 @@ def test_adapters_run_in_sequence() -> None:
     torch.manual_seed(0)
     base = nn.Linear(6, 8)
     layer = _layer(base, bottleneck_size=2)
-    layer.update_layer("b", BottleneckConfig(bottleneck_size=3, non_linearity="tanh"), "m")
+    layer.update_layer("b", BottleneckConfig(bottleneck_size=3, non_linearity="tanh", original_ln_before=False), "m")
     randomize(nn.Sequential(layer), "b")
     layer.set_adapter(["default", "b"])
     x = torch.randn(4, 6)
@@ -127,7 +128,7 @@ def test_placement_and_fresh_adapter_equals_base(make, placement: str, ids) -> N
     wanted = ffn | attention if placement == "houlsby" else ffn
     expected = {n.format(i=i) for n in wanted for i in range(2)}
     base = make().requires_grad_(False)
-    pm = get_peft_model(make(), BottleneckConfig(placement=placement))
+    pm = get_peft_model(make(), BottleneckConfig(placement=placement, init_weights="mam_adapter"))
     assert {n for n, _ in adapter_layers(pm.model)} == expected
     config = pm.peft_config["default"]
     assert set(config.target_modules) == expected and config.train_layer_norms == (placement == "houlsby")
