@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .config import CONFIG_NAME, PeftConfig
 from .errors import AdapterFileError
-from .io import PEFT_PREFIX, atomic_folder, read_adapter_weights
+from .io import PEFT_PREFIX, atomic_write_bytes, read_adapter_weights
 from .methods.adapters import BottleneckConfig, BottleneckLayer
 from .methods.base import adapter_layers, logical_path
 from .targeting import model_type as family
@@ -224,11 +224,10 @@ def save_adapterhub(peft_model: nn.Module, save_directory: str | os.PathLike, ad
                "dropout": float(config.dropout), "init_weights": config.init_weights, "leave_out": leave_out}
     data = {"config": options, "hidden_size": hidden, "model_class": type(model).__name__, "model_name": "",
             "model_type": model_type, "name": adapter_name, "version": VERSION}
-    with atomic_folder(save_directory, replace=True) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                  os.path.join(tmp, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
+    # each file whole (written aside, then renamed), weights before config, as AdapterHub writes them
+    weights = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    atomic_write_bytes(os.path.join(save_directory, SAFE_WEIGHTS_NAME), weights)
+    atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def _container_for(model_type: str | None, target: str) -> tuple[str, str]:
