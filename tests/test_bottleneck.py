@@ -460,3 +460,18 @@ def test_adapterhub_options_peftkit_lacks_are_refused_by_name(tmp_path, ids) -> 
     with pytest.raises(AdapterFileError, match=r"trains whole modules .*LayerNorm.*train_layer_norms=False"):
         save_adapterhub(get_peft_model(tiny_bert_cls(), BottleneckConfig(placement="houlsby")), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_adapterhub_folder_for_another_model_or_method_is_refused(tmp_path) -> None:
+    from peftkit import AdapterFileError, save_adapterhub
+
+    save_adapterhub(_adapterhub_pm(), tmp_path)
+    llama = tiny_llama()
+    with pytest.raises(AdapterFileError, match=r"location 'bert.encoder.layer.0.output' has no place in this llama model"):
+        PeftModel.from_pretrained(llama, tmp_path)
+    assert not list(adapter_layers(llama))
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["config"] = {"architecture": "lora", "r": 8}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(AdapterFileError, match=r"AdapterHub 'lora' adapter; peftkit reads AdapterHub's bottleneck"):
+        PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
