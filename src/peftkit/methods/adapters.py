@@ -392,13 +392,13 @@ class BottleneckLayer(AdapterLayer):
         if self.disable_adapters:
             return h
         names = self.row_adapters.names if self.row_adapters is not None else self.active_adapters
-        x, norm = (self._residual_and_norm() if any(self.reads_residual.get(n) for n in names)
-                   else (None, None))
+        residual, norm = (self._residual_and_norm() if any(self.reads_residual.get(n) for n in names)
+                          else (None, None))
         if self.row_adapters is not None:
-            return h + self._per_row(h, x, norm).to(h.dtype)
+            return h + self._per_row(h, residual, norm).to(h.dtype)
         for name in self.active_adapters:  # in sequence (Stack): each adapter reads the previous one's output
             down, up = self.adapter_down[name], self.adapter_up[name]
-            v = adapter_input(h, x if self.reads_residual[name] else None, norm)
+            v = adapter_input(h, residual if self.reads_residual[name] else None, norm)
             z = self.adapter_dropout[name](v.to(down.weight.dtype))
             delta = bottleneck_delta(z, down.weight, down.bias, up.weight, up.bias,
                                      self.non_linearity[name], self.scaling[name])
