@@ -470,6 +470,9 @@ def test_adapterhub_folder_for_another_model_or_method_is_refused(tmp_path) -> N
     with pytest.raises(AdapterFileError, match=r"location 'bert.encoder.layer.0.output' has no place in this llama model"):
         PeftModel.from_pretrained(llama, tmp_path)
     assert not list(adapter_layers(llama))
+    (tmp_path / "head_config.json").write_text("{}")
+    with pytest.raises(AdapterFileError, match=r"prediction head \(head_config.json\), which peftkit does not read"):
+        PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     data["config"] = {"architecture": "lora", "r": 8}
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))

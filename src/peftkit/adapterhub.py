@@ -37,6 +37,7 @@ from .targeting import model_type as family
 
 SAFE_WEIGHTS_NAME = "adapter.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_adapter.bin"
+HEAD_CONFIG_NAME = "head_config.json"  # save_adapter(..., with_head=True) on a model with AdapterHub heads
 VERSION = "adapters.1.3.0"  # the release whose files these are (and whose loader reads ours)
 
 _BERT = ((r"(.*\.attention\.output)", r"\1.dense", "mh_adapter"),
@@ -92,6 +93,12 @@ def read_adapterhub(folder: str | os.PathLike, model: nn.Module) -> tuple[Bottle
         data = json.load(fh)
     options = data["config"]
     _check_options(options, folder)
+    if os.path.exists(os.path.join(folder, HEAD_CONFIG_NAME)):
+        raise AdapterFileError(
+            f"{folder!r} also holds an AdapterHub prediction head ({HEAD_CONFIG_NAME}), which peftkit does not read; "
+            f"to load the adapter alone (on your model's own head), copy the folder without {HEAD_CONFIG_NAME} "
+            "and model_head.* / pytorch_model_head.bin"
+        )
     weights = _read_weights(folder)
     targets: dict[str, dict[str, torch.Tensor]] = {}
     names = {n for n, _ in model.named_modules()}
