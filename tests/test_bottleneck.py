@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import TinyNet, rows_match_alone, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import peftkit.methods.adapters  # noqa: F401  (registers BOTTLENECK)
 from peftkit import PeftConfigError, PeftError, PeftModel, TargetModulesError, get_peft_model
@@ -470,9 +470,14 @@ def test_adapterhub_folder_for_another_model_or_method_is_refused(tmp_path) -> N
     with pytest.raises(AdapterFileError, match=r"location 'bert.encoder.layer.0.output' has no place in this llama model"):
         PeftModel.from_pretrained(llama, tmp_path)
     assert not list(adapter_layers(llama))
-    (tmp_path / "head_config.json").write_text("{}")
-    with pytest.raises(AdapterFileError, match=r"prediction head \(head_config.json\), which peftkit does not read"):
-        PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
+    model = tiny_bert_cls()  # AdapterHub's static head: the model's own classifier, saved beside the adapter
+    (tmp_path / "head_config.json").write_text('{"config": null}')
+    head = {"classifier.weight": model.classifier.weight.detach().clone()}
+    save_file(head, tmp_path / "model_head.safetensors")
+    PeftModel.from_pretrained(model, tmp_path).unload()
+    save_file({"classifier.weight": head["classifier.weight"] + 1}, tmp_path / "model_head.safetensors")
+    with pytest.raises(AdapterFileError, match=r"prediction head \(head_config.json\) that is not this model's own"):
+        PeftModel.from_pretrained(model, tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     data["config"] = {"architecture": "lora", "r": 8}
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))

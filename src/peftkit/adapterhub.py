@@ -37,7 +37,8 @@ from .targeting import model_type as family
 
 SAFE_WEIGHTS_NAME = "adapter.safetensors"
 PICKLE_WEIGHTS_NAME = "pytorch_adapter.bin"
-HEAD_CONFIG_NAME = "head_config.json"  # save_adapter(..., with_head=True) on a model with AdapterHub heads
+HEAD_CONFIG_NAME = "head_config.json"  # save_adapter(..., with_head=True), the default, on a model with a head
+SAFE_HEAD_WEIGHTS_NAME = "model_head.safetensors"
 VERSION = "adapters.1.3.0"  # the release whose files these are (and whose loader reads ours)
 
 _BERT = ((r"(.*\.attention\.output)", r"\1.dense", "mh_adapter"),
@@ -93,12 +94,7 @@ def read_adapterhub(folder: str | os.PathLike, model: nn.Module) -> tuple[Bottle
         data = json.load(fh)
     options = data["config"]
     _check_options(options, folder)
-    if os.path.exists(os.path.join(folder, HEAD_CONFIG_NAME)):
-        raise AdapterFileError(
-            f"{folder!r} also holds an AdapterHub prediction head ({HEAD_CONFIG_NAME}), which peftkit does not read; "
-            f"to load the adapter alone (on your model's own head), copy the folder without {HEAD_CONFIG_NAME} "
-            "and model_head.* / pytorch_model_head.bin"
-        )
+    _check_head(folder, model)
     weights = _read_weights(folder)
     targets: dict[str, dict[str, torch.Tensor]] = {}
     names = {n for n, _ in model.named_modules()}
@@ -147,6 +143,31 @@ def _check_options(options: dict[str, Any], folder: str) -> None:
             f"{folder!r}: this AdapterHub adapter uses options peftkit does not implement: {', '.join(refused)}; "
             "load it with the adapters package instead"
         )
+
+
+def _check_head(folder: str, model: nn.Module) -> None:
+    """AdapterHub saves a head with the adapter: a model class's own output layer ("config": null, e.g. a
+    LlamaForCausalLM's lm_head) is accepted when it equals ``model``'s; any other head is refused by name."""
+    path = os.path.join(folder, HEAD_CONFIG_NAME)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        static = json.load(fh).get("config") is None
+    weights = os.path.join(folder, SAFE_HEAD_WEIGHTS_NAME)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied heads too (GPT-2 lm_head)
+    if static and os.path.exists(weights):
+        try:
+            held = load_file(weights)
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            held = {"": None}
+        if all(k in params and v is not None and v.shape == params[k].shape
+               and torch.equal(v.to(params[k].dtype), params[k].detach().cpu()) for k, v in held.items()):
+            return  # the model's own head, unchanged: nothing to load
+    raise AdapterFileError(
+        f"{folder!r} also holds an AdapterHub prediction head ({HEAD_CONFIG_NAME}) that is not this model's own "
+        f"unchanged output layer, and peftkit does not read AdapterHub heads; to load the adapter alone (on your "
+        f"model's head), copy the folder without {HEAD_CONFIG_NAME} and {SAFE_HEAD_WEIGHTS_NAME} / pytorch_model_head.bin"
+    )
 
 
 def _read_weights(folder: str) -> dict[str, torch.Tensor]:
