@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import TinyNet, rows_match_alone, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import peftkit.methods.adapters  # noqa: F401  (registers BOTTLENECK)
 from peftkit import PeftConfigError, PeftError, PeftModel, TargetModulesError, get_peft_model
@@ -30,6 +30,7 @@ def randomize(model, name: str = "default", scale: float = 0.3, norms: bool = Tr
 
 def _layer(base: nn.Module, **cfg) -> BottleneckLayer:
     layer = BottleneckLayer(base)
+    cfg.setdefault("original_ln_before", False)  # a bare layer: the adapter reads the projection's output
     layer.update_layer("default", BottleneckConfig(**cfg), "m")
     layer.set_adapter(["default"])
     randomize(nn.Sequential(layer))
@@ -71,7 +72,7 @@ def test_adapters_run_in_sequence() -> None:
     torch.manual_seed(0)
     base = nn.Linear(6, 8)
     layer = _layer(base, bottleneck_size=2)
-    layer.update_layer("b", BottleneckConfig(bottleneck_size=3, non_linearity="tanh"), "m")
+    layer.update_layer("b", BottleneckConfig(bottleneck_size=3, non_linearity="tanh", original_ln_before=False), "m")
     randomize(nn.Sequential(layer), "b")
     layer.set_adapter(["default", "b"])
     x = torch.randn(4, 6)
@@ -127,7 +128,7 @@ def test_placement_and_fresh_adapter_equals_base(make, placement: str, ids) -> N
     wanted = ffn | attention if placement == "houlsby" else ffn
     expected = {n.format(i=i) for n in wanted for i in range(2)}
     base = make().requires_grad_(False)
-    pm = get_peft_model(make(), BottleneckConfig(placement=placement))
+    pm = get_peft_model(make(), BottleneckConfig(placement=placement, init_weights="mam_adapter"))
     assert {n for n, _ in adapter_layers(pm.model)} == expected
     config = pm.peft_config["default"]
     assert set(config.target_modules) == expected and config.train_layer_norms == (placement == "houlsby")
@@ -283,3 +284,202 @@ def test_training_lowers_loss_and_moves_adapters() -> None:
     assert losses[-1] < 0.6 * losses[0]
     ups = [layer.adapter_up["default"].weight for _, layer in adapter_layers(pm)]
     assert all(w.abs().max() > 1e-3 for w in ups)  # the adapters trained, not only the head
+
+
+# ---- AdapterHub's compositions (tests/test_adapterhub.py checks them against the adapters package) ----
+def _adapter_fn(layer: BottleneckLayer, name: str = "default"):
+    down, up = layer.adapter_down[name], layer.adapter_up[name]
+    act, s = ACTS[layer.non_linearity[name]], layer.scaling[name]
+    return lambda v: (act(v @ down.weight.T + down.bias) @ up.weight.T + up.bias) * s
+
+
+def _adapterhub_bert_block(block: nn.Module, adapter, ln_before: bool):
+    """BertSelfOutput / BertOutput forward as AdapterHub computes it, written out from its Adapter's
+    pre_forward / forward / post_forward with residual_before_ln=True and original_ln_after=True."""
+    def forward(hidden_states, input_tensor):
+        h = block.dropout(block.dense(hidden_states))
+        residual = h  # residual_before_ln=True: the adapter's skip is h itself
+        v = block.LayerNorm(h + input_tensor) if ln_before else h  # original_ln_before
+        out = adapter(v) + residual
+        return block.LayerNorm(out + input_tensor)  # original_ln_after
+    return forward
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_bert_equals_adapterhubs_formula(placement: str, ids) -> None:
+    pm = get_peft_model(tiny_bert_cls(), BottleneckConfig(placement=placement, train_layer_norms=False, scaling=0.8))
+    randomize(pm)
+    config = pm.peft_config["default"]
+    assert config.original_ln_before == (placement == "pfeiffer")
+    assert config.non_linearity == ("relu" if placement == "pfeiffer" else "swish")
+    reference = tiny_bert_cls()
+    for path, layer in adapter_layers(pm.model):
+        block = reference.get_submodule(path.rsplit(".", 1)[0])
+        block.forward = _adapterhub_bert_block(block, _adapter_fn(layer), config.original_ln_before)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(pm(ids).logits, expected, rtol=0, atol=1e-5)
+        other = _adapterhub_bert_block  # the other composition differs: the check can fail
+        for path, layer in adapter_layers(pm.model):
+            block = reference.get_submodule(path.rsplit(".", 1)[0])
+            block.forward = other(block, _adapter_fn(layer), not config.original_ln_before)
+        assert (reference(ids).logits - expected).abs().max() > 1e-3
+
+
+# pre-norm whose input is the residual x, for each projection the adapter wraps
+_PRE_NORMS = {
+    tiny_llama: {"self_attn.o_proj": "input_layernorm", "mlp.down_proj": "post_attention_layernorm"},
+    tiny_gpt2: {"attn.c_proj": "ln_1", "mlp.c_proj": "ln_2"},
+    tiny_t5: {"SelfAttention.o": "layer_norm", "DenseReluDense.wo": "layer_norm"},
+}
+
+
+@pytest.mark.parametrize("make", list(_PRE_NORMS), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_pre_norm_models_equal_adapterhubs_formula(make, placement: str, ids) -> None:
+    """No norm after the residual sum: AdapterHub's pfeiffer gives x + h + A(x + h), houlsby x + h + A(h)."""
+    pm = get_peft_model(make(), BottleneckConfig(placement=placement, train_layer_norms=False))
+    randomize(pm)
+    reads_sum = pm.peft_config["default"].original_ln_before
+    reference, seen = make(), {}
+    for path, layer in adapter_layers(pm.model):
+        prefix, norm = next((path[: -len(k)], v) for k, v in _PRE_NORMS[make].items() if path.endswith(k))
+        reference.get_submodule(f"{prefix}{norm}").register_forward_pre_hook(
+            lambda m, args, key=path: seen.__setitem__(key, args[0]))
+        adapter = _adapter_fn(layer)
+        reference.get_submodule(path).register_forward_hook(
+            lambda m, args, h, key=path, a=adapter: h + a(h + seen[key] if reads_sum else h))
+    with torch.no_grad():
+        torch.testing.assert_close(_run(pm, ids), _run(reference, ids), rtol=0, atol=1e-5)
+        assert (_run(pm, ids) - _run(make(), ids)).abs().max() > 1e-3
+
+
+def test_files_without_the_new_keys_load_as_they_were_trained(tmp_path, ids) -> None:
+    """A file written before original_ln_before / init_weights existed: the adapter read h, ReLU, identity init."""
+    pm = get_peft_model(tiny_bert_cls(), BottleneckConfig(original_ln_before=False, non_linearity="relu"))
+    randomize(pm)
+    expected = pm(ids).logits
+    pm.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    for key in ("original_ln_before", "init_weights", "non_linearity"):
+        del data[key]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    loaded = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
+    config = loaded.peft_config["default"]
+    assert (config.original_ln_before, config.non_linearity, config.init_weights) == (False, "relu", "mam_adapter")
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_new_configs_get_adapterhubs_defaults() -> None:
+    assert (BottleneckConfig().original_ln_before, BottleneckConfig().non_linearity) == (True, "relu")
+    houlsby = BottleneckConfig(placement="houlsby")
+    assert (houlsby.original_ln_before, houlsby.non_linearity, houlsby.init_weights) == (False, "swish", "bert")
+    torch.manual_seed(0)
+    base = nn.Linear(64, 256)
+    layer = BottleneckLayer(base)
+    for init in ("bert", "houlsby", "mam_adapter"):
+        layer.update_layer(init, BottleneckConfig(init_weights=init, bottleneck_size=64), "m")
+    bert, houlsby_up = layer.adapter_up["bert"].weight, layer.adapter_up["houlsby"].weight
+    assert abs(bert.std().item() - 0.02) < 2e-3 and abs(layer.adapter_down["bert"].weight.std().item() - 0.02) < 2e-3
+    assert houlsby_up.abs().max() <= 0.02 and houlsby_up.std() > 5e-3
+    assert torch.count_nonzero(layer.adapter_up["mam_adapter"].weight) == 0
+    assert all(torch.count_nonzero(layer.adapter_down[n].bias) == 0 for n in ("bert", "houlsby", "mam_adapter"))
+    with pytest.raises(PeftConfigError, match="init_weights must be one of"):
+        BottleneckConfig(init_weights="xavier")
+
+
+def test_residual_sum_needs_a_known_source_and_leaves_the_model_untouched() -> None:
+    model = TinyNet()
+    with pytest.raises(TargetModulesError, match=r"original_ln_before=True needs the residual input of target 'blocks.0.fc'.*original_ln_before=False"):
+        get_peft_model(model, BottleneckConfig(target_modules=["fc"]))
+    assert not list(adapter_layers(model))
+    pm = get_peft_model(model, BottleneckConfig(target_modules=["fc"], original_ln_before=False))
+    assert len(list(adapter_layers(pm))) == 3
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_taps_go_with_the_adapter_and_copies_keep_their_own(ids) -> None:
+    import copy
+
+    pm = get_peft_model(tiny_bert_cls(), BottleneckConfig())
+    randomize(pm)
+    assert _hooks(pm.model) == 2  # one tap per adapted layer
+    twin = copy.deepcopy(pm)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, pm(ids).logits, rtol=0, atol=0)
+    pm.add_adapter("houlsby", BottleneckConfig(placement="houlsby", original_ln_before=False))
+    pm.delete_adapter("default")
+    assert _hooks(pm.model) == 0
+    assert _hooks(pm.unload()) == 0 and _hooks(twin.unload()) == 0
+
+
+# ---- AdapterHub's folders without AdapterHub (tests/test_adapterhub.py runs them through the package) ----
+def _adapterhub_pm(**cfg):
+    pm = get_peft_model(tiny_bert_cls(), BottleneckConfig(train_layer_norms=False, **cfg))  # no head copy
+    randomize(pm)
+    return pm.eval()
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_adapterhub_layout_round_trip(tmp_path, ids, placement: str) -> None:
+    from peftkit import save_adapterhub
+
+    pm = _adapterhub_pm(placement=placement, scaling=0.5)
+    expected = pm(ids).logits
+    (tmp_path / "notes.txt").write_text("mine")
+    save_adapterhub(pm, tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "peft_type" not in data and data["version"] == "adapters.1.3.0" and data["model_type"] == "bert"
+    assert (data["config"]["mh_adapter"], data["config"]["original_ln_before"]) == (
+        placement == "houlsby", placement == "pfeiffer")
+    assert "bert.encoder.layer.1.output.adapters.default.adapter_down.0.weight" in load_file(tmp_path / "adapter.safetensors")
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # the user's other files stay
+    loaded = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_adapterhub_options_peftkit_lacks_are_refused_by_name(tmp_path, ids) -> None:
+    from peftkit import AdapterFileError, save_adapterhub
+
+    save_adapterhub(_adapterhub_pm(), tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    good = json.dumps(data)
+    data["config"].update(ln_after=True, scaling="learned")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    model = tiny_bert_cls()
+    with pytest.raises(AdapterFileError, match=r"does not implement: ln_after=True, scaling='learned'"):
+        PeftModel.from_pretrained(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(good)
+    (tmp_path / "adapter.safetensors").rename(tmp_path / "pytorch_adapter.bin")
+    with pytest.raises(AdapterFileError, match=r"only pytorch_adapter.bin \(a pickle\).*use_safetensors=True"):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert not list(adapter_layers(model))
+    with pytest.raises(AdapterFileError, match=r"trains whole modules .*LayerNorm.*train_layer_norms=False"):
+        save_adapterhub(get_peft_model(tiny_bert_cls(), BottleneckConfig(placement="houlsby")), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_adapterhub_folder_for_another_model_or_method_is_refused(tmp_path) -> None:
+    from peftkit import AdapterFileError, save_adapterhub
+
+    save_adapterhub(_adapterhub_pm(), tmp_path)
+    llama = tiny_llama()
+    with pytest.raises(AdapterFileError, match=r"location 'bert.encoder.layer.0.output' has no place in this llama model"):
+        PeftModel.from_pretrained(llama, tmp_path)
+    assert not list(adapter_layers(llama))
+    model = tiny_bert_cls()  # AdapterHub's static head: the model's own classifier, saved beside the adapter
+    (tmp_path / "head_config.json").write_text('{"config": null}')
+    head = {"classifier.weight": model.classifier.weight.detach().clone()}
+    save_file(head, tmp_path / "model_head.safetensors")
+    PeftModel.from_pretrained(model, tmp_path).unload()
+    save_file({"classifier.weight": head["classifier.weight"] + 1}, tmp_path / "model_head.safetensors")
+    with pytest.raises(AdapterFileError, match=r"prediction head \(head_config.json\) that is not this model's own"):
+        PeftModel.from_pretrained(model, tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["config"] = {"architecture": "lora", "r": 8}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(AdapterFileError, match=r"AdapterHub 'lora' adapter; peftkit reads AdapterHub's bottleneck"):
+        PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)

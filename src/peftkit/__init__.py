@@ -1,5 +1,6 @@
 """peftkit: parameter-efficient fine-tuning for PyTorch, with HF PEFT's names and adapter files."""
 
+from .adapterhub import save_adapterhub
 from .config import PeftConfig, TaskType
 from .errors import (
     AdapterFileError,
@@ -76,5 +77,6 @@ __all__ = [
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",
     "quantize_base",
+    "save_adapterhub",
     "set_peft_model_state_dict",
 ]

@@ -79,6 +79,8 @@ class PeftConfig:
     PEFT_TYPE: ClassVar[str] = ""
     # Options of HF PEFT's config that peftkit does not implement: accepted only when "off".
     UNSUPPORTED_KEYS: ClassVar[frozenset[str]] = frozenset()
+    # Values for keys a file lacks, where the field's default changed after files were written without it.
+    FILE_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     task_type: str | None = None
     inference_mode: bool = False
@@ -163,6 +165,8 @@ class PeftConfig:
                 refused.append(f"{key}={value!r}")
             else:
                 refused.append(f"{key}={value!r} (unknown key)")
+        for key, value in target.FILE_DEFAULTS.items():
+            kwargs.setdefault(key, value)
         if refused:
             raise PeftConfigError(
                 f"{target.PEFT_TYPE} config uses options peftkit does not implement: {', '.join(refused)}; "

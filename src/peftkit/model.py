@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from .adapterhub import read_folder
 from .config import SEQ_CLS_HEAD_NAMES, PeftConfig
 from .errors import (
     AdapterFileError,
@@ -33,7 +34,6 @@ from .io import (
     copy_into,
     embedding_tensors,
     file_tensors,
-    read_adapter_weights,
     trained_biases,
     write_adapter_folder,
 )
@@ -449,6 +449,7 @@ class PeftModel(nn.Module):
     def _unwrap(self, keep_trained: bool = True) -> nn.Module:
         model = self.base_model.model
         for path, layer in reversed(list(adapter_layers(model))):  # inner layers first: their paths stay valid
+            layer.release()
             _replace(model, path, layer.base_layer)
         for path, wrapper in list(modules_to_save_wrappers(model)):
             keep = wrapper.current if keep_trained and wrapper.active_adapter else wrapper.original_module
@@ -566,9 +567,8 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         """Wrap ``model`` and load the adapter folder ``model_id``. On any error the model is left untouched."""
         folder = _local_folder(model_id, **kwargs)
-        config = config or PeftConfig.from_pretrained(folder)
+        config, tensors = read_folder(folder, model, config)  # HF PEFT's layout or AdapterHub's
         config = config.copy(inference_mode=not is_trainable)
-        tensors = read_adapter_weights(folder)  # fails on a corrupt file before the model is touched
         peft_model = _class_for(config, cls)(model, config, adapter_name)
         try:
             peft_model._load_tensors(adapter_name, tensors, folder)
@@ -586,8 +586,8 @@ class PeftModel(nn.Module):
         folder = _local_folder(model_id, **kwargs)
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"an adapter named {adapter_name!r} already exists; pick another name")
-        config = PeftConfig.from_pretrained(folder).copy(inference_mode=not is_trainable)
-        tensors = read_adapter_weights(folder)
+        config, tensors = read_folder(folder, self.base_model.model)  # HF PEFT's layout or AdapterHub's
+        config = config.copy(inference_mode=not is_trainable)
         self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, folder)

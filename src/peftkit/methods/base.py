@@ -157,6 +157,10 @@ class AdapterLayer(nn.Module):
     def _forget(self, adapter_name: str) -> None:
         """Drop per-adapter non-parameter state (hyper-parameters held in plain dicts)."""
 
+    def release(self) -> None:
+        """Undo what ``MethodSpec.after_inject`` attached outside ``base_layer`` (hooks), before the layer
+        leaves the model."""
+
     def set_adapter(self, adapter_names: list[str]) -> None:
         self.active_adapters = [a for a in adapter_names if a in self.adapter_names]
 
@@ -360,6 +364,9 @@ class MethodSpec:
     extra_files: Callable[[nn.Module, str, PeftConfig], dict[str, dict[str, torch.Tensor]]] | None = None
     # A model-level method (prompts): its ModelAdapters class, instead of layer_base / layer_for
     model_level: type[ModelAdapters] | None = None
+    # After the layers are in place: (model, config, adapter_name) -> None, to connect layers to modules
+    # outside their base (a bottleneck adapter's residual input); undone by AdapterLayer.release
+    after_inject: Callable[[nn.Module, PeftConfig, str], None] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -420,6 +427,8 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
         module.update_layer(adapter_name, config, name)
+    if spec.after_inject is not None:
+        spec.after_inject(model, config, adapter_name)
     return [name for name, _, _ in plan]
 
 
