@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import patterns
 from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from .errors import AdapterFileError
 from .methods.base import (
@@ -193,7 +194,7 @@ def embedding_is_targeted(model: nn.Module, config: PeftConfig) -> bool:
         if targets.lower() == "all-linear":
             return False
         return any(
-            re.fullmatch(targets, name) for name, _ in model.named_modules()
+            patterns.fullmatch(targets, name, "target_modules") for name, _ in model.named_modules()
             if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES)
         )
     return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
