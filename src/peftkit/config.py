@@ -308,8 +308,15 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
         """Build the right config class from a dict (an adapter_config.json's content)."""
+        if not isinstance(data, dict):
+            raise PeftConfigError(
+                f"an adapter config must be a JSON object (a dict), got {type(data).__name__}; is this an "
+                "adapter_config.json?"
+            )
         data = dict(data)
         peft_type = data.pop("peft_type", None) or cls.PEFT_TYPE
+        if peft_type and not isinstance(peft_type, str):
+            raise PeftConfigError(f"peft_type must be a string such as \"LORA\", got {peft_type!r}")
         if not peft_type:
             raise PeftConfigError("adapter config has no 'peft_type'; add e.g. \"peft_type\": \"LORA\"")
         target = config_class_for(peft_type)
@@ -347,10 +354,17 @@ class PeftConfig:
                 data = json.load(fh)
         except FileNotFoundError:
             raise PeftConfigError(f"no {CONFIG_NAME} at {os.fspath(path)!r}; is this an adapter folder?") from None
-        except json.JSONDecodeError as exc:
-            raise PeftConfigError(f"{os.fspath(path)!r} is not valid JSON ({exc}); the file is corrupt") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise PeftConfigError(
+                f"{os.fspath(path)!r} is not valid UTF-8 JSON ({str(exc).splitlines()[0][:120]}); the file is corrupt"
+            ) from None
+        except OSError as exc:
+            raise PeftConfigError(f"cannot read {os.fspath(path)!r} ({exc.strerror or exc}); is this an adapter "
+                                  "folder?") from None
         if not isinstance(data, dict):
-            raise PeftConfigError(f"{os.fspath(path)!r} must hold a JSON object")
+            raise PeftConfigError(
+                f"{os.fspath(path)!r} must hold a JSON object (keys like \"peft_type\"), not a {type(data).__name__}"
+            )
         return cls.from_dict(data)
 
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -103,12 +104,27 @@ def _unchanged_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
+def _check_model_and_config(model: Any, config: Any) -> None:
+    """The two objects every entry point takes, refused by type before anything is read from them."""
+    if not isinstance(model, nn.Module):
+        raise PeftError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    if not isinstance(config, PeftConfig):
+        raise PeftError(
+            f"expected a peftkit config (e.g. LoraConfig(...)), got {type(config).__name__}; build one, or read a "
+            "file with PeftConfig.from_pretrained(folder) / PeftConfig.from_dict(data)"
+        )
+
+
+def _check_model_id(model_id: Any) -> None:
+    if not isinstance(model_id, str | os.PathLike):
+        raise AdapterFileError(f"model_id must be an adapter folder (a path), got {model_id!r}")
+
+
 def _add_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> PeftConfig:
     """Add the adapter; returns the config completed for this model (see MethodSpec.prepare_config).
     On any error the model is left as it was."""
     check_adapter_name(adapter_name)
-    if not isinstance(config, PeftConfig):
-        raise PeftError(f"expected a peftkit config (e.g. LoraConfig), got {type(config).__name__}")
+    _check_model_and_config(model, config)
     spec = method_for(config)
     with _unchanged_on_error(model):
         if spec.prepare_config is not None:
@@ -353,6 +369,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         check_adapter_name(adapter_name)
+        _check_model_and_config(model, peft_config)
         with _unchanged_on_error(model):
             self.base_model = _Host(model)
             self.forward = _SignedForward(self)
@@ -404,6 +421,11 @@ class PeftModel(nn.Module):
         if adapter_names is None:
             yield
             return
+        if isinstance(adapter_names, str):
+            raise AdapterNameError(
+                f"adapter_names takes one adapter name per row of the batch (a list), got the string {adapter_names!r}; "
+                f"e.g. adapter_names=[{adapter_names!r}] * batch_size"
+            )
         unknown = sorted({n for n in adapter_names if n != BASE_ROW and n not in self.peft_config})
         if unknown:
             raise AdapterNameError(
@@ -504,7 +526,7 @@ class PeftModel(nn.Module):
 
     # ---- merging ----------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = adapter_names or self._active
+        names = adapter_name_list(adapter_names, "adapter_names") if adapter_names else self._active
         for name in names:
             self._check_name(name)
         layers = [layer for _, layer in adapter_layers(self)]
@@ -575,6 +597,10 @@ class PeftModel(nn.Module):
 
         check_adapter_name(adapter_name)
         adapters = adapter_name_list(adapters, "add_weighted_adapter's adapters")
+        if not isinstance(weights, list | tuple) or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        ):
+            raise PeftError(f"add_weighted_adapter: weights must be a list of finite numbers, got {weights!r}")
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
                              svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
                              svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
@@ -651,8 +677,10 @@ class PeftModel(nn.Module):
         "auto" after a vocabulary resize); they replace the base weights while the adapter is loaded
         (``disable_adapter()`` runs the originals, ``unload()`` restores them). Without it such a file is refused."""
         check_adapter_name(adapter_name)
+        _check_model_id(model_id)
         folder = _local_folder(model_id, kwargs.get("subfolder"))
         config = config or PeftConfig.from_pretrained(folder)
+        _check_model_and_config(model, config)
         config = config.copy(inference_mode=not is_trainable)
         _check_shapes_before_allocating(model, config, adapter_name, folder)
         tensors = read_adapter_weights(folder)  # fails on a corrupt file before the model is touched
@@ -670,6 +698,7 @@ class PeftModel(nn.Module):
         """Load another adapter folder under ``adapter_name`` (not made active, as in HF PEFT). On any error the
         model is left untouched. ``load_embedding_layers``: as in ``from_pretrained``."""
         check_adapter_name(adapter_name)
+        _check_model_id(model_id)
         folder = _local_folder(model_id, kwargs.get("subfolder"))
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"an adapter named {adapter_name!r} already exists; pick another name")
@@ -774,6 +803,7 @@ def get_peft_model(
     """Wrap ``model`` with a new adapter ``adapter_name`` (active and trainable; the base is frozen).
 
     ``autocast_adapter_dtype`` (HF PEFT's argument): adapter weights stay fp32 on a bf16/fp16 base."""
+    _check_model_and_config(model, peft_config)
     if peft_config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
         peft_config = peft_config.copy(base_model_name_or_path=model.name_or_path)  # as HF PEFT records it
     if hasattr(peft_config, "autocast_adapter_dtype"):
