@@ -162,6 +162,16 @@ def _element_problem(value: Any, tp: Any) -> tuple[str, Any, Any] | None:
     return None
 
 
+def _huge_int(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return not -(2**63) <= value < 2**63
+    if isinstance(value, list | tuple):
+        return any(_huge_int(v) for v in value)
+    if isinstance(value, dict):
+        return any(_huge_int(v) for v in value.values())
+    return False
+
+
 def check_field_types(config: PeftConfig) -> None:
     """Every field against its annotation (bool takes a JSON bool, int an integer, float a finite number, list
     and dict fields their element types); refuses with the field, the value, the expected type and a fix."""
@@ -183,6 +193,11 @@ def check_field_types(config: PeftConfig) -> None:
                 hint = f" (for one name write [{value!r}])"
             raise PeftConfigError(
                 f"{name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}; fix it in the "
+                f"{config.PEFT_TYPE or type(config).__name__} config"
+            )
+        if _huge_int(converted):
+            raise PeftConfigError(
+                f"{f.name}={value!r} does not fit in 64 bits; no size or seed is that large: fix the "
                 f"{config.PEFT_TYPE or type(config).__name__} config"
             )
         if _non_finite(converted):

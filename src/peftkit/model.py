@@ -125,6 +125,7 @@ def _add_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> Pef
     On any error the model is left as it was."""
     check_adapter_name(adapter_name)
     _check_model_and_config(model, config)
+    config.copy()  # re-runs every check: a field set after the config was built (config.lora_alpha = "16")
     spec = method_for(config)
     with _unchanged_on_error(model):
         if spec.prepare_config is not None:
@@ -165,7 +166,14 @@ def _check_shapes_before_allocating(model: nn.Module, config: PeftConfig, adapte
             shapes = {k: tuple(v.shape) for k, v in expected.items()}
     except PeftError:
         raise  # the user's error: the real run would raise the same
-    except Exception:  # noqa: BLE001 - an operation the meta device lacks: the checks after loading still run
+    except (RuntimeError, TypeError, OverflowError) as exc:
+        if "overflow" in str(exc).lower():  # sizes beyond any memory (r = 2**62): torch's message says so
+            raise AdapterFileError(
+                f"{folder}: the config asks for tensors too large to exist ({str(exc).splitlines()[0][:100]}); "
+                "its r / num_virtual_tokens / sizes do not match the file: fix the adapter_config.json"
+            ) from None
+        return  # an operation the meta device lacks: the checks after loading still run
+    except Exception:  # noqa: BLE001 - likewise
         return
     finally:
         restore()
