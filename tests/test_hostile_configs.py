@@ -200,7 +200,7 @@ def test_config_file_not_an_object_or_not_utf8(tmp_path) -> None:
     with pytest.raises(PeftConfigError, match="must hold a JSON object"):
         PeftConfig.from_pretrained(tmp_path)
     (tmp_path / CONFIG_NAME).write_bytes(b'{"peft_type": "LORA", "r": \xff}')
-    with pytest.raises(PeftConfigError, match="not valid UTF-8 JSON"):
+    with pytest.raises(PeftConfigError, match="not valid JSON in UTF-8"):
         PeftConfig.from_pretrained(tmp_path)
     with pytest.raises(PeftConfigError, match="must be a JSON object"):
         PeftConfig.from_dict(["peft_type", "LORA"])
@@ -473,7 +473,7 @@ def test_huge_virtual_tokens_refused_before_allocating(tmp_path) -> None:
 # ---- peftkit inspect: one line for every bad config ----------------------------------------------------------
 @pytest.mark.parametrize(("content", "message"), [
     (b"[1, 2]", "must be a JSON object"),
-    (b'{"peft_type": "LORA", "r": \xff}', "not valid UTF-8 JSON"),
+    (b'{"peft_type": "LORA", "r": \xff}', "not valid JSON in UTF-8"),
     (b'{"peft_type": "LORA", "target_modules": 5}', "target_modules must be"),
     (b'{"peft_type": "LORA", "modules_to_save": "lm_head"}', "modules_to_save must be"),
     (b'{"peft_type": "LORA", "lora_alpha": "16"}', "lora_alpha must be"),

@@ -371,7 +371,7 @@ class PeftConfig:
             raise PeftConfigError(f"no {CONFIG_NAME} at {os.fspath(path)!r}; is this an adapter folder?") from None
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise PeftConfigError(
-                f"{os.fspath(path)!r} is not valid UTF-8 JSON ({str(exc).splitlines()[0][:120]}); the file is corrupt"
+                f"{os.fspath(path)!r} is not valid JSON in UTF-8 ({str(exc).splitlines()[0][:120]}); the file is corrupt"
             ) from None
         except OSError as exc:
             raise PeftConfigError(f"cannot read {os.fspath(path)!r} ({exc.strerror or exc}); is this an adapter "

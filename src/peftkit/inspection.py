@@ -48,7 +48,7 @@ def describe_one(name: str, folder: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{path} is not valid UTF-8 JSON ({str(exc).splitlines()[0][:120]}); the file is corrupt") from None
+        raise AdapterFileError(f"{path} is not valid JSON in UTF-8 ({str(exc).splitlines()[0][:120]}); the file is corrupt") from None
     except OSError as exc:
         raise AdapterFileError(f"cannot read {path} ({exc.strerror or exc})") from None
     PeftConfig.from_dict(config)  # the checks loading makes (types, finite values, regexes): one line if bad
