@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import PeftConfigError
+from .patterns import check_pattern
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,6 +52,183 @@ BOOKKEEPING_KEYS = frozenset(
 def _is_off(value: Any) -> bool:
     """The "feature not used" value of an unimplemented option."""
     return value is None or value is False or (isinstance(value, dict | list | tuple | set) and not value)
+
+
+# ---- field types, checked generically from the dataclass annotations ---------------------------------
+# JSON gives strings, numbers, bools, lists, objects and null; a wrong one must not slip through (the string
+# "false" is truthy, NaN compares False with everything). Every field of every method is checked against its
+# annotation before the method's own checks run, so a new method's config gets this for free.
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    """'an integer', 'a list of strings', ... for error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0]).split(' ', 1)[-1]}s" if args else "a list"
+    if origin is dict or tp is dict:
+        return "an object (dict)" if not args else f"an object mapping {_type_name(args[0]).split(' ', 1)[-1]}s " \
+            f"to {_type_name(args[1]).split(' ', 1)[-1]}s"
+    return {bool: "a bool (true/false)", int: "an integer", float: "a finite number", str: "a string",
+            type(None): "null (None)"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(fits, value as stored): whether ``value`` is of annotation ``tp``. An integral float fits an int field
+    (16.0 -> 16), a tuple or set fits a list field; nothing else is converted."""
+    if tp is Any:
+        return True, value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            fits, converted = _coerce(value, arg)
+            if fits:
+                return True, converted
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool), value  # finiteness: below
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list or tp is list:
+        if not isinstance(value, list | tuple | set | frozenset):
+            return False, value
+        items = sorted(value) if isinstance(value, set | frozenset) else list(value)
+        if not args:
+            return True, items
+        out = []
+        for item in items:
+            fits, item = _coerce(item, args[0])
+            if not fits:
+                return False, value
+            out.append(item)
+        return True, out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            return False, value
+        if not args:
+            return True, value
+        out_d = {}
+        for k, v in value.items():
+            fits_k, k = _coerce(k, args[0])
+            fits_v, v = _coerce(v, args[1])
+            if not (fits_k and fits_v):
+                return False, value
+            out_d[k] = v
+        return True, out_d
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value  # an annotation this checker does not know: the method's own checks apply
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def _element_problem(value: Any, tp: Any) -> tuple[str, Any, Any] | None:
+    """For a list/dict value of the right container type: the first element that does not fit, as
+    (``"[key]"``, element, its expected type), so the message names ``rank_pattern['q']``, not the dict."""
+    for arg in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,):
+        origin, args = typing.get_origin(arg), typing.get_args(arg)
+        if origin is dict and isinstance(value, dict) and args:
+            for k, v in value.items():
+                if not _coerce(k, args[0])[0]:
+                    return f" key {k!r}", k, args[0]
+                if not _coerce(v, args[1])[0]:
+                    return f"[{k!r}]", v, args[1]
+        if origin is list and isinstance(value, list | tuple) and args:
+            for i, v in enumerate(value):
+                if not _coerce(v, args[0])[0]:
+                    return f"[{i}]", v, args[0]
+    return None
+
+
+def _huge_int(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return not -(2**63) <= value < 2**63
+    if isinstance(value, list | tuple):
+        return any(_huge_int(v) for v in value)
+    if isinstance(value, dict):
+        return any(_huge_int(v) for v in value.values())
+    return False
+
+
+def check_field_types(config: PeftConfig) -> None:
+    """Every field against its annotation (bool takes a JSON bool, int an integer, float a finite number, list
+    and dict fields their element types); refuses with the field, the value, the expected type and a fix."""
+    hints = _field_types(type(config))
+    for f in dataclasses.fields(config):
+        tp = hints.get(f.name, Any)
+        value = getattr(config, f.name)
+        fits, converted = _coerce(value, tp)
+        if not fits:
+            element = _element_problem(value, tp)
+            name = f.name
+            if element is not None:
+                suffix, value, tp = element
+                name += suffix
+            hint = ""
+            if isinstance(value, str) and value.lower() in ("true", "false") and _coerce(True, tp)[0]:
+                hint = f" (write {value.lower()} without quotes)"
+            elif isinstance(value, str) and _coerce([value], tp)[0]:
+                hint = f" (for one name write [{value!r}])"
+            raise PeftConfigError(
+                f"{name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}; fix it in the "
+                f"{config.PEFT_TYPE or type(config).__name__} config"
+            )
+        if _huge_int(converted):
+            raise PeftConfigError(
+                f"{f.name}={value!r} does not fit in 64 bits; no size or seed is that large: fix the "
+                f"{config.PEFT_TYPE or type(config).__name__} config"
+            )
+        if _non_finite(converted):
+            raise PeftConfigError(
+                f"{f.name} must be a finite number, got {value!r}; NaN/Infinity make the outputs NaN or silently "
+                f"wrong: give a finite value in the {config.PEFT_TYPE or type(config).__name__} config"
+            )
+        if converted is not value:
+            object.__setattr__(config, f.name, converted)
+
+
+# Fields that hold regular expressions, and the regex each is embedded in where it is used.
+PATTERN_FIELDS: dict[str, str] = {
+    "target_modules": "{}", "exclude_modules": "{}", "feedforward_modules": "{}",
+    "layers_pattern": r"(?:^|.*?\.){}\.(?P<idx>\d+)\.",
+}
+PATTERN_KEY_FIELDS: dict[str, str] = {"rank_pattern": r"(.*\.)?({})$", "alpha_pattern": r"(.*\.)?({})$"}
+
+
+def check_patterns(config: PeftConfig) -> None:
+    """Every regex a config holds compiles and matches module names in bounded time (see patterns.py)."""
+    for name, used_as in PATTERN_FIELDS.items():
+        value = getattr(config, name, None)
+        if name == "layers_pattern" and isinstance(value, list):
+            for item in value:
+                check_pattern(item, name, used_as)
+        elif isinstance(value, str) and value.lower() != "all-linear":
+            check_pattern(value, name, used_as)
+    for name, used_as in PATTERN_KEY_FIELDS.items():
+        for key in getattr(config, name, None) or {}:
+            check_pattern(key, f"{name} key", used_as)
 
 
 _REGISTRY: dict[str, type[PeftConfig]] = {}
@@ -92,6 +274,8 @@ class PeftConfig:
         return self.PEFT_TYPE
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        check_patterns(self)
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         if self.task_type is not None:
@@ -141,8 +325,15 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
         """Build the right config class from a dict (an adapter_config.json's content)."""
+        if not isinstance(data, dict):
+            raise PeftConfigError(
+                f"an adapter config must be a JSON object (a dict), got {type(data).__name__}; is this an "
+                "adapter_config.json?"
+            )
         data = dict(data)
         peft_type = data.pop("peft_type", None) or cls.PEFT_TYPE
+        if peft_type and not isinstance(peft_type, str):
+            raise PeftConfigError(f"peft_type must be a string such as \"LORA\", got {peft_type!r}")
         if not peft_type:
             raise PeftConfigError("adapter config has no 'peft_type'; add e.g. \"peft_type\": \"LORA\"")
         target = config_class_for(peft_type)
@@ -182,10 +373,17 @@ class PeftConfig:
                 data = json.load(fh)
         except FileNotFoundError:
             raise PeftConfigError(f"no {CONFIG_NAME} at {os.fspath(path)!r}; is this an adapter folder?") from None
-        except json.JSONDecodeError as exc:
-            raise PeftConfigError(f"{os.fspath(path)!r} is not valid JSON ({exc}); the file is corrupt") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise PeftConfigError(
+                f"{os.fspath(path)!r} is not valid JSON in UTF-8 ({str(exc).splitlines()[0][:120]}); the file is corrupt"
+            ) from None
+        except OSError as exc:
+            raise PeftConfigError(f"cannot read {os.fspath(path)!r} ({exc.strerror or exc}); is this an adapter "
+                                  "folder?") from None
         if not isinstance(data, dict):
-            raise PeftConfigError(f"{os.fspath(path)!r} must hold a JSON object")
+            raise PeftConfigError(
+                f"{os.fspath(path)!r} must hold a JSON object (keys like \"peft_type\"), not a {type(data).__name__}"
+            )
         return cls.from_dict(data)
 
     @classmethod

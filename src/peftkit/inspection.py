@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any
 
-from .config import CONFIG_NAME, WEIGHTS_NAME
+from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from .errors import AdapterFileError
 
 # Path components that start an adapter's own tensors inside a module (HF PEFT's and peftkit's names).
@@ -43,11 +43,15 @@ def _adapter_folders(folder: str) -> list[tuple[str, str]]:
 def describe_one(name: str, folder: str) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
+    path = os.path.join(folder, CONFIG_NAME)
     try:
-        with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{folder}/{CONFIG_NAME} is not valid JSON ({exc.msg}); the file is corrupt") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON in UTF-8 ({str(exc).splitlines()[0][:120]}); the file is corrupt") from None
+    except OSError as exc:
+        raise AdapterFileError(f"cannot read {path} ({exc.strerror or exc})") from None
+    PeftConfig.from_dict(config)  # the checks loading makes (types, finite values, regexes): one line if bad
     weights = os.path.join(folder, WEIGHTS_NAME)
     modules: dict[str, dict[str, list[int]]] = {}
     stored = frozen = 0
@@ -67,7 +71,7 @@ def describe_one(name: str, folder: str) -> dict[str, Any]:
                         frozen += n
                     module, tensor = _module_of(key)
                     modules.setdefault(module, {})[tensor] = shape
-        except SafetensorError as exc:
+        except (SafetensorError, OSError) as exc:
             raise AdapterFileError(f"{weights} is not a valid safetensors file ({exc}); the file is corrupt") from None
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
     keys = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora", "lora_dropout", "num_virtual_tokens",

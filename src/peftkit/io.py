@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import patterns
 from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from .errors import AdapterFileError
 from .methods.base import (
@@ -132,6 +133,23 @@ def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def read_adapter_header(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in ``adapter_model.safetensors``, from its header alone (no data read), so
+    a config can be checked against its file before anything is allocated for it."""
+    from safetensors import safe_open
+
+    path = os.path.join(os.fspath(folder), WEIGHTS_NAME)
+    if not os.path.exists(path):
+        read_adapter_weights(folder)  # raises its message for a missing file
+    try:
+        with safe_open(path, "pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(
+            f"{path!r} is truncated or corrupt ({exc}); save the adapter again or copy it whole"
+        ) from None
+
+
 # ---- model state <-> file keys ---------------------------------------------------------------------
 def adapter_tensors(
     model: nn.Module, adapter_name: str, config: PeftConfig, prefix: str = PEFT_PREFIX
@@ -193,7 +211,7 @@ def embedding_is_targeted(model: nn.Module, config: PeftConfig) -> bool:
         if targets.lower() == "all-linear":
             return False
         return any(
-            re.fullmatch(targets, name) for name, _ in model.named_modules()
+            patterns.fullmatch(targets, name, "target_modules") for name, _ in model.named_modules()
             if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES)
         )
     return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
@@ -203,7 +221,8 @@ def embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The input/output embedding weights under HF PEFT's keys (``<path>.base_layer.weight`` when adapted).
 
     HF PEFT saves them with an adapter that targets ``embed_tokens``/``lm_head`` (or after a vocabulary
-    resize); loading such a file writes them into the base model, as HF PEFT does."""
+    resize); loading such a file replaces the base weights while the adapter is loaded, where its config
+    declares them or the user opts in (see ``PeftModel.from_pretrained(load_embedding_layers=...)``)."""
     out: dict[str, torch.Tensor] = {}
     getters = [getattr(model, g, None) for g in ("get_input_embeddings", "get_output_embeddings")]
     for getter in getters:
@@ -258,6 +277,7 @@ def check_against_model(
                 f"{where}: {key!r} has shape {tuple(tensor.shape)} in the file but {tuple(target.shape)} "
                 "in this model; the adapter was made for another model size or rank"
             )
+        check_tensor_values(key, tensor, target, where)
         targets[key] = target
     missing = [k for k in expected if k not in given]
     if missing:
@@ -266,6 +286,26 @@ def check_against_model(
             "the file is incomplete or its adapter_config.json does not match it"
         )
     return targets
+
+
+def check_tensor_values(key: str, tensor: torch.Tensor, target: torch.Tensor, where: str) -> None:
+    """A file's tensor must be floating point where the model's is (casting int8 or bool weights to float
+    loads nonsense that runs), and finite: a NaN/Inf adapter weight makes every output NaN (or, after a fused
+    kernel, silently wrong), and merging it poisons the base. Both are refused: no real adapter holds them."""
+    if not target.is_floating_point():
+        return
+    if not tensor.is_floating_point():
+        raise AdapterFileError(
+            f"{where}: {key!r} is {str(tensor.dtype).removeprefix('torch.')} in the file but this model holds "
+            f"{str(target.dtype).removeprefix('torch.')} weights there; the file is corrupt or not an adapter: "
+            "save it again from the trained model (a cast would load meaningless values)"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise AdapterFileError(
+            f"{where}: {key!r} holds {bad} NaN/Inf value(s); the adapter is broken (e.g. a diverged training run) "
+            "and would make the outputs NaN: retrain it or load an earlier checkpoint"
+        )
 
 
 @torch.no_grad()

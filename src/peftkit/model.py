@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -34,6 +36,7 @@ from .io import (
     copy_into,
     embedding_tensors,
     file_tensors,
+    read_adapter_header,
     trained_biases,
     write_adapter_folder,
 )
@@ -42,12 +45,14 @@ from .methods.base import (
     AdapterLayer,
     ModulesToSaveWrapper,
     RowAdapters,
+    adapter_chain,
     adapter_layers,
     inject_adapter,
     method_for,
     model_adapters,
     modules_to_save_wrappers,
 )
+from .names import adapter_name_list, check_adapter_name
 from .quantize import release_quantized_originals
 from .targeting import candidate_modules
 
@@ -59,21 +64,128 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _add_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> PeftConfig:
-    """Add the adapter; returns the config completed for this model (see MethodSpec.prepare_config)."""
+def _snapshot(model: nn.Module) -> Callable[[], None]:
+    """A function that puts ``model`` back exactly as it is now: every module's attributes (children,
+    parameters, buffers, hooks, per-adapter dicts and lists; containers restored in place, so handles to
+    them stay valid) and every parameter's requires_grad. Parameter values are not copied: adding an
+    adapter never writes into the base weights, and loading writes only after every check has passed."""
+    saved = []
+    for module in model.modules():
+        state = {k: (v, v.copy() if isinstance(v, dict | list | set) else None) for k, v in vars(module).items()}
+        saved.append((module, state))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore() -> None:
+        for module, state in saved:
+            attrs = vars(module)
+            attrs.clear()
+            for key, (value, contents) in state.items():
+                if isinstance(value, list):
+                    value[:] = contents
+                elif contents is not None:
+                    value.clear()
+                    value.update(contents)
+                attrs[key] = value
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    return restore
+
+
+@contextlib.contextmanager
+def _unchanged_on_error(model: nn.Module) -> Iterator[None]:
+    """Any exception inside the block leaves ``model`` as it was before the block (README's promise: a refused
+    load leaves the model untouched, whatever step refused it)."""
+    restore = _snapshot(model)
+    try:
+        yield
+    except BaseException:
+        restore()
+        raise
+
+
+def _check_model_and_config(model: Any, config: Any) -> None:
+    """The two objects every entry point takes, refused by type before anything is read from them."""
+    if not isinstance(model, nn.Module):
+        raise PeftError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
     if not isinstance(config, PeftConfig):
-        raise PeftError(f"expected a peftkit config (e.g. LoraConfig), got {type(config).__name__}")
+        raise PeftError(
+            f"expected a peftkit config (e.g. LoraConfig(...)), got {type(config).__name__}; build one, or read a "
+            "file with PeftConfig.from_pretrained(folder) / PeftConfig.from_dict(data)"
+        )
+
+
+def _check_model_id(model_id: Any) -> None:
+    if not isinstance(model_id, str | os.PathLike):
+        raise AdapterFileError(f"model_id must be an adapter folder (a path), got {model_id!r}")
+
+
+def _add_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> PeftConfig:
+    """Add the adapter; returns the config completed for this model (see MethodSpec.prepare_config).
+    On any error the model is left as it was."""
+    check_adapter_name(adapter_name)
+    _check_model_and_config(model, config)
+    config.copy()  # re-runs every check: a field set after the config was built (config.lora_alpha = "16")
     spec = method_for(config)
-    if spec.prepare_config is not None:
-        config = spec.prepare_config(model, config)
-    heads = _modules_to_save(model, config)  # checked before anything changes
-    inject_adapter(model, config, adapter_name)
-    for path, module in heads:
-        if not isinstance(module, ModulesToSaveWrapper):
-            module = ModulesToSaveWrapper(module)
-            _replace(model, path, module)
-        module.add(adapter_name)
+    with _unchanged_on_error(model):
+        if spec.prepare_config is not None:
+            config = spec.prepare_config(model, config)
+        heads = _modules_to_save(model, config)  # checked before anything changes
+        inject_adapter(model, config, adapter_name)
+        for path, module in heads:
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                _replace(model, path, module)
+            module.add(adapter_name)
     return config
+
+
+def _meta_params(model: nn.Module) -> None:
+    """Replace every parameter and buffer of ``model`` by a meta tensor of the same shape (no memory); only
+    inside a ``_snapshot`` that puts the real ones back."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is not None:
+                    meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    store[key] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+
+def _check_shapes_before_allocating(model: nn.Module, config: PeftConfig, adapter_name: str, folder: str,
+                                    tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Build the adapter on a meta copy of the model's parameters (no memory) and compare its tensors' shapes
+    with the file's (its header, read without its data, or the ``tensors`` already read from it), then put the
+    model back. A config whose ``r`` (or ``num_virtual_tokens``, ...) does not fit its file is refused before
+    gigabytes are allocated for it."""
+    header = ({k: tuple(v.shape) for k, v in tensors.items()} if tensors is not None
+              else read_adapter_header(folder))
+    restore = _snapshot(model)
+    try:
+        _meta_params(model)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real run warns
+            config = _add_adapter(model, config, adapter_name)
+            expected = adapter_tensors(model, adapter_name, config, PEFT_PREFIX)
+            shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    except PeftError:
+        raise  # the user's error: the real run would raise the same
+    except (RuntimeError, TypeError, OverflowError) as exc:
+        if "overflow" in str(exc).lower():  # sizes beyond any memory (r = 2**62): torch's message says so
+            raise AdapterFileError(
+                f"{folder}: the config asks for tensors too large to exist ({str(exc).splitlines()[0][:100]}); "
+                "its r / num_virtual_tokens / sizes do not match the file: fix the adapter_config.json"
+            ) from None
+        return  # an operation the meta device lacks: the checks after loading still run
+    except Exception:  # noqa: BLE001 - likewise
+        return
+    finally:
+        restore()
+    for key, shape in shapes.items():
+        if key in header and tuple(header[key]) != shape:
+            raise AdapterFileError(
+                f"{folder}: {key!r} has shape {tuple(header[key])} in the file but the config makes {shape}; the "
+                "adapter_config.json does not match its weights (wrong r or size): fix the config or the file"
+            )
 
 
 def _modules_to_save(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module]]:
@@ -203,7 +315,9 @@ def set_peft_model_state_dict(
         missing = [k for k in expected if k not in given]
         expected = {k: v for k, v in expected.items() if k in given}
         given = {k: v for k, v in given.items() if k in expected or k in optional}
-    copy_into(check_against_model(expected, given, "adapter state", optional), given)
+    targets = check_against_model(expected, given, "adapter state", optional)
+    _check_base_keys(root, adapter_name, [k for k in targets if k not in expected], "adapter state", False)
+    copy_into(targets, given)
     return _IncompatibleKeys(missing, unexpected)
 
 
@@ -265,13 +379,18 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
-        self.base_model = _Host(model)
-        self.forward = _SignedForward(self)
-        self.peft_config: dict[str, PeftConfig] = {}
-        self._active: list[str] = []
-        self.train(model.training)
-        self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
+        check_adapter_name(adapter_name)
+        _check_model_and_config(model, peft_config)
+        with _unchanged_on_error(model):
+            self.base_model = _Host(model)
+            self.forward = _SignedForward(self)
+            self.peft_config: dict[str, PeftConfig] = {}
+            self._active: list[str] = []
+            # base weights a loaded file replaced (embeddings): restored by unload(), swapped by disable_adapter()
+            self._base_originals: dict[str, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+            self.train(model.training)
+            self.add_adapter(adapter_name, peft_config)
+            self.set_adapter(adapter_name)
 
     # ---- attribute forwarding ---------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -322,6 +441,11 @@ class PeftModel(nn.Module):
         if adapter_names is None:
             yield
             return
+        if isinstance(adapter_names, str):
+            raise AdapterNameError(
+                f"adapter_names takes one adapter name per row of the batch (a list), got the string {adapter_names!r}; "
+                f"e.g. adapter_names=[{adapter_names!r}] * batch_size"
+            )
         unknown = sorted({n for n in adapter_names if n != BASE_ROW and n not in self.peft_config})
         if unknown:
             raise AdapterNameError(
@@ -357,6 +481,7 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new adapter (not active until ``set_adapter``, as in HF PEFT)."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterNameError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
@@ -367,7 +492,7 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make ``adapter_name`` (or several) the active and trainable adapter(s). How several combine is the
         method's: LoRA and BitFit add their deltas, IA3 multiplies its scales, bottleneck adapters stack."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = adapter_name_list(adapter_name, "set_adapter's adapter_name")
         for name in names:
             self._check_name(name)
         self._active = names
@@ -376,6 +501,7 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_name(adapter_name)
         _remove_adapter(self.base_model.model, adapter_name)
+        self._restore_base(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [a for a in self._active if a != adapter_name] or list(self.peft_config)[:1]
         self._refresh()
@@ -392,15 +518,35 @@ class PeftModel(nn.Module):
         before = [m.disable_adapters for m in modules]
         for m in modules:
             m.disable_adapters = True
+        swapped = self._swap_base_originals()
         try:
             yield
         finally:
             for m, flag in zip(modules, before, strict=True):
                 m.disable_adapters = flag
+            self._swap_base_originals(swapped)
+
+    def _swap_base_originals(self, swapped: list[tuple[nn.Parameter, torch.Tensor]] | None = None):
+        """Exchange the base weights a file replaced with their originals (and back, given the list returned)."""
+        pairs = swapped if swapped is not None else [pair for pairs in self._base_originals.values() for pair in pairs]
+        out = []
+        for param, other in pairs:
+            current = param.data
+            param.data = other
+            out.append((param, current))
+        return out
+
+    def _restore_base(self, adapter_name: str | None = None) -> None:
+        """Put back the base weights that adapter ``adapter_name``'s file replaced (all adapters' if None)."""
+        names = list(self._base_originals) if adapter_name is None else [adapter_name]
+        with torch.no_grad():
+            for name in names:
+                for param, original in self._base_originals.pop(name, []):
+                    param.copy_(original)
 
     # ---- merging ----------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = adapter_names or self._active
+        names = adapter_name_list(adapter_names, "adapter_names") if adapter_names else self._active
         for name in names:
             self._check_name(name)
         layers = [layer for _, layer in adapter_layers(self)]
@@ -435,6 +581,7 @@ class PeftModel(nn.Module):
         a warning says so); ``requantize=True`` quantises them again with the original settings (smaller,
         at the cost of a second rounding)."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        self._base_originals.clear()  # the merged model keeps the weights the adapters' files brought
         model = self._unwrap()
         release_quantized_originals(model, requantize)
         return model
@@ -444,6 +591,7 @@ class PeftModel(nn.Module):
         and original modules_to_save modules (heads, norms). Unlike HF PEFT, which keeps the trained heads
         here; ``merge_and_unload()`` keeps them."""
         self.unmerge_adapter()
+        self._restore_base()
         return self._unwrap(keep_trained=False)
 
     def _unwrap(self, keep_trained: bool = True) -> nn.Module:
@@ -468,6 +616,12 @@ class PeftModel(nn.Module):
         ("cat" and full-rank "svd" are exact: ΔW = Σ w_i ΔW_i); see :mod:`peftkit.weighted`."""
         from .weighted import add_weighted_adapter
 
+        check_adapter_name(adapter_name)
+        adapters = adapter_name_list(adapters, "add_weighted_adapter's adapters")
+        if not isinstance(weights, list | tuple) or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        ):
+            raise PeftError(f"add_weighted_adapter: weights must be a list of finite numbers, got {weights!r}")
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
                              svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
                              svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
@@ -517,7 +671,8 @@ class PeftModel(nn.Module):
         ``private=``, ``token=``, ``commit_message=``), as :meth:`push_to_hub`."""
         if not safe_serialization:
             raise PeftError("peftkit writes safetensors only; drop safe_serialization=False")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        names = list(self.peft_config) if selected_adapters is None else adapter_name_list(
+            selected_adapters, "selected_adapters")
         for name in names:
             self._check_name(name)
         if not is_main_process:
@@ -563,46 +718,69 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any,
+        is_trainable: bool = False, config: PeftConfig | None = None, load_embedding_layers: bool = False,
+        **kwargs: Any,
     ) -> PeftModel:
-        """Wrap ``model`` and load the adapter folder ``model_id``. On any error the model is left untouched."""
+        """Wrap ``model`` and load the adapter folder ``model_id`` (a folder in HF PEFT's or AdapterHub's layout,
+        or a Hub id). On any error the model is left untouched.
+
+        ``load_embedding_layers=True`` accepts a file that also holds the base model's embedding weights
+        although its config neither targets nor saves them (HF PEFT's ``save_embedding_layers=True``, or its
+        "auto" after a vocabulary resize); they replace the base weights while the adapter is loaded
+        (``disable_adapter()`` runs the originals, ``unload()`` restores them). Without it such a file is refused."""
+        check_adapter_name(adapter_name)
+        _check_model_id(model_id)
         folder = _local_folder(model_id, **kwargs)
         config, tensors = read_folder(folder, model, config)  # HF PEFT's layout or AdapterHub's
+        _check_model_and_config(model, config)
         config = config.copy(inference_mode=not is_trainable)
-        peft_model = _class_for(config, cls)(model, config, adapter_name)
-        try:
-            peft_model._load_tensors(adapter_name, tensors, folder)
-        except BaseException:
-            peft_model.unload()
-            raise
+        _check_shapes_before_allocating(model, config, adapter_name, folder, tensors)
+        with _unchanged_on_error(model):
+            peft_model = _class_for(config, cls)(model, config, adapter_name)
+            peft_model._load_tensors(adapter_name, tensors, folder, load_embedding_layers)
         if not is_trainable:
             peft_model.eval()
         return peft_model
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+        load_embedding_layers: bool = False, **kwargs: Any,
     ) -> None:
-        """Load another adapter folder under ``adapter_name`` (not made active, as in HF PEFT)."""
+        """Load another adapter folder under ``adapter_name`` (not made active, as in HF PEFT). On any error the
+        model is left untouched. ``load_embedding_layers``: as in ``from_pretrained``."""
+        check_adapter_name(adapter_name)
+        _check_model_id(model_id)
         folder = _local_folder(model_id, **kwargs)
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"an adapter named {adapter_name!r} already exists; pick another name")
         config, tensors = read_folder(folder, self.base_model.model)  # HF PEFT's layout or AdapterHub's
         config = config.copy(inference_mode=not is_trainable)
-        self.add_adapter(adapter_name, config)
-        try:
-            self._load_tensors(adapter_name, tensors, folder)
-        except BaseException:
-            self.delete_adapter(adapter_name)
-            raise
+        _check_shapes_before_allocating(self.base_model.model, config, adapter_name, folder, tensors)
+        with _unchanged_on_error(self):
+            self.add_adapter(adapter_name, config)
+            self._load_tensors(adapter_name, tensors, folder, load_embedding_layers)
 
-    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], folder: str) -> None:
+    def _load_tensors(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor], folder: str, load_embedding_layers: bool = False
+    ) -> None:
         root = self.base_model.model
-        from_file = method_for(self.peft_config[adapter_name]).from_file
+        config = self.peft_config[adapter_name]
+        from_file = method_for(config).from_file
         if from_file is not None:
-            tensors = from_file(root, adapter_name, self.peft_config[adapter_name], tensors, folder)
-        expected = adapter_tensors(root, adapter_name, self.peft_config[adapter_name], PEFT_PREFIX)
+            tensors = from_file(root, adapter_name, config, tensors, folder)
+        expected = adapter_tensors(root, adapter_name, config, PEFT_PREFIX)
         optional = {PEFT_PREFIX + k: v for k, v in embedding_tensors(root).items()}
-        copy_into(check_against_model(expected, tensors, folder, optional), tensors)
+        targets = check_against_model(expected, tensors, folder, optional)
+        base = {k: t for k, t in targets.items() if k not in expected}  # base weights the file replaces
+        _check_base_keys(root, adapter_name, list(base), folder, load_embedding_layers)
+        originals: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        for key, param in base.items():
+            new = tensors[key].to(dtype=param.dtype, device=param.device)
+            if id(param) in originals or torch.equal(param, new):
+                continue  # a tied weight seen before, or the file holds the base unchanged (HF PEFT's "auto")
+            originals[id(param)] = (param, param.detach().clone())
+        copy_into(targets, tensors)
+        self._base_originals[adapter_name] = list(originals.values())
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -632,6 +810,24 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
     "TOKEN_CLS": PeftModelForTokenClassification,
     "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
 }
+
+
+def _check_base_keys(
+    root: nn.Module, adapter_name: str, keys: list[str], folder: str, load_embedding_layers: bool
+) -> None:
+    """A file may replace base weights (the embeddings) only where its config declares those modules (targets
+    them, as HF PEFT's save_embedding_layers does), or where the user opted in: else it would overwrite the
+    base for good, surviving disable_adapter() and unload()."""
+    for key in keys:
+        path = key.removeprefix(PEFT_PREFIX).rsplit(".", 1)[0].removesuffix(".base_layer")
+        module = root.get_submodule(path)
+        declared = any(adapter_name in layer.adapter_names for layer in adapter_chain(module))
+        if not declared and not load_embedding_layers:
+            raise AdapterFileError(
+                f"{folder}: the file holds the base model's weight {key!r}, which its config neither targets nor "
+                "saves (HF PEFT writes it with save_embedding_layers=True); loading it would replace the base "
+                "weight. Pass load_embedding_layers=True to load it anyway (unload() restores the original)"
+            )
 
 
 def _class_for(config: PeftConfig, default: type[PeftModel]) -> type[PeftModel]:
@@ -665,6 +861,7 @@ def get_peft_model(
     """Wrap ``model`` with a new adapter ``adapter_name`` (active and trainable; the base is frozen).
 
     ``autocast_adapter_dtype`` (HF PEFT's argument): adapter weights stay fp32 on a bf16/fp16 base."""
+    _check_model_and_config(model, peft_config)
     if peft_config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
         peft_config = peft_config.copy(base_model_name_or_path=model.name_or_path)  # as HF PEFT records it
     if hasattr(peft_config, "autocast_adapter_dtype"):

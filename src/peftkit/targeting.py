@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import torch.nn as nn
 
+from . import patterns
 from .errors import TargetModulesError
 
 ALL_LINEAR = "all-linear"
@@ -36,10 +37,10 @@ def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | N
         # the first numbered segment after at least two name parts, e.g. "model.layers.3.self_attn.q_proj"
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        wanted = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
         match = None
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+        for pattern in wanted:
+            match = patterns.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key, "layers_pattern", shown=pattern)
             if match is not None:
                 break
     return int(match.group("idx")) if match else None
@@ -59,7 +60,7 @@ def is_excluded(config, key: str) -> bool:
     exclude = getattr(config, "exclude_modules", None)
     if exclude:
         if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
+            if patterns.fullmatch(exclude, key, "exclude_modules"):
                 return True
         elif _in_list_or_suffix(key, exclude):
             return True
@@ -75,7 +76,7 @@ def matches_target(config, key: str) -> bool:
     if targets is None:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return patterns.fullmatch(targets, key, "target_modules") is not None
     if key in targets:
         return True
     if not any(key.endswith("." + t) for t in targets):

@@ -22,7 +22,6 @@ merging such an adapter keeps a copy of the layer's pre-merge weight and bias an
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from .. import patterns
 from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..quantize import dequantize_for_merge, restore_after_unmerge
@@ -65,7 +65,7 @@ DEFAULT_MODULES: dict[str, tuple[list[str], list[str]]] = {
 def is_feedforward_module(feedforward_modules: list[str] | str | None, module_name: str) -> bool:
     """HF PEFT's rule: a regex must match the whole name; a list entry must end it (plain suffix)."""
     if isinstance(feedforward_modules, str):
-        return re.fullmatch(feedforward_modules, module_name) is not None
+        return patterns.fullmatch(feedforward_modules, module_name, "feedforward_modules") is not None
     return any(module_name.endswith(f) for f in feedforward_modules or [])
 
 

@@ -13,7 +13,6 @@ Adapter weights are fp32 by default even on a bf16/fp16 base (``autocast_adapter
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from ..config import PeftConfig
 from ..errors import PeftConfigError, PeftError
+from ..patterns import match as safe_match
 from ..quantize import dequantize_for_merge, restore_after_unmerge
 from ..targeting import is_conv1d
 from .base import AdapterLayer, MethodSpec, register_method
@@ -45,7 +45,7 @@ def lora_delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_f
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
     """rank_pattern / alpha_pattern lookup, HF PEFT's rule: the first key that matches the end of the name."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if safe_match(rf"(.*\.)?({key})$", module_name, "rank_pattern/alpha_pattern key", shown=key):
             return value
     return default
 

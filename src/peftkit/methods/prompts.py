@@ -81,6 +81,13 @@ class PromptLearningConfig(PeftConfig):
             raise PeftConfigError(
                 f"num_virtual_tokens must be a positive integer, got {n!r}; set e.g. num_virtual_tokens=20"
             )
+        for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers",
+                     "encoder_hidden_size", "encoder_num_layers"):
+            value = getattr(self, name, None)
+            if value is not None and value <= 0:
+                raise PeftConfigError(f"{name} must be a positive integer or null (read from the model), got {value!r}")
+        if not 0.0 <= getattr(self, "encoder_dropout", 0.0) < 1.0:
+            raise PeftConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
 
 
 @dataclass
