@@ -168,7 +168,8 @@ def run(fallback, n_random):
     return result
 
 real_renameat2 = getattr(fsutil, "_renameat2", None)
-report = {"has_exchange": real_renameat2 is not None, "exchange": run(False, n_random)}
+import ctypes
+report = {"has_exchange": hasattr(ctypes.CDLL(None), "renameat2"), "exchange": run(False, n_random)}
 if fsutil is not None:
     report["fallback"] = run(True, n_random // 2)
 print("REPORT " + json.dumps(report))
