@@ -488,3 +488,26 @@ def test_saving_into_the_current_directory_writes_in_place_and_never_leaves_a_mi
     loaded = PeftModel.from_pretrained(tiny_llama(), ".")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, new(ids).logits)
+
+
+def test_a_folder_set_aside_by_a_killed_fallback_swap_is_named_and_put_back(tmp_path, ids) -> None:
+    """Without RENAME_EXCHANGE a kill between the two renames leaves the old folder beside a missing one."""
+    from peftkit import fsutil
+
+    final = str(tmp_path / "adapter")
+    old = _adapter(0)
+    old.save_pretrained(final)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert dead.wait() == 0
+    aside = fsutil.temp_path(final, old=True).replace(f"-{os.getpid()}-", f"-{dead.pid}-")
+    os.rename(final, aside)  # what the killed writer did before it died
+    with pytest.raises(AdapterFileError) as exc:
+        PeftModel.from_pretrained(tiny_llama(), final)
+    assert str(exc.value) == (f"adapter folder {final!r} is missing: a save into it was killed; its previous content "
+                              f"is in {aside!r}, and the next save there puts it back (or rename it to {final!r})")
+    _adapter(1, alpha=16).save_pretrained(tmp_path / "adapter" / "other")  # a save into it (a sub-folder too)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert sorted(os.listdir(final)) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    loaded = PeftModel.from_pretrained(tiny_llama(), final)  # the old adapter, back at its place
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, old(ids).logits)

@@ -115,6 +115,19 @@ def clean_leftovers(final: str) -> None:
             remove(path)
 
 
+def make_parents(path: str) -> None:
+    """``os.makedirs`` of ``path``'s parent, but a missing ancestor whose old folder a killed fallback swap set
+    aside gets it back first, instead of a new empty folder that would make the old content a leftover."""
+    parent = os.path.dirname(path)
+    missing = []
+    while parent and not os.path.isdir(parent) and parent != os.path.dirname(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for folder in reversed(missing):
+        clean_leftovers(folder)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
 # ---- checks -----------------------------------------------------------------------------------------
 def file_kind(mode: int) -> str:
     """What a stat mode is, in words ("a FIFO (named pipe)", ...)."""
@@ -171,7 +184,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file. The file gets
     mode 0666 less the umask, as ``open(path, "w")`` would give it."""
     path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_parents(path)
     clean_leftovers(path)
     tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -342,8 +355,7 @@ def atomic_folder(final: str | os.PathLike, replace: bool = False, keep_existing
     gets mode 0777 (folders) / 0666 (files) less the umask (``standard_modes``); a replaced folder keeps its
     own mode and the old entries kept keep theirs."""
     final = resolve(final)
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
+    make_parents(final)
     clean_leftovers(final)
     if os.path.lexists(final) and not os.path.isdir(final):
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", final)
