@@ -22,7 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import PeftConfigError
+from .errors import AdapterFileError, PeftConfigError, PeftError
+from .fsutil import atomic_write_bytes, folder_target_problem, not_regular
 from .patterns import check_pattern
 
 CONFIG_NAME = "adapter_config.json"
@@ -368,6 +369,8 @@ class PeftConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PeftConfig:
+        if (kind := not_regular(path)) is not None:  # a FIFO would block the read forever
+            raise AdapterFileError(f"{os.fspath(path)!r} is {kind}, not a regular file; replace it with the saved file")
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -396,8 +399,8 @@ class PeftConfig:
         return cls.from_json_file(os.path.join(resolve_adapter(folder, subfolder, **hub), CONFIG_NAME))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        from .io import atomic_write_bytes
-
+        if (problem := folder_target_problem(folder)) is not None:
+            raise PeftError(f"cannot write to {os.fspath(folder)!r}: {problem}; choose another path")
         atomic_write_bytes(os.path.join(folder, CONFIG_NAME), self.to_json_string().encode())
 
     def copy(self, **changes: Any) -> PeftConfig:

@@ -43,6 +43,10 @@ def _adapter_folders(folder: str) -> list[tuple[str, str]]:
 def describe_one(name: str, folder: str) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
+    from .io import require_regular_file
+
+    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+        require_regular_file(os.path.join(folder, file_name))  # a FIFO would block the read forever
     path = os.path.join(folder, CONFIG_NAME)
     try:
         with open(path, encoding="utf-8") as fh:

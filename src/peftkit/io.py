@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import torch
@@ -24,9 +22,10 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import patterns
+from . import fsutil, patterns
 from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
-from .errors import AdapterFileError
+from .errors import AdapterFileError, PeftError
+from .fsutil import atomic_write_bytes  # noqa: F401 - re-exported for existing callers
 from .methods.base import (
     METHODS,
     AdapterLayer,
@@ -39,78 +38,106 @@ from .methods.base import (
 PEFT_PREFIX = "base_model.model."
 
 
-# ---- atomic writes ---------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# ---- writing ---------------------------------------------------------------------------------------
+# atomic_write_bytes is re-exported for existing callers; the helpers live in the leaf module fsutil.
+def _check_folder_target(final: str | os.PathLike) -> None:
+    problem = fsutil.folder_target_problem(final)
+    if problem is not None:
+        raise PeftError(f"cannot write to {os.fspath(final)!r}: {problem}; choose another path")
 
 
 @contextlib.contextmanager
-def atomic_folder(final: str | os.PathLike, replace: bool = False) -> Iterator[str]:
-    """Yield a temporary folder beside ``final``; on success rename it to ``final`` (replacing an existing
-    one when ``replace``, else only an empty one), on any error delete it: readers never see half a folder."""
-    final = os.path.abspath(os.fspath(final))
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(final)}-")
-    try:
+def atomic_folder(final: str | os.PathLike, replace: bool = False, keep_existing: bool = False) -> Iterator[str]:
+    """``fsutil.atomic_folder`` (build beside, swap whole, clean leftovers of killed writers), refusing first,
+    with a PeftError, a ``final`` that is a file or lies where nothing can be created."""
+    _check_folder_target(final)
+    with fsutil.atomic_folder(final, replace=replace, keep_existing=keep_existing) as tmp:
         yield tmp
-        if os.path.isdir(final):
-            shutil.rmtree(final) if replace else os.rmdir(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+AdapterFiles = tuple[PeftConfig, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]
+
+
+def _write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    clean: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        if value.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared memory
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        clean[key] = value
+    save_file(clean, path, metadata={"format": "pt"})
+    fsutil.fsync_path(path)
+
+
+def write_adapter_folders(root: str | os.PathLike, adapters: dict[str, AdapterFiles]) -> None:
+    """Write adapters into ``root`` as ONE replacement of the whole folder. ``adapters`` maps a sub-folder
+    ("" for ``root`` itself) to (config, tensors of ``adapter_model.safetensors``, extra safetensors files by
+    name, e.g. a P-tuning encoder).
+
+    The new tree is built beside ``root`` with the user's other files of the old one hard-linked in, then
+    swapped with it (``fsutil.replace_folder``): a save killed at any moment leaves the old adapters or the
+    new ones, never new weights beside an old config, and the next save removes what it left behind.
+    A folder that cannot be swapped (a mount point, the current directory) is written in place instead,
+    config removed first and written last (``_write_in_place``): a kill leaves no loadable mix either."""
+    root = os.fspath(root)
+    for sub in adapters:
+        if os.path.isabs(sub) or ".." in sub.replace("\\", "/").split("/"):
+            raise PeftError(f"adapter sub-folder {sub!r} would lie outside {root!r}; use a plain adapter name")
+    _check_folder_target(root)
+    if fsutil.swap_hazard(root) is not None:
+        _write_in_place(root, adapters)
+        return
+    with fsutil.atomic_folder(root, replace=True, keep_existing=True) as tmp:
+        for sub, files in adapters.items():
+            os.makedirs(os.path.join(tmp, sub) if sub else tmp, exist_ok=True)
+            _write_adapter_files(os.path.join(tmp, sub) if sub else tmp, *files)
+
+
+def _write_adapter_files(folder: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
+                         extra: dict[str, dict[str, torch.Tensor]]) -> None:
+    for file_name, file_tensors_ in {**extra, WEIGHTS_NAME: tensors}.items():
+        _write_safetensors(os.path.join(folder, file_name), file_tensors_)
+    fsutil.write_file_synced(os.path.join(folder, CONFIG_NAME), config.to_json_string().encode())
+
+
+def _write_in_place(root: str, adapters: dict[str, AdapterFiles]) -> None:
+    """For a folder that cannot be swapped (a mount point, the current directory): each adapter folder is
+    first made no adapter (its config removed), then gets its files one by one, the config last. A kill
+    in between leaves a folder without adapter_config.json, which fails to load loudly, never a mix."""
+    for sub, files in adapters.items():
+        folder = os.path.join(root, sub) if sub else root
+        os.makedirs(folder, exist_ok=True)
+        marker = os.path.join(folder, ".peftkit-save")  # temporary names derive from it; leftovers go next time
+        fsutil.clean_leftovers(marker)
+        tmp = fsutil.temp_path(marker)
+        os.mkdir(tmp)
+        try:
+            _write_adapter_files(tmp, *files)
+            fsutil.standard_modes(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, CONFIG_NAME))  # from here the folder is no adapter ...
+            for name in sorted(os.listdir(tmp), key=lambda n: n == CONFIG_NAME):
+                os.replace(os.path.join(tmp, name), os.path.join(folder, name))  # ... until its config is back
+        finally:
+            fsutil.remove(tmp)
 
 
 def write_adapter_folder(
     folder: str | os.PathLike, config: PeftConfig, tensors: dict[str, torch.Tensor],
     extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (and ``extra_files``: more safetensors
-    files by name, e.g. a P-tuning encoder) into ``folder``.
+    """Write one adapter (``adapter_model.safetensors``, ``adapter_config.json`` and ``extra_files``) into
+    ``folder``, replacing the folder as a whole (see ``write_adapter_folders``)."""
+    write_adapter_folders(folder, {"": (config, tensors, extra_files or {})})
 
-    Both files are written to a temporary folder first. A new folder is then renamed into place in one
-    step; into an existing folder (which may hold the user's other files) each file is renamed in turn,
-    weights before config, so every file present is always complete."""
-    folder = os.fspath(folder)
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(folder)}-")
-    files = {**(extra_files or {}), WEIGHTS_NAME: tensors}  # the config comes last, after every weight file
-    try:
-        for file_name, file_tensors_ in files.items():
-            clean: dict[str, torch.Tensor] = {}
-            seen: set[int] = set()
-            for key, value in file_tensors_.items():
-                value = value.detach().to("cpu").contiguous()
-                if value.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared memory
-                    value = value.clone()
-                seen.add(value.untyped_storage().data_ptr())
-                clean[key] = value
-            save_file(clean, os.path.join(tmp, file_name), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
-            fh.write(config.to_json_string())
-        if not os.path.exists(folder):
-            os.replace(tmp, folder)
-            return
-        for name in (*files, CONFIG_NAME):
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def require_regular_file(path: str | os.PathLike) -> None:
+    """Refuse a FIFO, device or folder where a file should be: reading a FIFO would block forever."""
+    kind = fsutil.not_regular(path)
+    if kind is not None:
+        raise AdapterFileError(f"{os.fspath(path)!r} is {kind}, not a regular file; replace it with the saved file")
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -118,6 +145,7 @@ def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read ``adapter_model.safetensors`` (never a pickle) with one clear error for every failure."""
     folder = os.fspath(folder)
     path = os.path.join(folder, WEIGHTS_NAME)
+    require_regular_file(path)
     if not os.path.exists(path):
         if os.path.exists(os.path.join(folder, "adapter_model.bin")):
             raise AdapterFileError(

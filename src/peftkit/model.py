@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .adapterhub import read_folder
-from .config import SEQ_CLS_HEAD_NAMES, PeftConfig
+from .config import CONFIG_NAME, SEQ_CLS_HEAD_NAMES, WEIGHTS_NAME, PeftConfig
 from .errors import (
     AdapterFileError,
     AdapterNameError,
@@ -29,6 +29,7 @@ from .errors import (
     PeftError,
     TargetModulesError,
 )
+from .fsutil import interrupted_swap
 from .io import (
     PEFT_PREFIX,
     adapter_tensors,
@@ -38,7 +39,7 @@ from .io import (
     file_tensors,
     read_adapter_header,
     trained_biases,
-    write_adapter_folder,
+    write_adapter_folders,
 )
 from .methods.base import (
     BASE_ROW,
@@ -677,15 +678,16 @@ class PeftModel(nn.Module):
             self._check_name(name)
         if not is_main_process:
             return
+        adapters = {}
         for name in names:
-            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             config = self.peft_config[name].copy(inference_mode=True)
             tensors = file_tensors(self.base_model.model, name, config, PEFT_PREFIX, save_embedding_layers)
             spec = method_for(config)
             extra = spec.extra_files(self.base_model.model, name, config) if spec.extra_files is not None else {}
             if spec.to_file is not None:
                 config, tensors = spec.to_file(self.base_model.model, name, config, tensors, PEFT_PREFIX)
-            write_adapter_folder(folder, config, tensors, extra)
+            adapters["" if name == "default" else name] = (config, tensors, extra)
+        write_adapter_folders(save_directory, adapters)  # one swap of the whole tree: never half old, half new
         if push_to_hub:
             from .hub import push_folder
 
@@ -847,7 +849,21 @@ def _local_folder(model_id: str | os.PathLike, **kwargs: Any) -> str:
 
     hub = {k: kwargs[k] for k in HUB_KEYWORDS if kwargs.get(k) is not None}
     folder = resolve_adapter(model_id, **hub)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        if os.path.basename(folder) in (CONFIG_NAME, WEIGHTS_NAME):
+            raise AdapterFileError(
+                f"{folder!r} is a file of an adapter; pass its folder {os.path.dirname(os.path.abspath(folder))!r}"
+            )
+        raise AdapterFileError(
+            f"{folder!r} is a file, not an adapter folder; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     if not os.path.isdir(folder):
+        aside = interrupted_swap(os.path.abspath(folder))
+        if aside is not None:
+            raise AdapterFileError(
+                f"adapter folder {folder!r} is missing: a save into it was killed; its previous content is in "
+                f"{aside!r}, and the next save there puts it back (or rename it to {folder!r})"
+            )
         raise AdapterFileError(
             f"adapter folder {folder!r} does not exist; give a local adapter folder or a Hub id like 'org/name'"
         )

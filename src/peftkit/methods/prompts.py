@@ -575,6 +575,9 @@ def prompt_from_file(model: nn.Module, adapter_name: str, config: PeftConfig, te
         store.to_table(adapter_name, table)
         live[FILE_KEY] = table
         return live
+    from ..io import require_regular_file
+
+    require_regular_file(path)  # a FIFO would block the read forever
     encoder = load_file(path)
     module = store[adapter_name]
     own = dict(module.named_parameters())

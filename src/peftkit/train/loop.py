@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NoTrainableParametersError, PeftError
-from ..io import atomic_write_bytes
+from ..io import atomic_folder, atomic_write_bytes
 from .data import Dataset, Order, build_dataset, collate, data_fingerprint
 from .methods import method_entry
 from .modeling import apply_method, classifier_module, load_base, load_tokenizer, model_task, quantize
@@ -511,16 +511,17 @@ class Runner(Scorer):
             from .modeling import MeanPoolingClassifier
 
             folder = os.path.join(self.out, "model")
-            if isinstance(self.model, MeanPoolingClassifier):
-                from safetensors.torch import save as save_bytes
+            with atomic_folder(folder, replace=True) as tmp:  # whole, and with the user's umask
+                if isinstance(self.model, MeanPoolingClassifier):
+                    from safetensors.torch import save as save_bytes
 
-                self.model.encoder_model.save_pretrained(folder)
-                head = {k: v.detach().contiguous() for k, v in self.model.classifier.state_dict().items()}
-                atomic_write_bytes(os.path.join(folder, "classifier.safetensors"), save_bytes(head))
-            else:
-                from .modeling import save_transformers
+                    self.model.encoder_model.save_pretrained(tmp)
+                    head = {k: v.detach().contiguous() for k, v in self.model.classifier.state_dict().items()}
+                    atomic_write_bytes(os.path.join(tmp, "classifier.safetensors"), save_bytes(head))
+                else:
+                    from .modeling import save_transformers
 
-                save_transformers(self.model, folder)  # a GGUF-loaded base too (its weights are dense)
+                    save_transformers(self.model, tmp)  # a GGUF-loaded base too (its weights are dense)
         return folder, _folder_bytes(folder) if os.path.exists(folder) else 0
 
     def summary_rows(self, result: RunResult) -> list[tuple[str, str]]:
