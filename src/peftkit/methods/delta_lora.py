@@ -2,8 +2,8 @@
 Matrices", arXiv 2309.02411).
 
 Besides training A and B, the paper moves the frozen W after the optimizer step of every iteration t > K by
-the change of the LoRA product, with no gradient and no optimizer state for W. Its Algorithm 1, lines 2 and
-7-9 (t counts iterations from 0; the product A⁽ᵗ⁾B⁽ᵗ⁾ is the paper's order for peftkit's B·A):
+the change of the LoRA product, with no gradient and no optimizer state for W. Its Algorithm 1, the lines
+that matter (t counts iterations from 0; the product A⁽ᵗ⁾B⁽ᵗ⁾ is the paper's order for peftkit's B·A):
 
     for t = 0, ..., T − 1 do
         ...  A⁽ᵗ⁺¹⁾, B⁽ᵗ⁺¹⁾ ← the optimizer step

@@ -185,7 +185,7 @@ class Runner(Scorer):
         self.global_batch = t.batch_size * t.grad_accum * self.world
         n = len(self.data.train)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * n / self.global_batch))
-        self.model = apply_method(base, spec, self.task, self.total_steps).to(self.device)
+        self.model = apply_method(base, spec, self.task, self.total_steps, self.tokenizer).to(self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise NoTrainableParametersError(f"method {self.entry.name!r} left nothing to train on this model")

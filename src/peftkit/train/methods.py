@@ -19,6 +19,16 @@ from ..config import PeftConfig
 
 
 @dataclass(frozen=True)
+class RunContext:
+    """What a preset may read about the run besides the model."""
+
+    task: str
+    total_steps: int | None = None
+    """The run's optimizer steps (None: unknown)."""
+    tokenizer: Any = None
+
+
+@dataclass(frozen=True)
 class MethodEntry:
     name: str
     config_cls: str | None
@@ -34,8 +44,8 @@ class MethodEntry:
     description: str = ""
     quantization: dict[str, Any] | None = None
     """A frozen quantised base this method implies (QLoRA), unless the run's ``quantization:`` says otherwise."""
-    configure: Callable[[nn.Module, int | None], dict[str, Any]] | None = None
-    """Defaults that depend on the model or the run's length in optimizer steps (the run's options win)."""
+    configure: Callable[[nn.Module, RunContext], dict[str, Any]] | None = None
+    """Defaults that depend on the model or the run (its length, tokenizer); the run's options win."""
 
     def config_class(self) -> type[PeftConfig] | None:
         if self.config_cls is None:
@@ -66,14 +76,14 @@ class MethodEntry:
             return set()
         return {f.name for f in dataclasses.fields(cls)} - set(self.fixed) - {"task_type"}
 
-    def make_config(self, task: str, options: dict[str, Any], model: nn.Module,
-                    total_steps: int | None = None) -> PeftConfig | None:
+    def make_config(self, task: str, options: dict[str, Any], model: nn.Module, total_steps: int | None = None,
+                    tokenizer: Any = None) -> PeftConfig | None:
         cls = self.config_class()
         if cls is None:
             return None
         kwargs = dict(self.defaults)
         if self.configure is not None:
-            kwargs.update(self.configure(model, total_steps))
+            kwargs.update(self.configure(model, RunContext(task, total_steps, tokenizer)))
         kwargs.update(options)
         kwargs.update(self.fixed)
         kwargs["task_type"] = "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
@@ -81,6 +91,18 @@ class MethodEntry:
 
 
 _LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+PREFIX_INIT_TEXT = "Read the following text and continue it in the same style."
+"""Li & Liang start the prefix from the activations of real words (task words such as "summarize"); the
+preset's causal-LM prefix starts from the frozen model's own keys and values for this neutral instruction."""
+
+
+def _prefix_configure(model: nn.Module, run: RunContext) -> dict[str, Any]:
+    """The run's tokenizer for ``prefix_init_text``; on a causal LM (which keeps a key/value cache to read the
+    text's keys and values from) the preset's init text too. An encoder keeps HF PEFT's N(0, 1) start."""
+    if run.tokenizer is None:
+        return {}
+    return {"tokenizer": run.tokenizer, **({"prefix_init_text": PREFIX_INIT_TEXT} if run.task == "causal_lm" else {})}
 
 DELTA_LORA_PAPER_START, DELTA_LORA_PAPER_STEPS = 500, 26_290
 """Zi et al. 2023 start Delta-LoRA's W update after K = 500 steps (with λ = 2) in runs that follow LoRA's E2E
@@ -94,8 +116,8 @@ def delta_lora_start(total_steps: int | None) -> int:
     return round(DELTA_LORA_PAPER_START * total_steps / DELTA_LORA_PAPER_STEPS)
 
 
-def _delta_lora_configure(model: nn.Module, total_steps: int | None) -> dict[str, Any]:
-    return {"update_start": delta_lora_start(total_steps)}
+def _delta_lora_configure(model: nn.Module, run: RunContext) -> dict[str, Any]:
+    return {"update_start": delta_lora_start(run.total_steps)}
 
 
 # IA3's paper form (Liu et al. 2022, §3.3: l_k, l_v in every attention, l_ff on the FFN's intermediate
@@ -110,7 +132,7 @@ _IA3_PAPER_TARGETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _ia3_configure(model: nn.Module, total_steps: int | None) -> dict[str, Any]:
+def _ia3_configure(model: nn.Module, run: RunContext) -> dict[str, Any]:
     from ..targeting import model_type
 
     return dict(_IA3_PAPER_TARGETS.get(model_type(model) or "", {}))
@@ -152,9 +174,10 @@ _ENTRIES = [
                 description="trained soft-prompt embeddings"),
     MethodEntry("p_tuning", "PromptEncoderConfig", defaults={"num_virtual_tokens": 20, "encoder_hidden_size": 128},
                 lr=1e-3, source="Liu et al. 2021", description="prompt encoder producing virtual tokens"),
-    MethodEntry("prefix", "PrefixTuningConfig", defaults={"num_virtual_tokens": 20}, lr=1e-2,
-                source="Li & Liang 2021 (5e-5 to 8e-5 with projection; 1e-2 without is common)",
-                description="trained key/value prefixes in every layer"),
+    MethodEntry("prefix", "PrefixTuningConfig", defaults={"num_virtual_tokens": 20, "prefix_projection": True},
+                lr=5e-5, configure=_prefix_configure,
+                source="Li & Liang 2021 (5e-5 to 8e-5, with the MLP reparametrisation)",
+                description="trained key/value prefixes in every layer (MLP-reparametrised, from real words)"),
 ]
 
 _ALL = {entry.name: entry for entry in _ENTRIES}
