@@ -406,6 +406,9 @@ def test_train_preset_has_the_papers_vectors_on_bert() -> None:
     # HF PEFT's defaults stay as they are for IA3Config() (files keep loading in either library)
     hf_default = get_peft_model(tiny_bert_cls(), IA3Config(task_type="SEQ_CLS"))
     assert sum(ia3_numbers(hf_default).values()) == L * (d + d + d_ff + d)
+    # a run that names its own targets gets HF PEFT's feedforward rule for them, not the preset's regex
+    own = method_entry("ia3").make_config("classification", {"target_modules": ["key", "value"]}, tiny_bert_cls())
+    assert (own.target_modules, own.feedforward_modules) == (["key", "value"], None)
     # a llama-family model keeps HF PEFT's table, which already is the paper's (k_proj, v_proj, down_proj)
     llama = tiny_llama()
     assert method_entry("ia3").make_config("causal_lm", {}, llama).target_modules is None

@@ -589,10 +589,14 @@ def test_prefix_from_text_repeats_a_short_text_and_refuses_what_it_cannot_do():
         peftkit.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, prefix_init_text="1 2")
     with pytest.raises(PeftConfigError, match="keep one"):
         peftkit.PrefixTuningConfig(**cfg, init_weights="zero")
-    with pytest.raises(PeftConfigError, match="raise encoder_hidden_size"):
-        get_peft_model(tiny_llama(), peftkit.PrefixTuningConfig(**cfg, prefix_projection=True, encoder_hidden_size=4))
-    with pytest.raises(PeftError, match="key/value cache"):
-        get_peft_model(tiny_bert_cls(), peftkit.PrefixTuningConfig(**{**cfg, "task_type": "SEQ_CLS"}))
+    for model, bad, error, match in (
+        (tiny_llama(), {"prefix_projection": True, "encoder_hidden_size": 4}, PeftConfigError, "raise encoder_hidden_size"),
+        (tiny_bert_cls(), {"task_type": "SEQ_CLS"}, PeftError, "key/value cache"),
+    ):
+        with pytest.raises(error, match=match):
+            get_peft_model(model, peftkit.PrefixTuningConfig(**{**cfg, **bad}))
+        # the model is left as it was: no prompt store, no hook
+        assert not hasattr(model, "prompt_encoder") and not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_prefix_preset_is_the_papers_projected_form():
@@ -603,5 +607,7 @@ def test_prefix_preset_is_the_papers_projected_form():
     assert (cfg.prefix_projection, cfg.prefix_init_text, cfg.tokenizer) == (True, PREFIX_INIT_TEXT, id_tokenizer)
     assert entry.make_config("causal_lm", {"prefix_init_text": "1 2"}, tiny_llama(),
                              tokenizer=id_tokenizer).prefix_init_text == "1 2"
+    zero = entry.make_config("causal_lm", {"init_weights": "zero"}, tiny_llama(), tokenizer=id_tokenizer)
+    assert zero.prefix_init_text is None  # the run's own start wins
     encoder = entry.make_config("classification", {}, tiny_bert_cls(), tokenizer=id_tokenizer)
     assert encoder.prefix_projection is True and encoder.prefix_init_text is None  # an encoder keeps no cache

@@ -26,6 +26,8 @@ class RunContext:
     total_steps: int | None = None
     """The run's optimizer steps (None: unknown)."""
     tokenizer: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    """The run's own options (they override whatever the preset returns)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class MethodEntry:
             return None
         kwargs = dict(self.defaults)
         if self.configure is not None:
-            kwargs.update(self.configure(model, RunContext(task, total_steps, tokenizer)))
+            kwargs.update(self.configure(model, RunContext(task, total_steps, tokenizer, dict(options))))
         kwargs.update(options)
         kwargs.update(self.fixed)
         kwargs["task_type"] = "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
@@ -102,7 +104,9 @@ def _prefix_configure(model: nn.Module, run: RunContext) -> dict[str, Any]:
     text's keys and values from) the preset's init text too. An encoder keeps HF PEFT's N(0, 1) start."""
     if run.tokenizer is None:
         return {}
-    return {"tokenizer": run.tokenizer, **({"prefix_init_text": PREFIX_INIT_TEXT} if run.task == "causal_lm" else {})}
+    own_start = run.options.get("init_weights") is not None or run.options.get("inference_mode")
+    text = {"prefix_init_text": PREFIX_INIT_TEXT} if run.task == "causal_lm" and not own_start else {}
+    return {"tokenizer": run.tokenizer, **text}
 
 DELTA_LORA_PAPER_START, DELTA_LORA_PAPER_STEPS = 500, 26_290
 """Zi et al. 2023 start Delta-LoRA's W update after K = 500 steps (with λ = 2) in runs that follow LoRA's E2E
@@ -133,8 +137,11 @@ _IA3_PAPER_TARGETS: dict[str, dict[str, Any]] = {
 
 
 def _ia3_configure(model: nn.Module, run: RunContext) -> dict[str, Any]:
+    """The paper's targets, unless the run names its own (then HF PEFT's feedforward rule applies to them)."""
     from ..targeting import model_type
 
+    if {"target_modules", "feedforward_modules"} & set(run.options):
+        return {}
     return dict(_IA3_PAPER_TARGETS.get(model_type(model) or "", {}))
 
 _ENTRIES = [
