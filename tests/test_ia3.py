@@ -384,3 +384,31 @@ def test_feedforward_disagreement_between_adapters() -> None:
 def test_bad_init_value() -> None:
     with pytest.raises(PeftConfigError, match="init_ia3_weights"):
         IA3Config(init_ia3_weights="ones")
+
+
+def test_train_preset_has_the_papers_vectors_on_bert() -> None:
+    """Liu et al. 2022 (§3.3): l_k, l_v per attention and l_ff on the FFN's intermediate activation, i.e.
+    L·(d_k + d_v + d_ff) numbers. HF PEFT's BERT default ("output.dense") also hits attention.output.dense."""
+    from peftkit.train.methods import method_entry
+
+    def ia3_numbers(pm) -> dict[str, int]:
+        return {n: p.numel() for n, p in pm.named_parameters() if "ia3_l" in n}
+
+    model = tiny_bert_cls()
+    cfg = model.config
+    L, d, d_ff = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    preset = get_peft_model(model, method_entry("ia3").make_config("classification", {}, model))
+    numbers = ia3_numbers(preset)
+    assert sum(numbers.values()) == L * (d + d + d_ff) == 256
+    assert not any("attention.output" in n for n in numbers)
+    ffn = [n for n in numbers if n.endswith(".output.dense.ia3_l.default")]
+    assert len(ffn) == L and all(numbers[n] == d_ff for n in ffn)
+    # HF PEFT's defaults stay as they are for IA3Config() (files keep loading in either library)
+    hf_default = get_peft_model(tiny_bert_cls(), IA3Config(task_type="SEQ_CLS"))
+    assert sum(ia3_numbers(hf_default).values()) == L * (d + d + d_ff + d)
+    # a run that names its own targets gets HF PEFT's feedforward rule for them, not the preset's regex
+    own = method_entry("ia3").make_config("classification", {"target_modules": ["key", "value"]}, tiny_bert_cls())
+    assert (own.target_modules, own.feedforward_modules) == (["key", "value"], None)
+    # a llama-family model keeps HF PEFT's table, which already is the paper's (k_proj, v_proj, down_proj)
+    llama = tiny_llama()
+    assert method_entry("ia3").make_config("causal_lm", {}, llama).target_modules is None

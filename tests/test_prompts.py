@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import peft
 import pytest
 import torch
 from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
@@ -542,3 +543,71 @@ def test_right_padding_leaves_each_rows_tokens_as_if_alone(method):
         padded = model(input_ids=ids, attention_mask=mask).logits
         alone = model(input_ids=ids[:1, :-2]).logits
     torch.testing.assert_close(padded[:1, : virtual + ids.shape[1] - 2], alone, atol=1e-5, rtol=1e-5)
+
+
+# ---- prefix initialised from a text's own keys and values (Li & Liang: "activations of real words") ----------
+def id_tokenizer(text: str) -> dict:
+    """A tokenizer object for tests: the text is its token ids."""
+    return {"input_ids": [int(t) for t in text.split()]}
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_from_text_equals_the_text_before_the_input(model_name, projection, tmp_path):
+    """An untrained prefix initialised from text T makes the model on x what the frozen model is on [T; x] at
+    x's positions (for the projected form: MLP(Pₑ) reproduces T's keys and values), and the file loads in HF PEFT."""
+    text = [5, 17, 99, 42]
+    cfg = peftkit.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(text), prefix_projection=projection,
+                                     prefix_init_text=" ".join(map(str, text)), tokenizer=id_tokenizer)
+    base = MODELS[model_name]()
+    ids = torch.randint(1, 120, (2, 7))
+    with torch.no_grad():
+        want = base(input_ids=torch.cat([torch.tensor(text).expand(2, -1), ids], 1)).logits[:, len(text):]
+    model = get_peft_model(base, cfg).eval()
+    assert model.get_nb_trainable_parameters()[0] > 0
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    if projection:  # still an MLP that trains: Pₑ and both layers
+        assert {n.split("prompt_encoder.default.")[-1] for n, p in model.named_parameters() if p.requires_grad} == {
+            "embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias"}
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(MODELS[model_name](), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, want, atol=2e-5, rtol=1e-4)
+
+
+def test_prefix_from_text_repeats_a_short_text_and_refuses_what_it_cannot_do():
+    cfg = dict(task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_init_text="7 8", tokenizer=id_tokenizer)
+    model = get_peft_model(tiny_llama(), peftkit.PrefixTuningConfig(**cfg))
+    keys = store(model).text_key_values(model.peft_config["default"], model.base_model.model)
+    torch.testing.assert_close(store(model)["default"].embedding.weight, keys, atol=0, rtol=0)
+    with torch.no_grad():
+        again = tiny_llama()(input_ids=torch.tensor([[7, 8, 7, 8, 7]]), use_cache=True).past_key_values
+    torch.testing.assert_close(keys.view(5, 2, 2, 2, 8)[:, 1, 0].permute(1, 0, 2), again.layers[1].keys[0])
+    with pytest.raises(PeftConfigError, match="needs a tokenizer"):
+        peftkit.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, prefix_init_text="1 2")
+    with pytest.raises(PeftConfigError, match="keep one"):
+        peftkit.PrefixTuningConfig(**cfg, init_weights="zero")
+    for model, bad, error, match in (
+        (tiny_llama(), {"prefix_projection": True, "encoder_hidden_size": 4}, PeftConfigError, "raise encoder_hidden_size"),
+        (tiny_bert_cls(), {"task_type": "SEQ_CLS"}, PeftError, "key/value cache"),
+    ):
+        with pytest.raises(error, match=match):
+            get_peft_model(model, peftkit.PrefixTuningConfig(**{**cfg, **bad}))
+        # the model is left as it was: no prompt store, no hook
+        assert not hasattr(model, "prompt_encoder") and not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_prefix_preset_is_the_papers_projected_form():
+    from peftkit.train.methods import PREFIX_INIT_TEXT, method_entry
+
+    entry = method_entry("prefix")
+    cfg = entry.make_config("causal_lm", {}, tiny_llama(), tokenizer=id_tokenizer)
+    assert (cfg.prefix_projection, cfg.prefix_init_text, cfg.tokenizer) == (True, PREFIX_INIT_TEXT, id_tokenizer)
+    assert entry.make_config("causal_lm", {"prefix_init_text": "1 2"}, tiny_llama(),
+                             tokenizer=id_tokenizer).prefix_init_text == "1 2"
+    zero = entry.make_config("causal_lm", {"init_weights": "zero"}, tiny_llama(), tokenizer=id_tokenizer)
+    assert zero.prefix_init_text is None  # the run's own start wins
+    encoder = entry.make_config("classification", {}, tiny_bert_cls(), tokenizer=id_tokenizer)
+    assert encoder.prefix_projection is True and encoder.prefix_init_text is None  # an encoder keeps no cache

@@ -5,8 +5,9 @@
   grouping: A matrices at ``lr``; B matrices and every other 1-D trainable tensor (biases, norms, DoRA
   magnitudes, VeRA vectors) at ``lr * loraplus_lr_ratio``, with weight decay ``loraplus_weight_decay``
   except for biases and norm weights; LoRA on embeddings at the absolute ``loraplus_lr_embedding``.
-* ``attach(model, optimizer)``: counts optimizer steps for Delta-LoRA adapters (they start updating W at
-  step ``update_start``); ``delta_lora_callback()`` does the same inside transformers' Trainer.
+* ``attach(model, optimizer)``: counts optimizer steps for Delta-LoRA adapters (Algorithm 1 moves W in every
+  iteration t > ``update_start``, counting from 0); ``delta_lora_callback()`` does the same inside
+  transformers' Trainer.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
-def create_loraplus_optimizer(
-    model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], *, lr: float, loraplus_lr_ratio: float,
-    **kwargs: Any,
-) -> torch.optim.Optimizer:
-    """An optimizer whose LoRA B matrices learn ``loraplus_lr_ratio`` times faster than A (LoRA+)."""
+def loraplus_param_groups(
+    model: nn.Module, *, lr: float, loraplus_lr_ratio: float, weight_decay: float = 0.0,
+    lr_embedding: float = 1e-6, exclude: frozenset[int] = frozenset(),
+) -> list[dict[str, Any]]:
+    """LoRA+'s parameter groups (Hayou et al. 2024: η_B = λ·η_A, a fixed ratio λ, ~2⁴), HF PEFT 0.21's grouping: A
+    matrices at ``lr``; B matrices and other 1-D trainable tensors at ``lr * loraplus_lr_ratio``, decayed
+    except biases and norm weights; LoRA on embeddings at ``lr_embedding``. Parameters whose ``id`` is in
+    ``exclude`` are left out (a caller that groups them itself, e.g. the trainer's classifier head)."""
     if not loraplus_lr_ratio > 0:
         raise PeftConfigError(
             f"loraplus_lr_ratio must be > 0, got {loraplus_lr_ratio!r}; the paper suggests about 16 (B faster than A)"
@@ -37,7 +41,7 @@ def create_loraplus_optimizer(
     modules = dict(model.named_modules())
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in exclude:
             continue
         owner = modules.get(".".join(name.split(".")[:-2]))
         if isinstance(owner, LoraEmbedding):
@@ -47,15 +51,26 @@ def create_loraplus_optimizer(
             groups["B" if decays else "B_no_decay"].append(param)
         else:
             groups["A"].append(param)
-    weight_decay = kwargs.pop("loraplus_weight_decay", 0.0)
-    lr_embedding = kwargs.pop("loraplus_lr_embedding", 1e-6)
-    param_groups = [
+    return [
         {"params": groups["A"], "weight_decay": weight_decay, "lr": lr},
         {"params": groups["embedding"], "weight_decay": weight_decay, "lr": lr_embedding},
         {"params": groups["B"], "weight_decay": weight_decay, "lr": lr * loraplus_lr_ratio},
         {"params": groups["B_no_decay"], "weight_decay": 0.0, "lr": lr * loraplus_lr_ratio},
     ]
-    return optimizer_cls(param_groups, lr=lr, **kwargs)
+
+
+def create_loraplus_optimizer(
+    model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], *, lr: float, loraplus_lr_ratio: float,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """An optimizer whose LoRA B matrices learn ``loraplus_lr_ratio`` times faster than A (LoRA+), with HF
+    PEFT's signature: weight decay is ``loraplus_weight_decay`` (a plain ``weight_decay`` is overridden by
+    every group, as in HF PEFT)."""
+    weight_decay = kwargs.pop("loraplus_weight_decay", 0.0)
+    lr_embedding = kwargs.pop("loraplus_lr_embedding", 1e-6)
+    groups = loraplus_param_groups(model, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, weight_decay=weight_decay,
+                                   lr_embedding=lr_embedding)
+    return optimizer_cls(groups, lr=lr, **kwargs)
 
 
 class DeltaLoraHandle:
@@ -81,7 +96,7 @@ def _innermost(optimizer: Any) -> torch.optim.Optimizer:
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer) -> DeltaLoraHandle:
     """Count ``optimizer``'s steps for the model's trained Delta-LoRA adapters, so each starts moving W
-    (implicitly, see peftkit.methods.delta_lora) at its ``update_start``. One call before training."""
+    (implicitly, see peftkit.methods.delta_lora) after its ``update_start`` + 1 steps. One call before training."""
     from .methods.delta_lora import delta_lora_layers
 
     variants = list(delta_lora_layers(model))

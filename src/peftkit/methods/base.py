@@ -395,7 +395,12 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     spec = method_for(config)
     if spec.model_level is not None:
         store = spec.model_level.attach(model)
-        store.add_adapter(adapter_name, config, model)
+        try:
+            store.add_adapter(adapter_name, config, model)
+        except BaseException:  # e.g. an init text the model cannot read: leave no empty store or hook behind
+            if not len(store):
+                store.detach(model)
+            raise
         return [spec.model_level.ATTR]
     plan: list[tuple[str, nn.Module, type[AdapterLayer] | None]] = []
     for name in find_targets(model, config):

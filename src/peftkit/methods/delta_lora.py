@@ -1,16 +1,25 @@
 """Delta-LoRA (Zi et al. 2023, "Delta-LoRA: Fine-Tuning High-Rank Parameters with the Delta of Low-Rank
-Matrices").
+Matrices", arXiv 2309.02411).
 
-Besides training A and B, the paper moves the frozen W after each optimizer step t > K by the change of
-the LoRA product (Algorithm 1), with no gradient and no optimizer state for W:
+Besides training A and B, the paper moves the frozen W after the optimizer step of every iteration t > K by
+the change of the LoRA product, with no gradient and no optimizer state for W. Its Algorithm 1, the lines
+that matter (t counts iterations from 0; the product A⁽ᵗ⁾B⁽ᵗ⁾ is the paper's order for peftkit's B·A):
 
-    W_{t+1} = W_t + λ (P_{t+1} − P_t),        P_t = s · B_t A_t,   K = update_start,  λ = delta_lambda
+    for t = 0, ..., T − 1 do
+        ...  A⁽ᵗ⁺¹⁾, B⁽ᵗ⁺¹⁾ ← the optimizer step
+        if t > K do
+            W⁽ᵗ⁺¹⁾ ← W⁽ᵗ⁾ + λ · (α/r) · (A⁽ᵗ⁺¹⁾B⁽ᵗ⁺¹⁾ − A⁽ᵗ⁾B⁽ᵗ⁾)
 
-The sum telescopes: at any step t ≥ K, W_t = W_0 + λ (P_t − P_K). peftkit therefore never writes W; it keeps
-the two frozen factors of P_K (snapshotted by the optimizer step hook when step K is reached) and
-computes the same forward as the paper,
+with K = ``update_start`` ("start steps") and λ = ``delta_lambda`` ("update ratio"); the paper's experiments
+use λ = 2, K = 500. Write P_n = s · B_n A_n for the product after n optimizer steps (s = α/r). The first move
+of W is in iteration t = K + 1 and the sum telescopes: after n ≥ K + 1 steps,
 
-    y = W_0 x + P_t x + λ (sg(P_t) − P_K) x            (sg: stop-gradient on the weights, not on x)
+    W_n = W_0 + λ (P_n − P_{K+1})
+
+(and W_n = W_0 before). peftkit therefore never writes W; it keeps the two frozen factors of P_{K+1}
+(snapshotted by the optimizer step hook after step K + 1) and computes the same forward as the paper,
+
+    y = W_0 x + P_n x + λ (sg(P_n) − P_{K+1}) x            (sg: stop-gradient on the weights, not on x)
 
 which is exact in any base dtype (a bf16 W would round per-step updates away), leaves W_0 untouched (so
 disabling, unloading or deleting the adapter restores W exactly) and costs one more frozen rank-r path
@@ -18,10 +27,11 @@ per target instead of a d_out × d_in write per step. The gradients of A and B a
 term passes gradient to x only, as the paper's W does. Dropout is refused on this path, as the paper
 removes it (the delta of A·B stands in for W's gradient only without dropout).
 
-The whole fine-tune is W_0 + (1 + λ) P_T − λ P_K: a LoRA of rank ≤ 2r, written as a plain LoRA file
-(A' = [A_T; A_K], B' = s·[(1+λ) B_T, −λ B_K], lora_alpha = r') that HF PEFT and peftkit load onto the
-untouched base model. Training needs the step count: ``peftkit.optim.attach(model, optimizer)`` in a
-plain loop, or ``peftkit.optim.delta_lora_callback()`` in transformers' Trainer.
+The whole fine-tune is W_0 + (1 + λ) P_T − λ P_{K+1}: a LoRA of rank ≤ 2r, written as a plain LoRA file
+(A' = [A_T; A_{K+1}], B' = s·[(1+λ) B_T, −λ B_{K+1}], lora_alpha = r') that HF PEFT and peftkit load onto the
+untouched base model; where the snapshot's B is exactly zero the second half would be zeros and the file
+keeps rank r. Training needs the step count: ``peftkit.optim.attach(model, optimizer)`` in a plain loop, or
+``peftkit.optim.delta_lora_callback()`` in transformers' Trainer.
 """
 
 from __future__ import annotations
@@ -43,11 +53,12 @@ from .lora import LoraConfig, LoraLayer, LoraLinear, LoraVariant, register_varia
 
 @dataclass
 class DeltaLoraConfig(LoraConfig):
-    """LoRA's fields plus ``delta_lambda`` (λ, the update ratio) and ``update_start`` (K, in optimizer steps)."""
+    """LoRA's fields plus ``delta_lambda`` (λ, the update ratio) and ``update_start`` (K, the start steps: W
+    first moves in iteration K + 1, counting from 0, i.e. with the delta of the (K + 2)-th optimizer step)."""
 
     PEFT_TYPE: ClassVar[str] = "DELTA_LORA"
 
-    delta_lambda: float = 0.5
+    delta_lambda: float = 2.0  # the paper's experiments: λ = 2, K = 500
     update_start: int = 500
 
     def variant_name(self) -> str:
@@ -65,7 +76,7 @@ class DeltaLoraConfig(LoraConfig):
 
 
 class _Snapshot(nn.Module):
-    """The frozen factors of P_K (buffers, so they move with the model)."""
+    """The frozen factors of P_{K+1} (buffers, so they move with the model)."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
         super().__init__()
@@ -83,8 +94,6 @@ class DeltaLoraVariant(LoraVariant):
         self.attached = False
         if not hasattr(layer, "delta_lora_start"):
             layer.delta_lora_start = nn.ModuleDict()
-        if self.update_start == 0:
-            self.snapshot(layer, adapter_name)
 
     def snapshot(self, layer: LoraLinear, adapter_name: str) -> None:
         layer.delta_lora_start[adapter_name] = _Snapshot(layer.lora_A[adapter_name].weight,
@@ -92,7 +101,7 @@ class DeltaLoraVariant(LoraVariant):
 
     def on_step(self, layer: LoraLinear, adapter_name: str) -> None:
         self.step += 1
-        if self.step == self.update_start:
+        if self.step == self.update_start + 1:  # P_{K+1}: Algorithm 1 moves W from iteration t = K + 1 on
             self.snapshot(layer, adapter_name)
 
     def forward(self, layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -115,7 +124,7 @@ class DeltaLoraVariant(LoraVariant):
         xa = x.to(A.weight.dtype)
         p = B(A(xa)) * s
         if adapter_name in layer.delta_lora_start:
-            # W's move λ(P_t − P_K) x as one frozen rank-2r path: gradient flows to x (W is a constant in the
+            # W's move λ(P_n − P_{K+1}) x as one frozen rank-2r path: gradient flows to x (W is a constant in the
             # paper), never to A or B
             start = layer.delta_lora_start[adapter_name]
             A_cat = torch.cat([A.weight.detach(), start.A])
@@ -124,7 +133,7 @@ class DeltaLoraVariant(LoraVariant):
         return result + p.to(result.dtype)
 
     def total_delta(self, layer: LoraLinear, adapter_name: str) -> torch.Tensor:
-        """W_eff − W_0 = (1 + λ) P_T − λ P_K (or P_T before step K), in the base weight's layout."""
+        """W_eff − W_0 = (1 + λ) P_T − λ P_{K+1} (or P_T before step K + 1), in the base weight's layout."""
         delta = layer.delta_weight(adapter_name)
         if adapter_name in layer.delta_lora_start:
             start = layer.delta_lora_start[adapter_name]
@@ -153,8 +162,9 @@ def delta_lora_layers(model: nn.Module):
 def to_lora_file(
     model: nn.Module, adapter_name: str, config: DeltaLoraConfig, tensors: dict[str, torch.Tensor], prefix: str
 ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
-    """The exact plain-LoRA form of a Delta-LoRA adapter: rank 2r where step K was reached, scaling folded
-    into B (lora_alpha = r per layer, so s' = 1)."""
+    """The exact plain-LoRA form of a Delta-LoRA adapter: rank 2r where step K + 1 was reached and P_{K+1} ≠ 0
+    (rank r where it is exactly zero: its half of B' would be zeros), scaling folded into B (lora_alpha = r per
+    layer, so s' = 1)."""
     out = dict(tensors)
     ranks: dict[str, int] = {}
     for path, layer, name, variant in delta_lora_layers(model):
@@ -166,8 +176,10 @@ def to_lora_file(
         if name in layer.delta_lora_start:
             start = layer.delta_lora_start[name]
             lam = variant.delta_lambda
-            A = torch.cat([A, start.A.float()], dim=0)
-            B = torch.cat([(1 + lam) * B, -lam * start.B.float() * layer.scaling[name]], dim=1)
+            B = (1 + lam) * B
+            if bool(start.B.any()):  # P_{K+1} = 0 adds nothing: keep rank r, so the file's size is honest
+                A = torch.cat([A, start.A.float()], dim=0)
+                B = torch.cat([B, -lam * start.B.float() * layer.scaling[name]], dim=1)
         out[f"{key}.lora_A.weight"] = A.to(layer.lora_A[name].weight.dtype)
         out[f"{key}.lora_B.weight"] = B.to(layer.lora_B[name].weight.dtype)
         ranks[logical_path(path)] = A.shape[0]

@@ -4,6 +4,12 @@ Learning"): a learned vector l rescales a layer's activations, elementwise.
     y = l ⊙ (W x + b)          a target that is not feedforward (keys, values): the output, bias included
     y = W (l ⊙ x) + b          a feedforward target (``feedforward_modules``): the input
 
+The paper (§3.3) places three vectors per block: softmax(Q (l_k ⊙ Kᵀ) / √d_k) (l_v ⊙ V) in attention and
+(l_ff ⊙ γ(W_1 x)) W_2 in the FFN, i.e. keys and values as outputs and the FFN's down projection as a
+feedforward (input-side) target. HF PEFT's default table below is kept for ``IA3Config()`` (files must mean
+the same in both libraries) although for BERT-style models its "output.dense" suffix also hits
+``attention.output.dense``; ``peftkit train``'s ``ia3`` preset uses the paper's three (train/methods.py).
+
 Several active adapters multiply: l = l_1 ⊙ l_2 ⊙ ... . Merging is exact: W's rows (output side) or columns
 (input side) are multiplied by l, and so is the bias of a non-feedforward target; unmerging divides.
 

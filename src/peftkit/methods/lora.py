@@ -4,7 +4,7 @@
 
 Shapes for a Linear target with d_in inputs and d_out outputs: A is (r, d_in), B is (d_out, r).
 Initialisation (HF PEFT's, so a fresh adapter is a no-op): A Kaiming-uniform(a=sqrt(5)) and B = 0;
-``"gaussian"``: A ~ N(0, 1/r); ``False``: both random (a non-zero adapter, for tests). For embeddings
+``"gaussian"``: A ~ N(0, σ²) with σ = 1/r (std 1/r, as HF PEFT); ``False``: both random (a non-zero adapter, for tests). For embeddings
 A (r, num_embeddings) = 0 and B (dim, r) ~ N(0, 1), stored as ``lora_embedding_A/B``.
 Conv2d: A is a Conv2d(d_in, r, kernel, stride, padding), B a 1x1 Conv2d(r, d_out).
 Adapter weights are fp32 by default even on a bf16/fp16 base (``autocast_adapter_dtype``).

@@ -152,19 +152,38 @@ class PromptEncoderConfig(PromptLearningConfig):
 @dataclass
 class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning: trained keys and values for every layer. ``prefix_projection`` trains them as
-    MLP(Pₑ) (Linear(token_dim, encoder_hidden_size), tanh, Linear(encoder_hidden_size, L·2·token_dim));
-    ``init_weights="zero"`` starts from a zero prefix."""
+    MLP(Pₑ) (Linear(token_dim, encoder_hidden_size), tanh, Linear(encoder_hidden_size, L·2·token_dim)), Li &
+    Liang's reparametrisation P_θ[i, :] = MLP_θ(P'_θ[i, :]) (their "Parametrization of P_θ"); the file holds
+    its output either way.
+
+    Initialisation: N(0, 1) keys and values (HF PEFT's default; an untrained prefix then disturbs every
+    token), ``init_weights="zero"`` (zero keys and values), or ``prefix_init_text``: the frozen model's own
+    keys and values for that text's first ``num_virtual_tokens`` tokens (repeated to length), Li & Liang's
+    initialisation "with activations of real words" (their initialisation study). It needs ``tokenizer`` (a
+    tokenizer object or a local folder); neither is written to the file. With ``prefix_projection`` the MLP's
+    output layer is solved (least squares, minimum norm, over the random tanh features of Pₑ) so that MLP(Pₑ)
+    reproduces those keys and values exactly, which needs num_virtual_tokens ≤ encoder_hidden_size."""
 
     PEFT_TYPE: ClassVar[str] = "PREFIX_TUNING"
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
     init_weights: str | None = None
+    prefix_init_text: str | None = field(default=None, metadata={"local": True})
+    tokenizer: Any = field(default=None, metadata={"local": True}, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.init_weights not in (None, "zero"):
             raise PeftConfigError(f"init_weights={self.init_weights!r}; use None (random) or 'zero'")
+        if self.prefix_init_text is not None and not self.inference_mode:
+            if not self.prefix_init_text:
+                raise PeftConfigError("prefix_init_text is empty; give a text such as 'Summarize the article:'")
+            if self.init_weights == "zero":
+                raise PeftConfigError("prefix_init_text and init_weights='zero' both set the start; keep one")
+            if self.tokenizer is None:
+                raise PeftConfigError("prefix_init_text needs a tokenizer: pass tokenizer=<your tokenizer object> "
+                                      "or tokenizer=<local tokenizer folder>")
 
 
 # ---- the adapter modules: each one's forward() is its virtual tokens as a (rows, width) table ----------
@@ -285,8 +304,35 @@ class PromptAdapters(ModelAdapters):
             module = PrefixEncoder(config)
         weight = self.hook_target(model).get_input_embeddings().weight
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        self[adapter_name] = module.to(device=weight.device, dtype=dtype)
+        module = module.to(device=weight.device, dtype=dtype)
+        if isinstance(config, PrefixTuningConfig) and config.prefix_init_text and not config.inference_mode:
+            _init_prefix_from_text(module, config, self.text_key_values(config, model))
+        self[adapter_name] = module
         self.configs[adapter_name] = config
+
+    @torch.no_grad()
+    def text_key_values(self, config: PrefixTuningConfig, model: nn.Module) -> torch.Tensor:
+        """(n, L·2·kv_heads·d_h): the frozen model's keys and values for the init text's first n tokens (its
+        positions 0..n−1, where the prefix sits), in the prefix's flat layout; prompt adapters switched off."""
+        target = self.hook_target(model)
+        n = config.num_virtual_tokens
+        ids = _init_text_ids(config.tokenizer, None, config.prefix_init_text, n, "prefix_init_text")
+        was_disabled, was_training = self.disable_adapters, target.training
+        self.disable_adapters = True
+        target.eval()
+        try:
+            out = target(input_ids=ids[None].to(target.get_input_embeddings().weight.device), use_cache=True)
+        finally:
+            self.disable_adapters = was_disabled
+            target.train(was_training)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "layers") or len(cache.layers) != config.num_layers:
+            raise PeftError(
+                f"prefix_init_text needs the model's key/value cache, and {type(target).__name__} returned none "
+                "(an encoder model keeps no cache); leave prefix_init_text unset for this model"
+            )
+        per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # (2, kv, n, d_h)
+        return torch.stack(per_layer).permute(3, 0, 1, 2, 4).reshape(n, -1)  # (n, L, 2, kv, d_h) flat
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -468,25 +514,50 @@ def _init_prompt(module: SoftPrompt, config: PromptTuningConfig, model: nn.Modul
     if config.prompt_tuning_init == "SAMPLE_VOCAB":
         ids = torch.randint(0, embeddings.weight.shape[0], (rows,))
     else:
-        tokenizer = config.tokenizer
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(
-                    config.tokenizer_name_or_path, local_files_only=True, **(config.tokenizer_kwargs or {})
-                )
-            except OSError:
-                raise PeftConfigError(
-                    f"no tokenizer at {config.tokenizer_name_or_path!r} (peftkit downloads nothing); pass "
-                    "tokenizer=<your tokenizer object> or a local tokenizer folder"
-                ) from None
-        text_ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
-        if not text_ids:
-            raise PeftConfigError("prompt_tuning_init_text tokenizes to no tokens; give a non-empty text")
-        ids = torch.tensor((text_ids * math.ceil(rows / len(text_ids)))[:rows])
+        tokenizer = config.tokenizer if config.tokenizer is not None else config.tokenizer_name_or_path
+        ids = _init_text_ids(tokenizer, config.tokenizer_kwargs, config.prompt_tuning_init_text, rows,
+                             "prompt_tuning_init_text")
     with torch.no_grad():
         module.embedding.weight.copy_(embeddings(ids.to(embeddings.weight.device)).float())
+
+
+def _init_text_ids(tokenizer: Any, tokenizer_kwargs: dict | None, text: str, rows: int, name: str) -> torch.Tensor:
+    """The text's token ids, repeated or cut to ``rows``; ``tokenizer`` an object or a local folder."""
+    if isinstance(tokenizer, str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True, **(tokenizer_kwargs or {}))
+        except OSError:
+            raise PeftConfigError(
+                f"no tokenizer at {str(tokenizer)!r} (peftkit downloads nothing); pass "
+                "tokenizer=<your tokenizer object> or a local tokenizer folder"
+            ) from None
+    text_ids = list(tokenizer(text)["input_ids"])
+    if not text_ids:
+        raise PeftConfigError(f"{name} tokenizes to no tokens; give a non-empty text")
+    return torch.tensor((text_ids * math.ceil(rows / len(text_ids)))[:rows])
+
+
+@torch.no_grad()
+def _init_prefix_from_text(module: nn.Module, config: PrefixTuningConfig, table: torch.Tensor) -> None:
+    """Start the prefix at ``table`` (the text's keys and values). A projected prefix keeps its random Pₑ and
+    first layer; its output layer becomes W₂ = (T − b₂)ᵀ · pinv(U)ᵀ with U = tanh(W₁ Pₑ + b₁) (n × h) and
+    b₂ the rows' mean, exact when U has full row rank (n ≤ h)."""
+    if isinstance(module, SoftPrompt):
+        module.embedding.weight.copy_(table)
+        return
+    first, last = module.transform[0], module.transform[-1]
+    U = torch.tanh(first(module.embedding.weight)).double()
+    if U.shape[0] > U.shape[1] or torch.linalg.matrix_rank(U) < U.shape[0]:
+        raise PeftConfigError(
+            f"prefix_init_text with prefix_projection needs num_virtual_tokens ({U.shape[0]}) ≤ encoder_hidden_size "
+            f"({U.shape[1]}) so that the MLP can reproduce every token's keys and values; raise encoder_hidden_size"
+        )
+    T = table.double()
+    bias = T.mean(0)
+    last.bias.copy_(bias)
+    last.weight.copy_((T - bias).T @ torch.linalg.pinv(U).T)
 
 
 # ---- completing a config for a model, and files ---------------------------------------------------------

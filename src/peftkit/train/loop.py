@@ -197,16 +197,16 @@ class Runner(Scorer):
         self.base_bytes = model_weight_bytes(base)  # real bytes: a quantised base counts its packed size
         if head_state is not None:
             classifier_module(base).load_state_dict(head_state)
-        self.model = apply_method(base, spec, self.task).to(self.device)
+        self.global_batch = t.batch_size * t.grad_accum * self.world
+        n = len(self.data.train)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * n / self.global_batch))
+        self.model = apply_method(base, spec, self.task, self.total_steps, self.tokenizer).to(self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise NoTrainableParametersError(f"method {self.entry.name!r} left nothing to train on this model")
         self.n_trainable = sum(p.numel() for p in self.trainable)
         self.n_total = sum(p.numel() for p in self.model.parameters())
         self.lr = t.lr if t.lr is not None else self.entry.lr
-        self.global_batch = t.batch_size * t.grad_accum * self.world
-        n = len(self.data.train)
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * n / self.global_batch))
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.delta_handle = None
@@ -260,15 +260,15 @@ class Runner(Scorer):
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.spec.training
         ratio = t.loraplus_lr_ratio if t.loraplus_lr_ratio is not None else self.entry.loraplus_lr_ratio
-        if ratio is not None:
-            from ..optim import create_loraplus_optimizer
-
-            return create_loraplus_optimizer(self.model, torch.optim.AdamW, lr=self.lr, loraplus_lr_ratio=ratio,
-                                             weight_decay=t.weight_decay)
         heads = [p for n, p in self.model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-        ids = {id(p) for p in heads}
-        rest = [p for p in self.trainable if id(p) not in ids]
-        groups = [{"params": rest, "lr": self.lr}]
+        ids = frozenset(id(p) for p in heads)
+        if ratio is not None:  # LoRA+ groups for the adapter; the head keeps head_lr and weight_decay below
+            from ..optim import loraplus_param_groups
+
+            groups = loraplus_param_groups(self.model, lr=self.lr, loraplus_lr_ratio=ratio,
+                                           weight_decay=t.weight_decay, exclude=ids)
+        else:
+            groups = [{"params": [p for p in self.trainable if id(p) not in ids], "lr": self.lr}]
         if heads:
             groups.append({"params": heads, "lr": t.head_lr if t.head_lr is not None else self.lr})
         groups = [g for g in groups if g["params"]]

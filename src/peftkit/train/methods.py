@@ -9,12 +9,25 @@ Two baselines have no config: ``full`` (every weight trains) and ``head`` (only 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
 
 from ..config import PeftConfig
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a preset may read about the run besides the model."""
+
+    task: str
+    total_steps: int | None = None
+    """The run's optimizer steps (None: unknown)."""
+    tokenizer: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    """The run's own options (they override whatever the preset returns)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,8 @@ class MethodEntry:
     description: str = ""
     quantization: dict[str, Any] | None = None
     """A frozen quantised base this method implies (QLoRA), unless the run's ``quantization:`` says otherwise."""
+    configure: Callable[[nn.Module, RunContext], dict[str, Any]] | None = None
+    """Defaults that depend on the model or the run (its length, tokenizer); the run's options win."""
 
     def config_class(self) -> type[PeftConfig] | None:
         if self.config_cls is None:
@@ -63,11 +78,14 @@ class MethodEntry:
             return set()
         return {f.name for f in dataclasses.fields(cls)} - set(self.fixed) - {"task_type"}
 
-    def make_config(self, task: str, options: dict[str, Any], model: nn.Module) -> PeftConfig | None:
+    def make_config(self, task: str, options: dict[str, Any], model: nn.Module, total_steps: int | None = None,
+                    tokenizer: Any = None) -> PeftConfig | None:
         cls = self.config_class()
         if cls is None:
             return None
         kwargs = dict(self.defaults)
+        if self.configure is not None:
+            kwargs.update(self.configure(model, RunContext(task, total_steps, tokenizer, dict(options))))
         kwargs.update(options)
         kwargs.update(self.fixed)
         kwargs["task_type"] = "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
@@ -75,6 +93,56 @@ class MethodEntry:
 
 
 _LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+PREFIX_INIT_TEXT = "Read the following text and continue it in the same style."
+"""Li & Liang start the prefix from the activations of real words (task words such as "summarize"); the
+preset's causal-LM prefix starts from the frozen model's own keys and values for this neutral instruction."""
+
+
+def _prefix_configure(model: nn.Module, run: RunContext) -> dict[str, Any]:
+    """The run's tokenizer for ``prefix_init_text``; on a causal LM (which keeps a key/value cache to read the
+    text's keys and values from) the preset's init text too. An encoder keeps HF PEFT's N(0, 1) start."""
+    if run.tokenizer is None:
+        return {}
+    own_start = run.options.get("init_weights") is not None or run.options.get("inference_mode")
+    text = {"prefix_init_text": PREFIX_INIT_TEXT} if run.task == "causal_lm" and not own_start else {}
+    return {"tokenizer": run.tokenizer, **text}
+
+DELTA_LORA_PAPER_START, DELTA_LORA_PAPER_STEPS = 500, 26_290
+"""Zi et al. 2023 start Delta-LoRA's W update after K = 500 steps (with λ = 2) in runs that follow LoRA's E2E
+setting (GPT-2, 5 epochs of 42,061 examples at batch 8: 26,290 optimizer steps), i.e. after ~1.9% of the run."""
+
+
+def delta_lora_start(total_steps: int | None) -> int:
+    """The paper's K = 500, scaled to the run where it is shorter than the paper's ~26k steps (K/T kept)."""
+    if total_steps is None or total_steps >= DELTA_LORA_PAPER_STEPS:
+        return DELTA_LORA_PAPER_START
+    return round(DELTA_LORA_PAPER_START * total_steps / DELTA_LORA_PAPER_STEPS)
+
+
+def _delta_lora_configure(model: nn.Module, run: RunContext) -> dict[str, Any]:
+    return {"update_start": delta_lora_start(run.total_steps)}
+
+
+# IA3's paper form (Liu et al. 2022, §3.3: l_k, l_v in every attention, l_ff on the FFN's intermediate
+# activation) where HF PEFT's default table differs: BERT-style "output.dense" also matches the attention's
+# output projection (an extra vector the paper has not), and some families target q_proj instead of k_proj.
+_BERT_IA3 = {"target_modules": r".*\.attention\.self\.(key|value)|.*\.layer\.\d+\.output\.dense",
+             "feedforward_modules": r".*\.layer\.\d+\.output\.dense"}
+_IA3_PAPER_TARGETS: dict[str, dict[str, Any]] = {
+    "bert": _BERT_IA3, "roberta": _BERT_IA3,
+    **{family: {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
+       for family in ("llama4", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+}
+
+
+def _ia3_configure(model: nn.Module, run: RunContext) -> dict[str, Any]:
+    """The paper's targets, unless the run names its own (then HF PEFT's feedforward rule applies to them)."""
+    from ..targeting import model_type
+
+    if {"target_modules", "feedforward_modules"} & set(run.options):
+        return {}
+    return dict(_IA3_PAPER_TARGETS.get(model_type(model) or "", {}))
 
 _ENTRIES = [
     MethodEntry("full", None, lr=2e-5, source="common full fine-tuning rate for BERT / small LMs",
@@ -91,8 +159,10 @@ _ENTRIES = [
                 source="Zhang et al. 2023 (LoRA's rate)", description="LoRA with A frozen (less activation memory)"),
     MethodEntry("loraplus", "LoraConfig", defaults=_LORA_DEFAULTS, lr=2e-4, loraplus_lr_ratio=16.0,
                 source="Hayou et al. 2024 (ratio 16)", description="LoRA with B's rate 16× A's"),
-    MethodEntry("delta_lora", "DeltaLoraConfig", defaults={**_LORA_DEFAULTS, "update_start": 0}, lr=5e-4,
-                delta_lora=True, source="Zi et al. 2023 (LoRA's rate)", description="LoRA whose product also moves W"),
+    MethodEntry("delta_lora", "DeltaLoraConfig", defaults={**_LORA_DEFAULTS, "delta_lambda": 2.0}, lr=5e-4,
+                delta_lora=True, configure=_delta_lora_configure,
+                source="Zi et al. 2023 (LoRA's rate; λ = 2, K = 500 scaled to the run's length)",
+                description="LoRA whose product also moves W"),
     MethodEntry("qlora", "LoraConfig", defaults=_LORA_DEFAULTS, lr=5e-4, quantization={"method": "nf4"},
                 source="Dettmers et al. 2023 (LoRA's rate on an NF4 base)",
                 description="LoRA on a frozen 4-bit NormalFloat base"),
@@ -104,16 +174,17 @@ _ENTRIES = [
                 source="Pfeiffer et al. 2021 (1e-4 to 1e-3)", description="bottleneck adapter after the FFN"),
     MethodEntry("bitfit", "BitFitConfig", lr=1e-3, source="Ben Zaken et al. 2022 (1e-4 to 1e-3)",
                 description="only biases train"),
-    MethodEntry("ia3", "IA3Config", lr=3e-3, source="Liu et al. 2022 (T-Few: 3e-3)",
+    MethodEntry("ia3", "IA3Config", lr=3e-3, configure=_ia3_configure, source="Liu et al. 2022 (T-Few: 3e-3)",
                 description="learned rescaling of keys, values and FFN activations"),
     MethodEntry("prompt", "PromptTuningConfig", defaults={"num_virtual_tokens": 20}, lr=3e-2,
                 source="Lester et al. 2021 (0.3 with Adafactor; 3e-2 with AdamW is common)",
                 description="trained soft-prompt embeddings"),
     MethodEntry("p_tuning", "PromptEncoderConfig", defaults={"num_virtual_tokens": 20, "encoder_hidden_size": 128},
                 lr=1e-3, source="Liu et al. 2021", description="prompt encoder producing virtual tokens"),
-    MethodEntry("prefix", "PrefixTuningConfig", defaults={"num_virtual_tokens": 20}, lr=1e-2,
-                source="Li & Liang 2021 (5e-5 to 8e-5 with projection; 1e-2 without is common)",
-                description="trained key/value prefixes in every layer"),
+    MethodEntry("prefix", "PrefixTuningConfig", defaults={"num_virtual_tokens": 20, "prefix_projection": True},
+                lr=5e-5, configure=_prefix_configure,
+                source="Li & Liang 2021 (5e-5 to 8e-5, with the MLP reparametrisation)",
+                description="trained key/value prefixes in every layer (MLP-reparametrised, from real words)"),
 ]
 
 _ALL = {entry.name: entry for entry in _ENTRIES}

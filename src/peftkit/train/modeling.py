@@ -173,8 +173,11 @@ def classifier_module(model: nn.Module) -> nn.Module:
     raise PeftError("method 'head' needs a classification model with a 'classifier' or 'score' head")
 
 
-def apply_method(model: nn.Module, spec: RunSpec, task: str) -> nn.Module:
-    """Put the run's method on ``model``: a PeftModel, or the model itself for ``full`` / ``head``."""
+def apply_method(model: nn.Module, spec: RunSpec, task: str, total_steps: int | None = None,
+                 tokenizer: Any = None) -> nn.Module:
+    """Put the run's method on ``model``: a PeftModel, or the model itself for ``full`` / ``head``.
+    ``total_steps`` (the run's optimizer steps) scales step-counted defaults such as Delta-LoRA's start;
+    ``tokenizer`` serves defaults that read text (prefix tuning's init text)."""
     from ..model import get_peft_model
 
     entry = method_entry(spec.method.name)
@@ -190,7 +193,7 @@ def apply_method(model: nn.Module, spec: RunSpec, task: str) -> nn.Module:
         for p in classifier_module(model).parameters():
             p.requires_grad_(True)
         return model
-    config = entry.make_config(task, spec.method.options, model)
+    config = entry.make_config(task, spec.method.options, model, total_steps, tokenizer)
     return get_peft_model(model, config)
 
 
