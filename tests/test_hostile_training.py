@@ -103,6 +103,8 @@ def test_copied_adapter_folder_merges_with_its_runs_mean_pooling_and_labels(root
     info = json.loads((alone / "peftkit_run.json").read_text())
     assert info["pooling"] == "mean" and info["labels"] == ["neg", "pos"] and info["task"] == "classification"
     ckpt_info = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter" / "peftkit_run.json").read_text())
+    final_only = {k: info.pop(k) for k in ("metrics", "steps")}  # the final adapter also records its results
+    assert set(final_only["metrics"]) >= {"loss", "accuracy"} and final_only["steps"] == runner.total_steps
     assert ckpt_info == info  # a checkpoint's adapter is a complete adapter too (no run_config.yaml beside it)
     ckpt_adapter = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter"
     res = cli.invoke(app, ["merge", str(root / "tiny-bert"), str(ckpt_adapter), str(tmp_path / "merged-2")])

@@ -79,6 +79,8 @@ def is_adapterhub_config(data: Any) -> bool:
 
 def is_adapterhub_folder(folder: str | os.PathLike) -> bool:
     path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):  # also a FIFO, which open() would wait on forever: the HF PEFT reader refuses it
+        return False
     try:
         with open(path, encoding="utf-8") as fh:
             return is_adapterhub_config(json.load(fh))
