@@ -33,3 +33,8 @@ def test_chat_demo_generates_before_and_after(tmp_path):
     assert len(out["before"]) == len(out["after"]) == 4
     assert all(isinstance(t, str) for t in out["after"])
     assert out["result"]["metrics"]["loss"] < out["loss_before"]["loss"]  # chatterbot's answer style is learnt fast
+    import gguf
+
+    reader = gguf.GGUFReader(out["gguf"])  # the trained adapter, ready for llama.cpp
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert sum(t.name.endswith(".lora_a") for t in reader.tensors) > 0

@@ -160,4 +160,25 @@ def _chat(method: str, steps: int | None, out: str, overrides: list[str]) -> dic
             ("held-out loss after", f"{result.metrics['loss']:.4f} (perplexity {result.metrics['perplexity']:.2f})"),
             *runner.summary_rows(result)[4:], ("total demo time", f"{time.perf_counter() - t0:.0f} s")]
     table(f"peftkit demo --task chat: {method} on SmolLM2-135M-Instruct", rows)
-    return {"before": before, "after": after, "loss_before": loss0, "result": result.to_dict()}
+    gguf = _export_gguf(runner, result.output_dir)
+    return {"before": before, "after": after, "loss_before": loss0, "result": result.to_dict(), "gguf": gguf}
+
+
+def _export_gguf(runner: Any, out: str) -> str | None:
+    """The trained adapter as a llama.cpp LoRA GGUF beside the run, and the line that runs it (LoRA-family
+    adapters that export exactly; others say why not)."""
+    from .embedded import smollm2_gguf
+    from .export import to_gguf
+
+    if not hasattr(runner.model, "peft_config"):
+        return None
+    path = os.path.join(out, "adapter.gguf")
+    try:
+        to_gguf(runner.model, path)
+    except PeftError as exc:
+        print(f"\nno llama.cpp adapter for this method: {exc}")
+        return None
+    folder, name = smollm2_gguf()
+    print(f"\nllama.cpp adapter: {path}\n  run it: llama-cli -m {folder / name} --lora {path} -cnv"
+          f"\n  or in Python: llama_cpp.Llama(model_path={str(folder / name)!r}, lora_path={path!r})")
+    return path
