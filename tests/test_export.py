@@ -375,25 +375,29 @@ def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
     from peftkit.export import merged_to_gguf
 
     folder, name = smollm2_gguf()
+    torch.manual_seed(0)  # LoRA's A starts from the global generator: seed it, so every run checks the same model
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, gguf_file=name),
                            LoraConfig(r=8, use_dora=True, target_modules=["q_proj", "k_proj", "down_proj"],
                                       task_type="CAUSAL_LM"))
-    randomise(model, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # an adapter that changes the logits by ~25%, as a trained one does
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
     tokens = AutoTokenizer.from_pretrained(folder, gguf_file=name)("The cat sat on the mat.")["input_ids"]
     ids = torch.tensor([tokens])
     ours = logits(model, ids)[0].double()
     with model.disable_adapter():
         effect = ours - logits(model, ids)[0].double()
-    # q8_0 rounds every weight to 8 bits per block of 32: 0.09 to 0.31 of this adapter's effect in three runs.
-    # A file without the merge would be off by the whole effect (1.0), a wrong permutation by far more.
-    for out_type, limit in (("f16", 0.01), ("q8_0", 0.5)):
+    # q8_0 rounds every weight to 8 bits per block of 32: on this seeded model it is off by 3.2% of the logits
+    # (1.2% on another prompt); f16 by under 0.1%. A file without the merge is off by the whole effect (1.0).
+    for out_type, limit, of_logits in (("f16", 0.01, 0.005), ("q8_0", 0.15, 0.06)):
         file = tmp_path / f"merged-{out_type}.gguf"
         assert merged_to_gguf(model, file, folder / name, out_type) == 272
         back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name)
-        error = float((logits(back, ids)[0].double() - ours).norm() / effect.norm())
-        assert error < limit, (out_type, error)
-        # of the logits themselves: f16 0.07%, q8_0 1.4% on the bare base and 16% on this heavily randomised one
-        assert float((logits(back, ids)[0].double() - ours).norm() / ours.norm()) < {"f16": 0.01, "q8_0": 0.25}[out_type]
+        error = logits(back, ids)[0].double() - ours
+        assert float(error.norm() / effect.norm()) < limit, (out_type, float(error.norm() / effect.norm()))
+        assert float(error.norm() / ours.norm()) < of_logits, out_type
         assert AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)("The cat sat on the mat.")["input_ids"] == tokens
         try:
             import llama_cpp
@@ -404,7 +408,8 @@ def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
         theirs = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
         llm.close()
         # llama.cpp multiplies f16 weights with f16 activations, q8_0 with 8-bit ones: a little more rounding
-        assert float((theirs - ours).norm() / effect.norm()) < {"f16": 0.07, "q8_0": 0.75}[out_type], out_type
+        print(out_type, "llama.cpp vs peftkit, of the effect:", float((theirs - ours).norm() / effect.norm()))
+        assert float((theirs - ours).norm() / effect.norm()) < {"f16": 0.15, "q8_0": 0.4}[out_type], out_type
     # the command line writes the same file from the saved adapter
     import gguf
     from typer.testing import CliRunner
