@@ -30,6 +30,14 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def test_these_tests_never_reach_the_network() -> None:
+    """Every Hub id below resolves offline from a cache these tests build from tiny configs (conftest and
+    scripts/test.sh set HF_HUB_OFFLINE=1); a run without it would fail here rather than try to download."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE
+
+
 @pytest.fixture
 def hub_cache(tmp_path) -> Path:
     """models--org--lora: main → commit 1 (adapter at the root, another in sub/), v2 → commit 2; plus a

@@ -393,9 +393,9 @@ class PeftConfig:
     def from_pretrained(cls, folder: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> PeftConfig:
         """Read ``adapter_config.json`` of a folder, or of a Hub id (``revision``, ``token``, ``cache_dir``,
         ``local_files_only`` as in HF PEFT; see :func:`peftkit.hub.resolve_adapter`)."""
-        from .hub import resolve_adapter
+        from .hub import HUB_KEYWORDS, resolve_adapter
 
-        hub = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+        hub = {k: v for k, v in kwargs.items() if k in HUB_KEYWORDS and k != "subfolder"}
         return cls.from_json_file(os.path.join(resolve_adapter(folder, subfolder, **hub), CONFIG_NAME))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:

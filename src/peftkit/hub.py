@@ -21,6 +21,8 @@ from .errors import AdapterFileError, PeftError
 # the files of an adapter folder (peftkit's and HF PEFT's): nothing else is downloaded
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "prompt_encoder.safetensors",
                  "peftkit_run.json", "README.md")
+# HF PEFT's keywords for where an adapter comes from (from_pretrained, load_adapter, PeftConfig.from_pretrained)
+HUB_KEYWORDS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 

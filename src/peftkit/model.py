@@ -838,14 +838,11 @@ def _class_for(config: PeftConfig, default: type[PeftModel]) -> type[PeftModel]:
     return MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type or "", PeftModel)
 
 
-HUB_KEYWORDS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
-
-
 def _local_folder(model_id: str | os.PathLike, **kwargs: Any) -> str:
     """The local adapter folder of ``model_id``: a folder, or a Hub id resolved by huggingface_hub
     (:func:`peftkit.hub.resolve_adapter`; ``subfolder``, ``revision``, ``token``, ``cache_dir``,
     ``local_files_only`` as in HF PEFT)."""
-    from .hub import resolve_adapter
+    from .hub import HUB_KEYWORDS, resolve_adapter
 
     hub = {k: kwargs[k] for k in HUB_KEYWORDS if kwargs.get(k) is not None}
     folder = resolve_adapter(model_id, **hub)
