@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -346,8 +347,6 @@ def llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def gguf_tensor_name(module_path: str, tie_word_embeddings: bool) -> str:
     """llama.cpp's name of the weight of ``module_path`` (e.g. ``model.layers.3.mlp.up_proj`` → ``blk.3.ffn_up.weight``)."""
-    import re
-
     if module_path == "lm_head" and not tie_word_embeddings:
         return "output.weight"
     match = re.fullmatch(r"(?:model\.)?layers\.(\d+)\.(.+)", module_path)
@@ -450,8 +449,6 @@ GGUF_OUT_TYPES = ("f16", "q8_0")
 
 
 def _hf_name(gguf_name: str) -> str:
-    import re
-
     if gguf_name in GGUF_MODEL_NAMES:
         return GGUF_MODEL_NAMES[gguf_name]
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
