@@ -5,6 +5,7 @@ from .config import PeftConfig, TaskType
 from .errors import (
     AdapterFileError,
     AdapterNameError,
+    BaseModelMismatchError,
     NoTrainableParametersError,
     PeftConfigError,
     PeftError,
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFileError",
     "AdapterNameError",
+    "BaseModelMismatchError",
     "BeftConfig",
     "BitFitConfig",
     "BottleneckConfig",

