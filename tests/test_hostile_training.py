@@ -81,7 +81,7 @@ def _mean_pool_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 
     from peftkit.train.modeling import MeanPoolingClassifier
 
-    head = load_file(folder / "classifier.safetensors")
+    head = {k.removeprefix("linear."): v for k, v in load_file(folder / "2_Dense" / "model.safetensors").items()}
     model = MeanPoolingClassifier(AutoModel.from_pretrained(folder), head["weight"].shape[0])
     model.classifier.load_state_dict(head)
     return model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
@@ -94,9 +94,10 @@ def test_copied_adapter_folder_merges_with_its_runs_mean_pooling_and_labels(root
     shutil.copytree(tmp_path / "run" / "adapter", alone)  # no run_config.yaml next to it any more
     res = cli.invoke(app, ["merge", str(root / "tiny-bert"), str(alone), str(tmp_path / "merged")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "merged" / "peftkit_head.json").is_file(), "merged with CLS pooling: the run's pooling was lost"
-    head = json.loads((tmp_path / "merged" / "peftkit_head.json").read_text())
-    assert head["pooling"] == "mean" and head["labels"] == ["neg", "pos"]
+    assert (tmp_path / "merged" / "1_Pooling").is_dir(), "merged with CLS pooling: the run's pooling was lost"
+    pooling = json.loads((tmp_path / "merged" / "1_Pooling" / "config.json").read_text())
+    labels = json.loads((tmp_path / "merged" / "config.json").read_text())["id2label"]
+    assert pooling["pooling_mode_mean_tokens"] and labels == {"0": "neg", "1": "pos"}
     ids = torch.tensor([[2, 45, 50, 47, 3]])
     expected = runner.model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(_mean_pool_logits(tmp_path / "merged", ids), expected, atol=1e-5, rtol=1e-5)
@@ -109,7 +110,7 @@ def test_copied_adapter_folder_merges_with_its_runs_mean_pooling_and_labels(root
     ckpt_adapter = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "adapter"
     res = cli.invoke(app, ["merge", str(root / "tiny-bert"), str(ckpt_adapter), str(tmp_path / "merged-2")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "merged-2" / "peftkit_head.json").read_text())["pooling"] == "mean"
+    assert json.loads((tmp_path / "merged-2" / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
 
 
 def test_old_run_folder_without_the_record_still_merges_from_its_run_config(root, tmp_path):

@@ -216,7 +216,8 @@ def test_llama_adapter_on_a_wider_llama_names_both_models(tmp_path):
     target = AutoModelForCausalLM.from_pretrained(wide)
     before = _state(target)
     with pytest.raises(BaseModelMismatchError, match=f"trained on {small}; the model given is {wide} "
-                       r"\(LlamaForCausalLM\), which it does not fit \(.*shape"):
+                       r"\(LlamaForCausalLM\), which it does not fit \('base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight' "
+                       r"is \(4, 32\) in the file but \(4, 64\) on this model\)"):
         PeftModel.from_pretrained(target, str(tmp_path / "adapter"))
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
 
@@ -294,3 +295,20 @@ def test_eval_on_its_own_base_still_scores(root, mean_run):
     spec = parse_spec(cls_config(root, Path(mean_run.out)), ".", "t")
     metrics = evaluate_adapter(spec, str(Path(mean_run.out) / "adapter"))
     assert metrics["accuracy"] == pytest.approx(mean_run.evaluate()["accuracy"])
+
+
+def test_a_nan_adapter_recorded_on_another_path_keeps_its_own_message(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    small = _lora_on_tiny_llama(tmp_path)
+    config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(small), config).save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, weights)
+    shutil.copytree(small, tmp_path / "copy")  # the same model under another name: the adapter fits it
+    with pytest.raises(AdapterFileError) as err:
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "copy"), str(tmp_path / "adapter"))
+    assert not isinstance(err.value, BaseModelMismatchError) and "NaN" in str(err.value)

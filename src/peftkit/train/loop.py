@@ -240,9 +240,11 @@ class Runner(Scorer):
 
     def run_info(self) -> dict[str, Any]:
         """What ``peftkit_run.json`` records (see peftkit.train.outputs)."""
+        from .modeling import base_model_id
+
         m = self.spec.model
         info: dict[str, Any] = {"task": self.task, "method": self.entry.name,
-                                "base_model": m.name if m.name in ("minilm", "smollm2") else self.spec.resolve(m.name),
+                                "base_model": m.name if m.name in ("minilm", "smollm2") else base_model_id(self.spec),
                                 "max_length": m.max_length, "data_sha256": self.data_hashes}
         if self.task == "classification":
             info.update(pooling=m.pooling, num_labels=len(self.data.labels or []), labels=self.data.labels)
@@ -512,12 +514,11 @@ class Runner(Scorer):
 
             folder = os.path.join(self.out, "model")
             with atomic_folder(folder, replace=True) as tmp:  # whole, and with the user's umask
-                if isinstance(self.model, MeanPoolingClassifier):
-                    from safetensors.torch import save as save_bytes
+                if isinstance(self.model, MeanPoolingClassifier):  # SentenceTransformer(folder) loads it
+                    from .modeling import save_mean_pooling_classifier
 
-                    self.model.encoder_model.save_pretrained(tmp)
-                    head = {k: v.detach().contiguous() for k, v in self.model.classifier.state_dict().items()}
-                    atomic_write_bytes(os.path.join(tmp, "classifier.safetensors"), save_bytes(head))
+                    save_mean_pooling_classifier(self.model, tmp, self.data.labels, self.spec.model.max_length)
+                    self.tokenizer.save_pretrained(tmp)
                 else:
                     from .modeling import save_transformers
 
@@ -549,7 +550,7 @@ def run_training(spec: RunSpec, *, resume: bool = False, quiet: bool = False, ov
 
 def evaluate_adapter(spec: RunSpec, adapter: str) -> dict[str, float]:
     """``peftkit eval``: the run's model with a saved adapter (or head / full model) on the eval split."""
-    from ..model import PeftModel
+    from ..model import PeftModel, check_adapter_fits
 
     task = model_task(spec)
     is_head = os.path.isfile(adapter) and adapter.endswith(".safetensors")
@@ -561,6 +562,8 @@ def evaluate_adapter(spec: RunSpec, adapter: str) -> dict[str, float]:
     data = build_dataset(spec, tokenizer, task)
     if not is_head:
         _check_adapter_fits_run(adapter, spec, task, data.labels)
+        # another base model is refused in a second, from configs and file headers, before its weights load
+        check_adapter_fits(load_base(spec, task, data.labels, meta=True)[0], adapter, given=spec.model.name)
     base, _ = load_base(spec, task, data.labels)
     quantize(base, spec)
     if is_head:

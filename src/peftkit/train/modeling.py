@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,50 @@ class MeanPoolingClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+              {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+              {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
+"""sentence-transformers' module chain for a mean-pooling classifier, under the names every release reads
+(2.x to 6.x): its Dense layer, with no activation, is the classifier, so ``encode`` returns the logits."""
+
+
+def save_mean_pooling_classifier(model: MeanPoolingClassifier, folder: str, labels: list[str] | None = None,
+                                 max_length: int | None = None) -> None:
+    """Write ``model`` as a sentence-transformers folder that its own classes load and run exactly as peftkit does:
+    the encoder in transformers' layout (its config.json carries id2label / label2id with the real class names),
+    mean pooling (1_Pooling) and the classifier as a Dense layer without activation (2_Dense), so that
+    ``SentenceTransformer(folder).encode(texts)`` returns peftkit's logits. ``max_length`` (the run's) becomes
+    ``max_seq_length``, so long texts are truncated where peftkit truncated them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    encoder, classifier = model.encoder_model, model.classifier
+    if labels is not None and len(labels) == classifier.out_features:
+        encoder.config.id2label = dict(enumerate(labels))
+        encoder.config.label2id = {name: i for i, name in enumerate(labels)}
+    save_transformers(encoder, folder)
+
+    def write(name: str, data: Any) -> None:
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+
+    write("modules.json", ST_MODULES)
+    write("config_sentence_transformers.json", {"model_type": "SentenceTransformer", "prompts": {},
+                                                "default_prompt_name": None})
+    write("sentence_bert_config.json", {"do_lower_case": False}
+          | ({"max_seq_length": max_length} if max_length else {}))
+    write("1_Pooling/config.json", {"word_embedding_dimension": classifier.in_features,
+                                    "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+                                    "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False})
+    write("2_Dense/config.json", {"in_features": classifier.in_features, "out_features": classifier.out_features,
+                                  "bias": classifier.bias is not None,
+                                  "activation_function": "torch.nn.modules.linear.Identity"})
+    save_file({f"linear.{k}": v.detach().contiguous() for k, v in classifier.state_dict().items()},
+              os.path.join(folder, "2_Dense", "model.safetensors"))
+
+
 @dataclass
 class Loaded:
     model: nn.Module
@@ -81,6 +126,18 @@ def _folder(spec: RunSpec) -> tuple[str, dict[str, Any], str]:
         folder = name  # a Hub id: transformers resolves it through huggingface_hub's cache
     extra = {"gguf_file": spec.model.gguf_file} if spec.model.gguf_file else {}
     return folder, extra, folder
+
+
+def base_model_id(spec: RunSpec) -> str:
+    """The base model as an adapter records it (``base_model_name_or_path``, HF PEFT's convention: what
+    ``from_pretrained`` was given): the Hub id an embedded model copies, a Hub id as written, else the folder."""
+    from ..embedded import EMBEDDED_HUB_IDS
+
+    name = spec.model.name
+    if name in EMBEDDED_HUB_IDS:
+        return EMBEDDED_HUB_IDS[name]
+    folder, _, _ = _folder(spec)
+    return folder
 
 
 def model_task(spec: RunSpec) -> str:
@@ -119,8 +176,21 @@ def load_tokenizer(spec: RunSpec) -> Any:
     return tok
 
 
-def load_base(spec: RunSpec, task: str, labels: list[str] | None) -> tuple[nn.Module, str]:
-    """The pretrained model for ``task`` (classification heads are new: seeded by the caller's RNG)."""
+def pretrained_or_meta(auto: Any, folder: str, extra: dict[str, Any], meta: bool, **kwargs: Any) -> nn.Module:
+    """``auto.from_pretrained(folder)``, or with ``meta`` the same model built on the meta device from its config
+    alone (no weights read, no memory): enough to check that an adapter fits before the real load."""
+    if not meta:
+        return auto.from_pretrained(folder, **extra, **kwargs)
+    import transformers
+
+    model_config = transformers.AutoConfig.from_pretrained(folder, **extra, **kwargs)
+    with torch.device("meta"):
+        return auto.from_config(model_config)
+
+
+def load_base(spec: RunSpec, task: str, labels: list[str] | None, meta: bool = False) -> tuple[nn.Module, str]:
+    """The pretrained model for ``task`` (classification heads are new: seeded by the caller's RNG). ``meta``: the
+    same model built from its config alone on the meta device (no weights read), to check an adapter fits it."""
     import transformers
 
     folder, extra, source = _folder(spec)
@@ -129,20 +199,22 @@ def load_base(spec: RunSpec, task: str, labels: list[str] | None) -> tuple[nn.Mo
         if task == "classification":
             assert labels is not None
             if spec.model.pooling == "mean":
-                encoder = transformers.AutoModel.from_pretrained(folder, dtype=dtype, **extra)
-                model: nn.Module = MeanPoolingClassifier(encoder, len(labels)).to(dtype)
+                encoder = pretrained_or_meta(transformers.AutoModel, folder, {**extra, "dtype": dtype}, meta)
+                with torch.device("meta") if meta else contextlib.nullcontext():
+                    model: nn.Module = MeanPoolingClassifier(encoder, len(labels)).to(dtype)
             else:
-                model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                    folder, dtype=dtype, num_labels=len(labels),
-                    id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}, **extra,
+                model = pretrained_or_meta(
+                    transformers.AutoModelForSequenceClassification, folder, {**extra, "dtype": dtype}, meta,
+                    num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    label2id={n: i for i, n in enumerate(labels)},
                 )
             if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
                 model.config.pad_token_id = model.config.eos_token_id
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+            model = pretrained_or_meta(transformers.AutoModelForCausalLM, folder, {**extra, "dtype": dtype}, meta)
     except (OSError, ValueError) as exc:
         raise PeftError(f"cannot load the model from {folder!r}: {str(exc).splitlines()[0]}") from None
-    if spec.model.gradient_checkpointing:
+    if spec.model.gradient_checkpointing and not meta:
         target = model.encoder_model if isinstance(model, MeanPoolingClassifier) else model
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(target, "enable_input_require_grads"):
@@ -194,6 +266,8 @@ def apply_method(model: nn.Module, spec: RunSpec, task: str, total_steps: int | 
             p.requires_grad_(True)
         return model
     config = entry.make_config(task, spec.method.options, model, total_steps, tokenizer)
+    if config is not None and config.base_model_name_or_path is None:
+        config = config.copy(base_model_name_or_path=base_model_id(spec))  # what `peftkit inspect` shows
     return get_peft_model(model, config)
 
 
