@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -176,14 +178,29 @@ def load_tokenizer(spec: RunSpec) -> Any:
     return tok
 
 
-def pretrained_or_meta(auto: Any, folder: str, extra: dict[str, Any], meta: bool, **kwargs: Any) -> nn.Module:
-    """``auto.from_pretrained(folder)``, or with ``meta`` the same model built on the meta device from its config
-    alone (no weights read, no memory): enough to check that an adapter fits before the real load."""
-    if not meta:
-        return auto.from_pretrained(folder, **extra, **kwargs)
+@functools.lru_cache(maxsize=8)
+def _read_config(folder: str, gguf_file: str | None, stamp: float) -> Any:
+    """A model folder's (or GGUF file's) config, read once per version of the file (``stamp``: its mtime)."""
     import transformers
 
-    model_config = transformers.AutoConfig.from_pretrained(folder, **extra, **kwargs)
+    return transformers.AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def pretrained_or_meta(auto: Any, folder: str, extra: dict[str, Any], meta: bool, **config_kwargs: Any) -> nn.Module:
+    """``auto.from_pretrained(folder)``, or with ``meta`` the same model built on the meta device from its config
+    alone (no weights read, no memory): enough to check that an adapter fits before the real load. The config is
+    read once for both (a GGUF file's takes seconds: its whole vocabulary is parsed)."""
+    import transformers
+
+    gguf = extra.get("gguf_file")
+    source = os.path.join(folder, gguf) if gguf else os.path.join(folder, "config.json")
+    if os.path.isfile(source):
+        model_config = copy.deepcopy(_read_config(folder, gguf, os.path.getmtime(source)))
+    else:  # a Hub id: transformers resolves (and caches) it
+        model_config = transformers.AutoConfig.from_pretrained(folder, **extra)
+    model_config.update(config_kwargs)
+    if not meta:
+        return auto.from_pretrained(folder, config=model_config, **extra)
     with torch.device("meta"):
         return auto.from_config(model_config)
 
