@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,80 @@ def test_report_rows_errors_and_resume(config, tmp_path):
     assert sum("done earlier, skipped" in line for line in logs) == 3
     assert [r["status"] for r in report["rows"]] == ["ok"] * 4
     assert report["rows"][1]["lr"] == rows["lora"]["lr"]
+
+
+# ---- the report folder, the terminal table and the plots (no training: rows made up) --------------------------
+def _row(method: str, steps: int = 6, **extra) -> dict:
+    history = [{"step": s, "split": "train", "loss": 2.0 - 0.1 * s} for s in range(1, steps + 1)]
+    history += [{"step": steps, "split": "eval", "loss": 1.5}]
+    return {"method": method, "status": "ok", "lr": 1e-3, "trainable": 12_345, "total": 22_000_000,
+            "trainable_pct": 0.056, "step_s": 0.123, "tokens_per_s": 2000.0, "peak_rss_mib": 1234.0,
+            "torch_train_mib": 300.0, "saved_activation_mib": 45.6, "adapter_bytes": 50_000, "size_vs_full": 0.0021,
+            "metric": "accuracy", "metrics": {"accuracy": 0.9123, "f1": 0.91, "loss": 0.33},
+            "forgetting": {"before": 0.5123, "after": 0.5011, "probe": "retrieval@1"}, "history": history, **extra}
+
+
+METHODS_SHOWN = ["full", "lora", "delta_lora", "loraplus", "p_tuning", "prefix"]
+
+
+def test_default_report_folder_is_not_doubled(tmp_path, monkeypatch):
+    from peftkit.compare import default_config, report_folder
+    from peftkit.train.spec import parse_spec
+
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec(default_config("classify"))
+    assert report_folder(spec, default_config_used=True) == "runs/compare"
+    spec = parse_spec(default_config("chat"))
+    assert report_folder(spec, default_config_used=True) == "runs/compare-chat"
+    spec = parse_spec({"training": {"output_dir": "runs/mine"}})
+    assert report_folder(spec, default_config_used=False) == os.path.join("runs", "mine", "compare")
+
+
+def test_terminal_table_is_one_line_per_method_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from peftkit.cli import print_compare_table
+
+    rows = [_row(m) for m in METHODS_SHOWN]
+    rows.append({"method": "ia3", "status": "error", "lr": 1e-2, "error": "no module matched target_modules"})
+    buf = io.StringIO()
+    print_compare_table({"rows": rows}, Console(file=buf, width=80, color_system=None))
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for method in [*METHODS_SHOWN, "ia3"]:
+        mine = [line for line in lines if line.strip().startswith(method + " ")]
+        assert len(mine) == 1, (method, lines)
+    assert "0.9123" in buf.getvalue() and "0.512→0.501" in buf.getvalue()
+    assert "ia3: error: no module matched target_modules" in lines
+
+
+def test_plots_integer_steps_and_a_legend_that_hides_no_bar():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from peftkit.compare import loss_figure, time_memory_figure
+
+    ok = [_row(m, steps=3) for m in METHODS_SHOWN]
+    fig = loss_figure(ok)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    plt.close(fig)
+    fig = time_memory_figure(ok)
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    memory = fig.axes[1]
+    legend = memory.get_legend().get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for p in memory.patches if isinstance(p, Rectangle)]
+    assert len(bars) == 2 * len(ok)
+    assert not [b for b in bars if b.overlaps(legend)]
+    assert not legend.overlaps(memory.get_window_extent(renderer))  # below the panel, not over it
+    plt.close(fig)

@@ -1,46 +1,37 @@
-"""peftkit: parameter-efficient fine-tuning for PyTorch, with HF PEFT's names and adapter files."""
+"""peftkit: parameter-efficient fine-tuning for PyTorch, with HF PEFT's names and adapter files.
 
-from .adapterhub import save_adapterhub
-from .config import PeftConfig, TaskType
-from .errors import (
-    AdapterFileError,
-    AdapterNameError,
-    BaseModelMismatchError,
-    NoTrainableParametersError,
-    PeftConfigError,
-    PeftError,
-    TargetModulesError,
-)
-from .methods.adapters import BottleneckConfig
-from .methods.bitfit import BeftConfig, BitFitConfig
-from .methods.delta_lora import DeltaLoraConfig
-from .methods.ia3 import IA3Config
-from .methods.lora import LoraConfig
-from .methods.lora_fa import LoraFAConfig, create_lorafa_optimizer
-from .methods.prompts import (
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptEncoderReparameterizationType,
-    PromptLearningConfig,
-    PromptTuningConfig,
-    PromptTuningInit,
-)
-from .methods.vera import VeraConfig
-from .model import (
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-    get_peft_model,
-    get_peft_model_state_dict,
-    inject_adapter_in_model,
-    set_peft_model_state_dict,
-)
-from .quantize import QuantizationReport, prepare_model_for_kbit_training, quantize_base
+The public names load on first use (PEP 562): ``import peftkit`` costs nothing, so the command line's
+``--help`` and ``inspect`` start in well under a second, while ``from peftkit import LoraConfig`` and
+``peftkit.get_peft_model`` work as they always did. A submodule (``peftkit.optim``) also loads on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "save_adapterhub": "adapterhub",
+    "PeftConfig": "config", "TaskType": "config",
+    **dict.fromkeys(["AdapterFileError", "AdapterNameError", "BaseModelMismatchError", "NoTrainableParametersError", "PeftConfigError",
+                     "PeftError", "TargetModulesError"], "errors"),
+    "BottleneckConfig": "methods.adapters",
+    "BeftConfig": "methods.bitfit", "BitFitConfig": "methods.bitfit",
+    "DeltaLoraConfig": "methods.delta_lora",
+    "IA3Config": "methods.ia3",
+    "LoraConfig": "methods.lora",
+    "LoraFAConfig": "methods.lora_fa", "create_lorafa_optimizer": "methods.lora_fa",
+    **dict.fromkeys(["PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
+                     "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit"], "methods.prompts"),
+    "VeraConfig": "methods.vera",
+    **dict.fromkeys(["PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForSeq2SeqLM",
+                     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "get_peft_model",
+                     "get_peft_model_state_dict", "inject_adapter_in_model", "set_peft_model_state_dict"], "model"),
+    **dict.fromkeys(["QuantizationReport", "prepare_model_for_kbit_training", "quantize_base"], "quantize"),
+}
 
 __all__ = [
     "AdapterFileError",
@@ -82,3 +73,64 @@ __all__ = [
     "save_adapterhub",
     "set_peft_model_state_dict",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (then cache the name here), or a submodule by name."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise  # the submodule exists but a dependency of it is missing: say so
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what type checkers and editors see: the same names, imported eagerly
+    from .adapterhub import save_adapterhub
+    from .config import PeftConfig, TaskType
+    from .errors import (
+        AdapterFileError,
+        AdapterNameError,
+        BaseModelMismatchError,
+        NoTrainableParametersError,
+        PeftConfigError,
+        PeftError,
+        TargetModulesError,
+    )
+    from .methods.adapters import BottleneckConfig
+    from .methods.bitfit import BeftConfig, BitFitConfig
+    from .methods.delta_lora import DeltaLoraConfig
+    from .methods.ia3 import IA3Config
+    from .methods.lora import LoraConfig
+    from .methods.lora_fa import LoraFAConfig, create_lorafa_optimizer
+    from .methods.prompts import (
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptEncoderReparameterizationType,
+        PromptLearningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+    )
+    from .methods.vera import VeraConfig
+    from .model import (
+        PeftModel,
+        PeftModelForCausalLM,
+        PeftModelForFeatureExtraction,
+        PeftModelForSeq2SeqLM,
+        PeftModelForSequenceClassification,
+        PeftModelForTokenClassification,
+        get_peft_model,
+        get_peft_model_state_dict,
+        inject_adapter_in_model,
+        set_peft_model_state_dict,
+    )
+    from .quantize import QuantizationReport, prepare_model_for_kbit_training, quantize_base

@@ -20,38 +20,67 @@ from typing import Annotated, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars (read at import)
 
 try:
     import typer
+    from typer.core import TyperArgument, TyperCommand, TyperGroup
 except ImportError:  # pragma: no cover - the cli extra is missing
     sys.stderr.write('error: the peftkit command needs its extra: pip install "peftkit[cli,hf]"\n')
     raise SystemExit(2) from None
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+# Nothing heavy is imported here: ``peftkit --help`` and ``peftkit inspect`` start without torch or transformers
+# (tests/test_cli.py checks it; benchmarks/cli_startup.py times it). Each command imports what it uses.
+
+
+def _readable_metavars(params: list) -> None:
+    """Usage and help in the words every CLI uses: ``train [OPTIONS] CONFIG``, ``--lr TEXT``, and no value
+    shown for flags (typer would print ``{config}``, ``<str>``, ``<list[str]>`` and ``--help <bool>``)."""
+    for param in params:
+        if param.metavar is not None:
+            continue
+        if isinstance(param, TyperArgument):
+            param.metavar = param.name.upper()
+            param.display_type_rich = lambda ctx: "TEXT"  # typer shows an argument's type as <str>
+        elif getattr(param, "is_flag", False):
+            param.metavar = ""
+        else:
+            annotation = param.type_descriptor.annotation
+            param.metavar = {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list:
+        params = super().get_params(ctx)
+        _readable_metavars(params)
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        rv = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                rv.append(param.metavar if param.required else f"[{param.metavar}]")
+        return rv
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list:
+        params = super().get_params(ctx)
+        _readable_metavars(params)
+        return params
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich", cls=_Group,
                   help="Parameter-efficient fine-tuning: train, evaluate, merge and inspect adapters.")
 _DEBUG = {"on": False}
 
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show stack traces on errors.")] = False) -> None:
+    from .quiet import quiet_third_party
+
     _DEBUG["on"] = debug or os.environ.get("PEFTKIT_DEBUG") == "1"
-    _quiet_libraries()
-
-
-def _quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", module="torchao")
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    quiet_third_party()  # only the named torchao notices; every other warning still reaches the user
 
 
 def _fail(message: str) -> None:
@@ -89,18 +118,22 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+LOAD_EMBEDDING_HELP = ("Accept an adapter file that also holds base-model weights its config does not declare "
+                       "(HF PEFT's save_embedding_layers=True writes the embeddings): they replace the base's. "
+                       "Without it such a file is refused.")
+
 # ---- train / eval ---------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: peftkit train examples/configs/minilm_bbc_lora.yaml --set training.lr=1e-3")
+@app.command(cls=_Command, epilog="Example: peftkit train examples/configs/minilm_bbc_lora.yaml --set training.lr=1e-3")
 @friendly
 def train(
     config: Annotated[str, typer.Argument(help="YAML run config (model, method, data, training).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: SECTION.KEY=VALUE.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in training.output_dir.")] = False,
-    overwrite: Annotated[bool, typer.Option(
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in training.output_dir.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite",
         help="Delete a previous run's outputs in training.output_dir (only what a run writes) and start clean.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
 ) -> None:
     """Fine-tune a model with any method; writes the adapter, metrics.jsonl, plot.png and checkpoints."""
     from .train import load_spec, run_training
@@ -109,12 +142,14 @@ def train(
     run_training(spec, resume=resume, quiet=quiet, overwrite=overwrite)
 
 
-@app.command("eval", epilog="Example: peftkit eval run.yaml --adapter runs/demo/adapter")
+@app.command("eval", cls=_Command,
+             epilog="Example: peftkit eval examples/configs/minilm_bbc_lora.yaml --adapter runs/demo/lora/adapter")
 @friendly
 def eval_(
     config: Annotated[str, typer.Argument(help="The run's YAML config (model and data sections are used).")],
     adapter: Annotated[str, typer.Option(help="Adapter folder (or head.safetensors) to evaluate.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: SECTION.KEY=VALUE.")] = None,
+    load_embedding_layers: Annotated[bool, typer.Option("--load-embedding-layers", help=LOAD_EMBEDDING_HELP)] = False,
 ) -> None:
     """Metrics of a saved adapter on the config's eval split."""
     from .hub import resolve_adapter
@@ -123,7 +158,7 @@ def eval_(
 
     adapter = resolve_adapter(adapter)  # a Hub id (org/name): its cached snapshot
     spec = load_spec(config, set_ or [])
-    metrics = evaluate_adapter(spec, adapter)
+    metrics = evaluate_adapter(spec, adapter, load_embedding_layers=load_embedding_layers)
     table(f"peftkit eval: {adapter}", [(f"eval {k}", f"{v:.4f}") for k, v in metrics.items()])
     typer.echo(json.dumps(metrics))
 
@@ -131,7 +166,7 @@ def eval_(
 # ---- merge ------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: peftkit merge smollm2 runs/chat/adapter merged-smollm2")
+@app.command(cls=_Command, epilog="Example: peftkit merge smollm2 runs/demo/chat-lora/adapter merged-smollm2")
 @friendly
 def merge(
     base: Annotated[str, typer.Argument(help="Base model: a transformers folder, or minilm / smollm2.")],
@@ -139,28 +174,28 @@ def merge(
     out: Annotated[str, typer.Argument(help="Output folder for the merged model.")],
     pooling: Annotated[str | None, typer.Option(
         help="Classification adapters that record none: cls (transformers' head) or mean.")] = None,
+    load_embedding_layers: Annotated[bool, typer.Option("--load-embedding-layers", help=LOAD_EMBEDDING_HELP)] = False,
 ) -> None:
     """Merge an adapter into its base model and write the result (safetensors, transformers layout)."""
     from .hub import resolve_adapter
     from .merge import merge_to_folder
 
-    written = merge_to_folder(base, resolve_adapter(adapter), out, pooling)
+    written = merge_to_folder(base, resolve_adapter(adapter), out, pooling, load_embedding_layers=load_embedding_layers)
     typer.echo(f"merged model written to {out} ({written})")
 
 
 # ---- push ---------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: peftkit push runs/demo/lora/adapter my-name/minilm-bbc-lora --private")
+@app.command(cls=_Command, epilog="Example: peftkit push runs/demo/lora/adapter my-name/minilm-bbc-lora --private")
 @friendly
 def push(
     adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT).")],
     repo_id: Annotated[str, typer.Argument(help="Hub repository, org/name (created if needed).")],
-    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
     message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
 ) -> None:
-    """Upload an adapter folder to the Hugging Face Hub with a model card (base model, method, parameters, the
-    run's metrics). Log in first with `hf auth login` (or set HF_TOKEN)."""
+    """Upload an adapter folder to the Hugging Face Hub with a model card; log in first (hf auth login)."""
     from .hub import folder_card, push_folder
 
     push_folder(adapter, repo_id, private=private, commit_message=message, card=folder_card(adapter, repo_id))
@@ -170,9 +205,9 @@ def push(
 # ---- export -----------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Examples: peftkit export runs/vera/adapter lora-out --base minilm   |   "
-             "peftkit export runs/dora/adapter lora-out --base smollm2 --rank 32   |   "
-             "peftkit export runs/chat/adapter chat.gguf --to gguf --base smollm2")
+@app.command(cls=_Command, epilog="Examples: peftkit export runs/demo/vera/adapter lora-out --base minilm   |   "
+             "peftkit export runs/demo/chat-dora/adapter lora-out --base smollm2 --rank 32   |   "
+             "peftkit export runs/demo/chat-lora/adapter chat.gguf --to gguf --base smollm2")
 @friendly
 def export(
     adapter: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT).")],
@@ -182,12 +217,11 @@ def export(
     rank: Annotated[int | None, typer.Option(help="DoRA / IA3 only: rank of the truncated-SVD approximation.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (a transformers folder, minilm or smollm2); "
                                               "needed for VeRA, DoRA and IA3.")] = None,
-    merged: Annotated[bool, typer.Option(help="With --to gguf: the whole model with the adapter merged, its "
+    merged: Annotated[bool, typer.Option("--merged", help="With --to gguf: the whole model with the adapter merged, its "
                                               "metadata and tokenizer from the base's GGUF.")] = False,
     gguf_type: Annotated[str, typer.Option(help="With --merged: f16 or q8_0.")] = "f16",
 ) -> None:
-    """Write any LoRA-family adapter as a plain LoRA (or llama.cpp GGUF) that serving engines load (exact where the
-    maths allows; DoRA and IA3 as a rank-k SVD with its error printed)."""
+    """Write a LoRA-family adapter as a plain LoRA or llama.cpp GGUF (DoRA, IA3: a rank-k SVD, error printed)."""
     from .errors import PeftError
     from .export import to_gguf, to_lora
 
@@ -229,7 +263,7 @@ def export(
 # ---- inspect ----------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: peftkit inspect runs/demo/adapter")
+@app.command(cls=_Command, epilog="Example: peftkit inspect runs/demo/lora/adapter")
 @friendly
 def inspect(
     folder: Annotated[str, typer.Argument(help="Adapter folder (peftkit or HF PEFT), a run folder, or a Hub id.")],
@@ -248,7 +282,7 @@ def inspect(
 # ---- demo -------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Examples: peftkit demo   |   peftkit demo --method vera   |   peftkit demo --task chat")
+@app.command(cls=_Command, epilog="Examples: peftkit demo   |   peftkit demo --method vera   |   peftkit demo --task chat")
 @friendly
 def demo(
     task: Annotated[str, typer.Option(help="classify (MiniLM on BBC News) or chat (SmolLM2 on chatterbot).")] = "classify",
@@ -276,17 +310,18 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
-@app.command(epilog="Examples: peftkit compare --quick   |   peftkit compare run.yaml --methods full,lora,vera,ia3 "
+@app.command(cls=_Command, epilog="Examples: peftkit compare --quick   |   peftkit compare run.yaml --methods full,lora,vera,ia3 "
              "--sweep   |   peftkit compare --task chat")
 @friendly
 def compare(
     config: Annotated[str | None, typer.Argument(help="YAML run config (default: MiniLM on BBC News).")] = None,
     methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all that fit).")] = None,
     task: Annotated[str, typer.Option(help="Without CONFIG: classify (MiniLM/BBC) or chat (SmolLM2/chatterbot).")] = "classify",
-    out: Annotated[str | None, typer.Option(help="Report folder (default: OUTPUT_DIR/compare).")] = None,
-    quick: Annotated[bool, typer.Option(help="A smoke run: 4 steps on a little data.")] = False,
-    sweep: Annotated[bool, typer.Option(help="Try 0.3x, 1x, 3x each method's rate; keep the best on eval.")] = False,
-    resume: Annotated[bool, typer.Option(help="Skip methods already finished in OUT.")] = False,
+    out: Annotated[str | None, typer.Option(help="Report folder (default: runs/compare, runs/compare-chat with "
+                                              "--task chat; with CONFIG: its training.output_dir/compare).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run: 4 steps on a little data.")] = False,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Try 0.3x, 1x, 3x each method's rate; keep the best on eval.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip methods already finished in OUT.")] = False,
     lr: Annotated[list[str] | None, typer.Option(help="A method's rate: METHOD=VALUE (repeatable).")] = None,
     option: Annotated[list[str] | None, typer.Option(help="A method option: METHOD.KEY=VALUE (repeatable).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: SECTION.KEY=VALUE.")] = None,
@@ -307,21 +342,27 @@ def compare(
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     report = run_compare(config, names, task=task, out=out, quick=quick, sweep=sweep, resume=resume, lrs=lrs,
                          options=options, overrides=set_ or [], timeout=timeout, echo=typer.echo)
+    print_compare_table(report)
+    typer.echo(f"report: {os.path.join(report['out'], 'compare.md')} and compare.html, compare.json, plots")
+
+
+def print_compare_table(report: dict[str, Any], console: Any = None) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    from .compare import table_rows
+    from .compare import console_table
 
-    head, body = table_rows(report)
-    keep = [head.index(h) for h in ("method", "% of model", "step ms", "peak RSS MiB", "eval metric",
-                                    "forgetting (before → after)", "status")]
-    t = Table(title="peftkit compare (every column: compare.md / compare.html)")
-    for i in keep:
-        t.add_column(head[i])
-    for row in body:
-        t.add_row(*(row[i] for i in keep))
-    Console().print(t)
-    typer.echo(f"report: {os.path.join(report['out'], 'compare.md')} and compare.html, compare.json, plots")
+    head, rows, errors = console_table(report)
+    t = Table(title="peftkit compare (every column: compare.md)", box=box.SIMPLE_HEAD)
+    for i, h in enumerate(head):
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        t.add_row(*row)
+    console = console or Console()
+    console.print(t)
+    for line in errors:
+        console.print(line, markup=False)
 
 
 def main() -> None:

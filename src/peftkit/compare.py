@@ -260,6 +260,34 @@ def _worker_row(cfg: dict[str, Any], base_dir: str, work: str, name: str, probe_
     return {"status": "error", "error": why[-500:], "wall_s": time.perf_counter() - t0}
 
 
+def report_folder(spec: Any, default_config_used: bool) -> str:
+    """Where the report goes without --out: a default config's output_dir is the report folder itself
+    (runs/compare, runs/compare-chat); a user's config names a run folder, and the report goes in its
+    ``compare/`` sub-folder, next to nothing a single run writes."""
+    folder = spec.resolve(spec.training.output_dir)
+    return folder if default_config_used else os.path.join(folder, "compare")
+
+
+def console_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, error lines) for the terminal: six short columns, so each method is one line at 80
+    columns; every column is in compare.md / compare.html. A failed method's error is a line below the table."""
+    head = ["method", "% params", "step ms", "RSS MiB", "", "forgetting"]
+    rows, errors = [], []
+    metric = ""
+    for r in report["rows"]:
+        if r.get("status") != "ok":
+            rows.append([r["method"], "-", "-", "-", "-", "-"])
+            errors.append(f"{r['method']}: error: {r.get('error', '?')}")
+            continue
+        metric = metric or r["metric"]
+        f = r["forgetting"]
+        rows.append([r["method"], _fmt(r["trainable_pct"], ".3f"), _fmt(r["step_s"] * 1000, ",.0f"),
+                     _fmt(r["peak_rss_mib"], ",.0f"), _fmt(r["metrics"].get(r["metric"])),
+                     f"{_fmt(f['before'], '.3f')}→{_fmt(f['after'], '.3f')}"])
+    head[4] = f"eval {metric}" if metric else "eval"
+    return head, rows, errors
+
+
 def run_compare(config: str | None = None, methods: list[str] | None = None, task: str = "classify",
                 out: str | None = None, quick: bool = False, sweep: bool = False, resume: bool = False,
                 lrs: dict[str, float] | None = None, options: dict[str, dict[str, Any]] | None = None,
@@ -291,7 +319,7 @@ def run_compare(config: str | None = None, methods: list[str] | None = None, tas
     unknown = [m for m in chosen if m not in METHODS]
     if unknown:
         raise PeftError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    out = out or os.path.join(spec.resolve(spec.training.output_dir), "compare")
+    out = out or report_folder(spec, config is None)
     os.makedirs(out, exist_ok=True)
     results_path = os.path.join(out, RESULTS)
     rows: dict[str, dict[str, Any]] = {}
@@ -392,6 +420,55 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def loss_figure(ok: list[dict[str, Any]]) -> Any:
+    """Train and eval loss per optimizer step, one line per method (whole-number step ticks)."""
+    import matplotlib.pyplot as plt
+
+    from .train.report import integer_steps
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    palette = plt.get_cmap("tab20")
+    for i, r in enumerate(ok):  # 20 distinct colours, then dashed: no two methods share a look
+        look = {"color": palette((2 * i) % 20 + (i // 10) % 2), "linestyle": "-" if i < 20 else "--"}
+        tr = [(h["step"], h["loss"]) for h in r["history"] if h["split"] == "train"]
+        ev = [(h["step"], h["loss"]) for h in r["history"] if h["split"] == "eval"]
+        if tr:
+            a1.plot(*zip(*tr, strict=True), label=r["method"], **look)
+        if ev:
+            a2.plot(*zip(*ev, strict=True), marker="o", label=r["method"], **look)
+    for ax, title in ((a1, "train loss (mean since the previous row)"), (a2, "eval loss")):
+        ax.set_xlabel("optimizer step")
+        integer_steps(ax)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    a2.legend(fontsize=8, ncol=2)
+    return fig
+
+
+def time_memory_figure(ok: list[dict[str, Any]]) -> Any:
+    """Step time, training memory (two bars per method) and autograd-saved activations. The memory panel's
+    legend sits below its axes, where it cannot hide a bar."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4.5 + 0.15 * len(ok)))
+    names = [r["method"] for r in ok]
+    a1.barh(names, [r["step_s"] * 1000 for r in ok])
+    a1.set_title("step time (ms)")
+    ys = np.arange(len(names))
+    a2.barh(ys - 0.2, [r["peak_rss_mib"] for r in ok], height=0.4, label="peak process RSS")
+    a2.barh(ys + 0.2, [r.get("torch_train_mib") or 0 for r in ok], height=0.4,
+            label="torch level (weights, grads, optimizer, saved)")
+    a2.set_yticks(ys, names)
+    a2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
+    a2.set_title("training memory (MiB)")
+    a3.barh(names, [r["saved_activation_mib"] for r in ok])
+    a3.set_title("autograd-saved activations (MiB)")
+    for ax in (a1, a2, a3):
+        ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
 def _plots(report: dict[str, Any]) -> dict[str, bytes]:
     try:
         import matplotlib
@@ -412,22 +489,7 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
         plt.close(fig)
         pngs[name] = buf.getvalue()
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    palette = plt.get_cmap("tab20")
-    for i, r in enumerate(ok):  # 20 distinct colours, then dashed: no two methods share a look
-        look = {"color": palette((2 * i) % 20 + (i // 10) % 2), "linestyle": "-" if i < 20 else "--"}
-        tr = [(h["step"], h["loss"]) for h in r["history"] if h["split"] == "train"]
-        ev = [(h["step"], h["loss"]) for h in r["history"] if h["split"] == "eval"]
-        if tr:
-            a1.plot(*zip(*tr, strict=True), label=r["method"], **look)
-        if ev:
-            a2.plot(*zip(*ev, strict=True), marker="o", label=r["method"], **look)
-    for ax, title in ((a1, "train loss"), (a2, "eval loss")):
-        ax.set_xlabel("optimizer step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    a2.legend(fontsize=8, ncol=2)
-    save(fig, "loss_curves.png")
+    save(loss_figure(ok), "loss_curves.png")
 
     metric = ok[0]["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -440,25 +502,7 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
     ax.set_ylabel(f"eval {metric}")
     ax.grid(alpha=0.3)
     save(fig, "metric_vs_params.png")
-
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4.5))
-    names = [r["method"] for r in ok]
-    a1.barh(names, [r["step_s"] * 1000 for r in ok])
-    a1.set_title("step time (ms)")
-    import numpy as np
-
-    ys = np.arange(len(names))
-    a2.barh(ys - 0.2, [r["peak_rss_mib"] for r in ok], height=0.4, label="peak process RSS")
-    a2.barh(ys + 0.2, [r.get("torch_train_mib") or 0 for r in ok], height=0.4,
-            label="torch level (weights, grads, optimizer, saved)")
-    a2.set_yticks(ys, names)
-    a2.legend(fontsize=7)
-    a2.set_title("training memory (MiB)")
-    a3.barh(names, [r["saved_activation_mib"] for r in ok])
-    a3.set_title("autograd-saved activations (MiB)")
-    for ax in (a1, a2, a3):
-        ax.grid(alpha=0.3, axis="x")
-    save(fig, "time_memory.png")
+    save(time_memory_figure(ok), "time_memory.png")
     return pngs
 
 

@@ -241,12 +241,23 @@ def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
     return cls
 
 
+def _load_methods() -> None:
+    """Fill the registry: each method module registers its configs when imported. ``import peftkit`` loads
+    nothing (so the command line starts fast), hence the first lookup imports them all."""
+    import importlib
+
+    importlib.import_module("peftkit.methods")
+
+
 def known_peft_types() -> list[str]:
+    _load_methods()
     return sorted(_REGISTRY)
 
 
 def config_class_for(peft_type: str) -> type[PeftConfig]:
     key = str(peft_type).upper()
+    if key not in _REGISTRY:
+        _load_methods()
     if key not in _REGISTRY:
         raise PeftConfigError(
             f"unknown peft_type {peft_type!r}; peftkit knows: {', '.join(known_peft_types())}. "

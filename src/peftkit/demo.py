@@ -77,6 +77,11 @@ def run_demo(task: str = "classify", method: str = "lora", steps: int | None = N
     raise PeftError(f"unknown demo task {task!r}; use classify or chat")
 
 
+def data_line(data: Any) -> str:
+    """What the run reads, counted from the split itself (a --set data.max_train=... changes it)."""
+    return (f"{len(data.labels or [])} classes; {len(data.train)} training / {len(data.eval)} held-out articles")
+
+
 def _classify(method: str, steps: int | None, out: str, overrides: list[str]) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -84,13 +89,14 @@ def _classify(method: str, steps: int | None, out: str, overrides: list[str]) ->
     from .train.report import table
 
     t0 = time.perf_counter()
-    print("peftkit demo: all-MiniLM-L6-v2 on BBC News topics (5 classes; 800 training / 445 held-out articles)")
     head_cfg = classify_config("head", os.path.join(out, "baseline"))
     head_cfg["training"].update(epochs=12, batch_size=32, eval_every=None, max_steps=None)
-    print("1/3 baseline: frozen encoder, linear head trained on its mean-pooled features ...", flush=True)
     # the demo owns its sub-folders: a rerun replaces the previous demo's outputs (only what a run writes)
-    baseline = Runner(_apply(head_cfg, [o for o in overrides if o.startswith(("model.", "data."))]), quiet=True,
-                      overwrite=True).train()
+    head_runner = Runner(_apply(head_cfg, [o for o in overrides if o.startswith(("model.", "data."))]), quiet=True,
+                         overwrite=True)
+    print(f"peftkit demo: all-MiniLM-L6-v2 on BBC News topics ({data_line(head_runner.data)})")
+    print("1/3 baseline: frozen encoder, linear head trained on its mean-pooled features ...", flush=True)
+    baseline = head_runner.train()
     acc0 = baseline.metrics["accuracy"]
     print(f"    head-only accuracy on the held-out split: {acc0:.4f}", flush=True)
     if method == "head":

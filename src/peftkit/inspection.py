@@ -122,11 +122,13 @@ def describe(folder: str) -> dict[str, Any]:
     return {"folder": folder, "adapters": adapters, "run": run}
 
 
-def render(info: dict[str, Any]) -> None:
+def render(info: dict[str, Any], console: Any = None) -> None:
+    """Tables for a terminal. Module names are never cut (q_proj / k_proj / v_proj would look alike): the
+    module column is as wide as the longest name, and each tensor takes its own line in the other column."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = console or Console()
     for a in info["adapters"]:
         head = Table(title=f"adapter {a['name']!r} in {a['folder']}", show_header=False)
         head.add_column(style="bold")
@@ -142,11 +144,12 @@ def render(info: dict[str, Any]) -> None:
         head.add_row("size on disk", f"{a['bytes'] / 1024:,.1f} KiB")
         console.print(head)
         shapes = Table(title="tensors per module")
-        shapes.add_column("module")
-        shapes.add_column("tensors")
         rows = list(a["modules"].items())
+        widest = max((len(m) for m, _ in rows[:40]), default=6)
+        shapes.add_column("module", overflow="fold", min_width=min(widest, max(console.width - 24, 20)))
+        shapes.add_column("tensors", overflow="fold")
         for module, tensors in rows[:40]:
-            shapes.add_row(module, "  ".join(f"{t} {tuple(s)}" for t, s in tensors.items()))
+            shapes.add_row(module, "\n".join(f"{t} {tuple(s)}" for t, s in tensors.items()))
         if len(rows) > 40:
             shapes.add_row(f"... {len(rows) - 40} more modules", "")
         console.print(shapes)

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .config import PeftConfig
 from .errors import AdapterFileError, PeftError
+from .quiet import no_gguf_progress_bar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,12 +25,16 @@ def resolve_base(base: str) -> tuple[str, dict[str, Any]]:
         from .embedded import smollm2_gguf
 
         folder, gguf = smollm2_gguf()
+        no_gguf_progress_bar()
         return str(folder), {"gguf_file": gguf}
     if not os.path.isdir(base):
         raise PeftError(f"base model {base!r} is neither minilm / smollm2 nor an existing model folder")
     ggufs = sorted(f for f in os.listdir(base) if f.endswith(".gguf"))
     has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(base))
-    return base, ({"gguf_file": ggufs[0]} if ggufs and not has_weights else {})
+    if ggufs and not has_weights:
+        no_gguf_progress_bar()
+        return base, {"gguf_file": ggufs[0]}
+    return base, {}
 
 
 def head_of(adapter: str, pooling: str | None) -> tuple[str, list[str] | None]:
@@ -120,10 +125,12 @@ def check_base_fits(base: str, adapter: str, config: PeftConfig, pooling: str | 
     check_adapter_fits(load_base_for(base, adapter, config, pooling, meta=True), adapter, given=base)
 
 
-def merge_to_folder(base: str, adapter: str, out: str, pooling: str | None = None) -> str:
+def merge_to_folder(base: str, adapter: str, out: str, pooling: str | None = None, *,
+                    load_embedding_layers: bool = False) -> str:
     """Merge and write ``out`` atomically (a new folder). Returns a short description of what was written.
 
-    ``pooling`` (cls / mean) is needed only for a classification adapter that records none (see head_of)."""
+    ``pooling`` (cls / mean) is needed only for a classification adapter that records none (see head_of);
+    ``load_embedding_layers`` as in :meth:`PeftModel.from_pretrained`."""
     from .model import PeftModel
     from .train.outputs import NonFiniteError, check_adapter_finite, nonfinite, read_run_info
 
@@ -133,7 +140,8 @@ def merge_to_folder(base: str, adapter: str, out: str, pooling: str | None = Non
         raise PeftError(f"output folder {out!r} exists and is not empty; choose a new folder or delete it")
     check_adapter_finite(adapter)
     config = PeftConfig.from_pretrained(adapter)
-    model = PeftModel.from_pretrained(load_base_for(base, adapter, config, pooling), adapter)
+    model = PeftModel.from_pretrained(load_base_for(base, adapter, config, pooling), adapter,
+                                      load_embedding_layers=load_embedding_layers)
     merged = model.merge_and_unload()  # refuses, with the reason, methods that cannot merge
     bad = nonfinite(merged.state_dict().items())  # finite factors can still overflow in B·A·scaling
     if bad:

@@ -922,7 +922,8 @@ def _check_base_keys(
             raise AdapterFileError(
                 f"{folder}: the file holds the base model's weight {key!r}, which its config neither targets nor "
                 "saves (HF PEFT writes it with save_embedding_layers=True); loading it would replace the base "
-                "weight. Pass load_embedding_layers=True to load it anyway (unload() restores the original)"
+                "weight. Pass load_embedding_layers=True (peftkit eval / merge: --load-embedding-layers) to load it "
+                "anyway (unload() restores the original)"
             )
 
 

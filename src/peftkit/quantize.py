@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from .errors import PeftConfigError, PeftError
+from .quiet import quiet_third_party
 from .targeting import _in_list_or_suffix, is_conv1d, output_head_names
 
 METHODS = ("nf4", "int8")
@@ -58,16 +59,12 @@ def _torchao() -> tuple[Any, Any]:
     """(torchao.quantization, torchao's nf4_tensor module), imported on first use."""
     global _TORCHAO
     if _TORCHAO is None:
-        logger = logging.getLogger("torchao")
-        level = logger.level
-        logger.setLevel(logging.ERROR)  # it logs a warning for each optional C++ kernel built for other platforms
+        quiet_third_party()  # its import logs a line per C++ kernel built for other GPUs, and torch's Enum notices
         try:
             import torchao.quantization as tq
             from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
         except ImportError:
             raise PeftError(f"quantising a base model needs torchao: {INSTALL_HINT}") from None
-        finally:
-            logger.setLevel(level)
         # torchao 0.18's NF4 clone (hence copy.deepcopy) re-quantises the dequantised weight with the default
         # block sizes: lossy, and an AssertionError for any other scaler block size. Copy the packed data.
         nf4_tensor.NF4_OPS_TABLE[torch.ops.aten.clone.default] = _exact_nf4_clone

@@ -411,7 +411,7 @@ class Runner(Scorer):
         wall0 = time.perf_counter()
         step_time, step_tokens, steps_done = 0.0, 0, 0
         last_eval: dict[str, float] = {}
-        window: list[float] = []  # losses since the last metrics row: the row holds their mean
+        window: list[float] = []  # losses since the last metrics row: the row's "loss" is their mean
         try:
             for step in range(self.start_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -457,10 +457,11 @@ class Runner(Scorer):
                 steps_done += 1
                 done = step + 1
                 tps = tokens / dt if dt > 0 else 0.0
-                progress.update(done, loss_value, tps)
                 window.append(loss_value)
+                progress.update(done, loss_value, tps, mean_loss=sum(window) / len(window), mean_of=len(window))
                 if metrics is not None and (done % t.log_every == 0 or done == self.total_steps):
                     metrics.log({"step": done, "split": "train", "loss": sum(window) / len(window),
+                                 "loss_steps": len(window), "step_loss": loss_value,
                                  "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps,
                                  "epoch": done * self.global_batch / len(self.data.train)})
                 if done % t.log_every == 0:
@@ -548,8 +549,9 @@ def run_training(spec: RunSpec, *, resume: bool = False, quiet: bool = False, ov
     return result
 
 
-def evaluate_adapter(spec: RunSpec, adapter: str) -> dict[str, float]:
-    """``peftkit eval``: the run's model with a saved adapter (or head / full model) on the eval split."""
+def evaluate_adapter(spec: RunSpec, adapter: str, load_embedding_layers: bool = False) -> dict[str, float]:
+    """``peftkit eval``: the run's model with a saved adapter (or head / full model) on the eval split.
+    ``load_embedding_layers``: as in :meth:`PeftModel.from_pretrained`."""
     from ..model import PeftModel, check_adapter_fits
 
     task = model_task(spec)
@@ -572,7 +574,7 @@ def evaluate_adapter(spec: RunSpec, adapter: str) -> dict[str, float]:
         classifier_module(base).load_state_dict(load_file(adapter))
         model: nn.Module = base
     else:
-        model = PeftModel.from_pretrained(base, adapter)
+        model = PeftModel.from_pretrained(base, adapter, load_embedding_layers=load_embedding_layers)
     return Scorer(spec, task, data, tokenizer, model, torch.device("cpu")).evaluate()
 
 

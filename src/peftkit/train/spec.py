@@ -114,7 +114,8 @@ class RunSpec:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     quantization: dict[str, Any] | None = None
     base_dir: str = "."
-    """Folder relative paths are resolved against (the YAML file's folder)."""
+    """Folder relative paths in the YAML file are resolved against (the file's folder); ``--set`` paths are
+    relative to the current directory (made absolute by :func:`command_line_path`)."""
 
     def resolve(self, path: str) -> str:
         return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
@@ -366,10 +367,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 break
             node = node[part]
         else:
-            node[parts[-1]] = value
+            node[parts[-1]] = command_line_path(key.strip(), value)
     if problems:
         raise SpecError(problems, "command line")
     return data
+
+
+def command_line_path(key: str, value: Any) -> Any:
+    """A relative path given with ``--set`` is relative to the current directory, as in every command line
+    (a path inside the YAML file is relative to the file's folder: see :meth:`RunSpec.resolve`), so it is
+    made absolute here. Names that are not paths stay as they are: an embedded model or data set (unless a
+    file of that name is here) and a Hub id (org/name) that is not a local folder."""
+    if not isinstance(value, str) or not value or os.path.isabs(value):
+        return value
+    if key == "training.output_dir":
+        return os.path.abspath(value)
+    if key == "model.name":
+        from ..hub import is_hub_id
+
+        if value in EMBEDDED_MODELS or is_hub_id(value):
+            return value
+        return os.path.abspath(value)
+    if key in ("data.train", "data.eval"):
+        return value if value in EMBEDDED_DATA and not os.path.isfile(value) else os.path.abspath(value)
+    return value
 
 
 def _unique_key_loader() -> type:
