@@ -263,6 +263,16 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it "assumes" a single process when there is no process group: here that is the intent."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -276,7 +286,8 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str
     every process writes its own shards (a collective; a single process writes everything)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=folder, no_dist=not _distributed())
+    with _quiet_single_process():
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=folder, no_dist=not _distributed())
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str) -> None:
@@ -289,7 +300,8 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str
     if not os.path.isfile(os.path.join(folder, ".metadata")):
         raise PeftError(f"sharded checkpoint {folder!r} has no .metadata (incomplete); delete the checkpoint to "
                         "resume from the one before")
-    dcp.load(state, checkpoint_id=folder, no_dist=not _distributed())  # fails on any key the checkpoint lacks
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=folder, no_dist=not _distributed())  # fails on any key the checkpoint lacks
     # strict=False: the frozen base is (deliberately) absent; every trainable key was just filled
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))

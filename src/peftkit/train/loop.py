@@ -443,7 +443,7 @@ class Runner(Scorer):
         return mine, denom
 
     def _sync_grads(self) -> None:
-        if self.world == 1:
+        if self.world == 1 or self.sharded:  # fsdp: its reduce-scatter in backward summed them already
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
         flat = torch.cat([g.reshape(-1) for g in grads])
