@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import peftkit
 from peftkit import distributed as pd
 from peftkit.errors import PeftError
-from peftkit.train import Runner, SpecError, parse_spec
+from peftkit.train import Runner, SpecError, load_spec, parse_spec
 
 PY = sys.executable
 HERE = Path(__file__).parent
@@ -90,6 +90,11 @@ def test_distributed_section_problems_are_reported_together(root, tmp_path):
     assert parse_spec(lm_config(root, tmp_path, distributed=None)).training.distributed.strategy == "ddp"
 
 
+def test_example_config_parses():
+    spec = load_spec(HERE.parent / "examples" / "configs" / "smollm2_qlora_fsdp.yaml")
+    assert spec.training.distributed.strategy == "fsdp" and spec.quantization == {"method": "nf4"}
+
+
 def test_options_one_process_cannot_serve_are_refused_before_anything_is_written(root, tmp_path):
     cfg = lm_config(root, tmp_path / "mp", distributed={"strategy": "fsdp", "mixed_precision": "bf16"})
     with pytest.raises(PeftError, match="mixed_precision and cpu_offload act while FSDP gathers shards"):
@@ -98,6 +103,14 @@ def test_options_one_process_cannot_serve_are_refused_before_anything_is_written
     with pytest.raises(PeftError, match="this run is on the CPU already"):
         Runner(parse_spec(cfg), quiet=True)
     assert not (tmp_path / "mp").exists() and not (tmp_path / "off").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_strategy(root, tmp_path):
+    ddp = lm_config(root, tmp_path / "r", max_steps=4, save_every=2, distributed={"strategy": "ddp"})
+    Runner(parse_spec(ddp), quiet=True).train()
+    fsdp = lm_config(root, tmp_path / "r", max_steps=4, save_every=2)
+    with pytest.raises(PeftError, match=r"the run changed training.distributed.strategy \(ddp → fsdp\)"):
+        Runner(parse_spec(fsdp), quiet=True, resume=True).train()
 
 
 def test_shard_refuses_what_fsdp_cannot_shard_and_leaves_the_model_unchanged():

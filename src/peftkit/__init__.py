@@ -1,5 +1,6 @@
 """peftkit: parameter-efficient fine-tuning for PyTorch, with HF PEFT's names and adapter files."""
 
+from . import distributed  # peftkit.distributed.shard(model): FSDP2 sharding for a user's own loop
 from .adapterhub import save_adapterhub
 from .config import PeftConfig, TaskType
 from .errors import (
@@ -72,6 +73,7 @@ __all__ = [
     "TaskType",
     "VeraConfig",
     "create_lorafa_optimizer",
+    "distributed",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
