@@ -61,11 +61,6 @@ def unshardable(model: nn.Module, world: int = 2) -> str | None:
                         f"{p.scaler_block_size * p.block_size} weights) does not split evenly across {world} "
                         "processes (torchao shards NF4 by whole rows and scaler blocks); quantise with a smaller "
                         "scaler_block_size, add it to quantize_base's skip, or use another number of processes")
-    inner = _inner(model)
-    flag = "is_activation_checkpointing" if hasattr(inner, "is_activation_checkpointing") else "is_gradient_checkpointing"
-    if getattr(inner, flag, False):
-        return ("the model already has transformers' gradient checkpointing on; turn it off and pass "
-                "activation_checkpointing=True (per sharded block) instead")
     if is_sharded(model):
         return "the model is already sharded (shard() was called on it); call it once"
     return None
@@ -165,8 +160,21 @@ def shard(model: nn.Module, *, activation_checkpointing: bool = False, mixed_pre
 
 
 def checkpoint_blocks(model: nn.Module, blocks: list[nn.Module] | None = None) -> None:
-    """Activation checkpointing per transformer block (torch's composable, non-reentrant checkpoint: the
-    module names, hence state-dict keys and adapter files, stay the same)."""
+    """Activation checkpointing per transformer block, non-reentrant (dropout's RNG is replayed).
+
+    A transformers model uses its own (``gradient_checkpointing_enable``): it checkpoints each layer's
+    ``forward`` inside FSDP2's hooks and turns the KV cache off for the replay, which would otherwise append
+    the block's keys a second time. Other models get torch's composable checkpoint on each block. Neither
+    renames modules, so state-dict keys and adapter files stay the same."""
+    inner = _inner(model)
+    if getattr(inner, "supports_gradient_checkpointing", False):
+        kwargs = {"use_reentrant": False}
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            return
+        if hasattr(inner, "gradient_checkpointing_enable"):
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            return
     from torch.distributed._composable import checkpoint
 
     for block in transformer_blocks(model) if blocks is None else blocks:

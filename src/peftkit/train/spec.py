@@ -348,13 +348,13 @@ def _check_distributed(spec: RunSpec, problems: list[str]) -> None:
     if spec.method.name in FSDP_REFUSED:
         problems.append(f"training.distributed.strategy: fsdp cannot train method {spec.method.name!r}: "
                         f"{FSDP_REFUSED[spec.method.name]}; use strategy ddp")
+    if d.activation_checkpointing and spec.method.name == "prefix":
+        problems.append("training.distributed.activation_checkpointing: prefix tuning keeps its prefixes in the "
+                        "key/value cache, which checkpointing turns off; drop activation_checkpointing for prefix")
     quant = spec.quantization if isinstance(spec.quantization, dict) else {}
     if quant.get("method") == "int8":
         problems.append("training.distributed.strategy: fsdp cannot shard an int8 base (torchao's Int8Tensor has no "
                         "FSDP2 all-gather hooks); use quantization method nf4, or strategy ddp")
-    if d.activation_checkpointing and spec.model.gradient_checkpointing:
-        problems.append("training.distributed.activation_checkpointing: model.gradient_checkpointing is on too; "
-                        "keep one of them (fsdp's checkpoints each sharded block)")
 
 
 def parse_spec(data: Any, base_dir: str = ".", source: str = "config") -> RunSpec:
