@@ -5,6 +5,8 @@ adapters split across processes, each holding about 1/N of every weight.
     dist.init_process_group("nccl")              # torchrun --nproc_per_node N train.py
     model = peftkit.get_peft_model(base, peftkit.LoraConfig(...))
     peftkit.distributed.shard(model)             # then build the optimizer over model.parameters()
+    ...                                          # train: each process its share of every global batch
+    peftkit.distributed.save_pretrained(model, "out/adapter")   # every process; rank 0 writes the HF folder
 
 :func:`shard` applies ``fully_shard`` to every transformer block (the classes transformers names in
 ``_no_split_modules``; for other models the entries of their largest ``nn.ModuleList``) and then to the
@@ -19,8 +21,9 @@ collectives (no NCCL pre-multiplied sum), so it runs on gloo too.
 
 Checkpoints: :func:`save_sharded` / :func:`load_sharded` write and read the trainable state and the
 optimizer through ``torch.distributed.checkpoint`` (each process its own shards; loading reshards, so a run
-saved by N processes resumes on M, or on a single unsharded process). :func:`gathered` puts the full
-values of the trainable tensors on the main process for a moment, to write the usual HF PEFT file.
+saved by N processes resumes on M, or on a single unsharded process). :func:`save_pretrained` (every
+process calls it) gathers the adapter's tensors onto the main process for a moment and writes the usual
+HF PEFT folder there.
 """
 
 from __future__ import annotations
@@ -251,6 +254,17 @@ def gathered(model: nn.Module, tensors: Iterable[torch.Tensor], main: bool) -> I
     finally:
         for module, name, p in swapped:
             module._parameters[name] = p
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """``model.save_pretrained(save_directory)`` for a sharded PeftModel: every process calls it (the adapter's
+    tensors are gathered), the main process (rank 0) writes the usual HF PEFT folder."""
+    main = not _distributed() or dist.get_rank() == 0
+    with gathered(model, saved_tensors(model), main):
+        if main:
+            model.save_pretrained(save_directory, **kwargs)
+    if _distributed():
+        dist.barrier()
 
 
 def saved_tensors(model: nn.Module) -> list[torch.Tensor]:
