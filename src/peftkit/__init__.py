@@ -65,6 +65,7 @@ __all__ = [
     "TaskType",
     "VeraConfig",
     "create_lorafa_optimizer",
+    "distributed",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",

@@ -5,6 +5,13 @@ losses of its whole global batch, on every process and every accumulation micro-
 the global count, known up front from the data. Gradients of the trainable tensors alone are then summed
 over processes (one all-reduce of a flat buffer). So N processes give the adapter one process gives
 with the same global batch, whatever the token counts per rank.
+
+``training.distributed.strategy: fsdp`` shards the model with FSDP2 (peftkit.distributed.shard): the same
+loop, data order and loss normalisation; FSDP's reduce-scatter sums the gradients (divide factor 1), each
+process keeps the shards it owns, the optimizer steps on them. Checkpoints are then written through
+torch.distributed.checkpoint (each process its shards of the trainable state and the optimizer; see
+``_checkpoint``), which reshards on load: such a run resumes on another number of processes too, with the
+same global batch. The final adapter is gathered once and written by the main process.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed as fsdp
 from ..errors import NoTrainableParametersError, PeftError
 from ..io import atomic_folder, atomic_write_bytes
 from .data import Dataset, Order, build_dataset, collate, data_fingerprint
@@ -39,6 +47,7 @@ from .outputs import (
 from .report import Metrics, Progress, plot, table
 from .spec import RunSpec
 from .state import (
+    SHARDS,
     checkpoints,
     load_training_state,
     read_checkpoint,
@@ -46,6 +55,7 @@ from .state import (
     set_rng_state,
     training_state,
     write_checkpoint,
+    write_sharded_checkpoint,
 )
 
 # Training keys that change the maths: a resumed run must use the values it started with.
@@ -67,6 +77,12 @@ class RunResult:
     wall_s: float
     step_s: float
     tokens_per_s: float
+    strategy: str = "ddp"
+    processes: int = 1
+    base_param_bytes: int = 0
+    """The frozen base's parameters, all of them (packed size when quantised)."""
+    base_param_bytes_per_process: int = 0
+    """What the main process holds of them: all with ddp, its shards (about 1/N) with fsdp."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +189,9 @@ class Runner(Scorer):
         self.spec, self.quiet = spec, quiet
         self.world, self.rank, self.device = _world()
         self.entry = method_entry(spec.method.name)
+        self.strategy = spec.training.distributed.strategy
+        self.sharded = self.strategy == "fsdp" and self.world > 1
+        self._check_distributed()
         self.out = spec.resolve(spec.training.output_dir)
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         self._resume_from = None
@@ -201,6 +220,14 @@ class Runner(Scorer):
         n = len(self.data.train)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * n / self.global_batch))
         self.model = apply_method(base, spec, self.task, self.total_steps, self.tokenizer).to(self.device)
+        self.base_param_bytes = fsdp.local_parameter_bytes(self.model, trainable=False)
+        d = t.distributed
+        if self.sharded:  # before the optimizer: the parameters become DTensors
+            fsdp.shard(self.model, activation_checkpointing=d.activation_checkpointing,
+                       mixed_precision=d.mixed_precision, cpu_offload=d.cpu_offload, gradient_reduction="sum")
+        elif d.activation_checkpointing:
+            fsdp.checkpoint_blocks(self.model)
+        self.base_param_bytes_local = fsdp.local_parameter_bytes(self.model, trainable=False)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise NoTrainableParametersError(f"method {self.entry.name!r} left nothing to train on this model")
@@ -225,6 +252,16 @@ class Runner(Scorer):
         self.is_main = self.rank == 0
 
     # ---- set-up -----------------------------------------------------------------------------------
+    def _check_distributed(self) -> None:
+        """What training.distributed asks that this launch cannot do, refused before anything is written."""
+        d = self.spec.training.distributed
+        if self.strategy != "fsdp":
+            return
+        fsdp.check_options(d.mixed_precision, d.cpu_offload, "sum", self.device)
+        if self.world == 1 and (d.mixed_precision or d.cpu_offload):
+            raise PeftError("training.distributed: mixed_precision and cpu_offload act while FSDP gathers shards, "
+                            "and one process has none; launch with torchrun --nproc_per_node 2 or more, or drop them")
+
     def _claim_output(self, overwrite: bool, resume: bool) -> None:
         """Refuse (or, with ``overwrite``, clean) an output folder holding a previous run's outputs; every
         process checks before any of them writes, so all refuse together."""
@@ -318,14 +355,20 @@ class Runner(Scorer):
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
+        payload = {
+            "step": step, "scheduler": self.scheduler.state_dict(), "rng": rngs, "world": self.world,
+            "training": {k: getattr(self.spec.training, k) for k in _RESUME_KEYS},
+            "method": self.spec.to_dict()["method"], "base": self._resume_model(),
+            "data_sha256": self.data_hashes, "strategy": self.strategy, "global_batch": self.global_batch,
+            "mixed_precision": self.spec.training.distributed.mixed_precision,
+        }
+        if self.strategy == "fsdp":  # every process writes its shards; no adapter/ (gathered once, at the end)
+            write_sharded_checkpoint(
+                self.ckpt_dir, step, payload, lambda folder: fsdp.save_sharded(self.model, self.optimizer, folder),
+                self.spec.training.keep_last, self.world, self.rank)
+            return
         if self.is_main:
-            payload = {
-                "step": step, "model": training_state(self.model), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": rngs, "world": self.world,
-                "training": {k: getattr(self.spec.training, k) for k in _RESUME_KEYS},
-                "method": self.spec.to_dict()["method"], "base": self._resume_model(),
-                "data_sha256": self.data_hashes,
-            }
+            payload.update(model=training_state(self.model), optimizer=self.optimizer.state_dict())
             writer = self._write_adapter if hasattr(self.model, "peft_config") else None
             write_checkpoint(self.ckpt_dir, step, payload, writer, self.spec.training.keep_last)
         if self.world > 1:
@@ -334,13 +377,26 @@ class Runner(Scorer):
     def _restore(self, path: str) -> int:
         state = read_checkpoint(path)
         now = {k: getattr(self.spec.training, k) for k in _RESUME_KEYS}
-        changed = [f"training.{k}" for k in _RESUME_KEYS if state["training"].get(k) != now[k]]
+        then_strategy = state.get("strategy", "ddp")
+        # fsdp checkpoints reshard: the number of processes may change while the global batch stays
+        reshards = then_strategy == "fsdp" and self.strategy == "fsdp" and "global_batch" in state
+        per_process = ("batch_size", "grad_accum") if reshards else ()
+        changed = [f"training.{k}" for k in _RESUME_KEYS if k not in per_process and state["training"].get(k) != now[k]]
         if state.get("method") != self.spec.to_dict()["method"]:
             changed.append("method")
         if "base" in state and state["base"] != self._resume_model():
             changed.append("model")
-        if state.get("world") != self.world:
-            changed.append(f"number of processes ({state.get('world')} → {self.world})")
+        if then_strategy != self.strategy:
+            changed.append(f"training.distributed.strategy ({then_strategy} → {self.strategy})")
+        elif state.get("mixed_precision") != self.spec.training.distributed.mixed_precision:
+            changed.append(f"training.distributed.mixed_precision ({state.get('mixed_precision')} → "
+                           f"{self.spec.training.distributed.mixed_precision})")
+        if reshards and state["global_batch"] != self.global_batch:
+            changed.append(f"the global batch (batch_size × grad_accum × processes: {state['global_batch']} → "
+                           f"{self.global_batch}; with {self.world} process(es) keep it at {state['global_batch']})")
+        if not reshards and state.get("world") != self.world:
+            hint = " (strategy fsdp checkpoints can change it)" if self.strategy == "ddp" else ""
+            changed.append(f"number of processes ({state.get('world')} → {self.world}){hint}")
         for key, digest in (state.get("data_sha256") or {}).items():  # absent in checkpoints before hashes
             if self.data_hashes.get(key) != digest:
                 where = getattr(self.spec.data, key.split(".", 1)[1])
@@ -348,10 +404,17 @@ class Runner(Scorer):
         if changed:
             raise PeftError(f"cannot resume {path!r}: the run changed {', '.join(changed)}; "
                             "resume with the config it started with, or start a new output_dir")
-        load_training_state(self.model, {k: v.to(self.device) for k, v in state["model"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.strategy == "fsdp":
+            fsdp.load_sharded(self.model, self.optimizer, os.path.join(path, SHARDS))
+        else:
+            load_training_state(self.model, {k: v.to(self.device) for k, v in state["model"].items()})
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][self.rank])
+        rngs = state["rng"]
+        if self.rank < len(rngs):
+            set_rng_state(rngs[self.rank])
+        else:  # more processes than the run had: a generator of its own for each new one (dropout masks)
+            torch.manual_seed(self.spec.training.seed * 1_000_003 + int(state["step"]) * 1_009 + self.rank)
         return int(state["step"])
 
     def _resume_model(self) -> dict[str, Any]:
@@ -382,7 +445,7 @@ class Runner(Scorer):
         return mine, denom
 
     def _sync_grads(self) -> None:
-        if self.world == 1:
+        if self.world == 1 or self.sharded:  # fsdp: its reduce-scatter in backward summed them already
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -418,9 +481,11 @@ class Runner(Scorer):
                 batches, denom = self._micro_batches(step)
                 loss_sum = torch.zeros((), device=self.device)
                 tokens = 0
-                for idx in batches:
+                for m, idx in enumerate(batches):
                     if not idx:
                         continue
+                    if self.sharded:  # reduce-scatter once per step, after the last micro-batch
+                        self.model.set_requires_gradient_sync(m == len(batches) - 1)
                     loss, _, n_tok = self._loss_sum("train", idx)
                     (loss / denom).backward()
                     loss_sum += loss.detach()
@@ -431,6 +496,9 @@ class Runner(Scorer):
                     norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
                 else:
                     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+                norm = fsdp.full_tensor(norm)  # sharded gradients: the norm of all of them, on every process
+                if self.sharded and not self.is_main:
+                    norm = torch.zeros_like(norm)  # already global: the all-reduce below must add it once
                 # one all-reduce (the one the loss needed anyway) also carries the gradient norm: the gradients
                 # are already summed, so every process sees the same values and all stop together
                 packed = torch.stack([loss_sum.double(), torch.tensor(float(tokens), dtype=torch.float64,
@@ -447,9 +515,13 @@ class Runner(Scorer):
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 # AdamW can turn finite gradients into non-finite weights (a huge lr): check what trains, after
-                # the step (processes hold identical weights, so they agree without talking)
-                peaks = torch._foreach_norm(self.trainable, float("inf"))  # max |w| per tensor: one pass, no overflow
-                if not bool(torch.isfinite(torch.stack([n.float() for n in peaks])).all()):
+                # the step (ddp: processes hold identical weights, so they agree without talking; fsdp: each
+                # checks its shards and one all-reduce makes them agree)
+                peaks = torch._foreach_norm([fsdp.local_tensor(p) for p in self.trainable], float("inf"))
+                finite = torch.isfinite(torch.stack([n.float() for n in peaks])).all().to(torch.int32)
+                if self.sharded:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not bool(finite):
                     raise self._diverged(step + 1, "after the optimizer step, the trained weights are")
                 dt = time.perf_counter() - t0
                 step_time += dt
@@ -467,8 +539,10 @@ class Runner(Scorer):
                 if done % t.log_every == 0:
                     window.clear()
                 if (t.eval_every and done % t.eval_every == 0) or done == self.total_steps:
-                    if self.is_main:
+                    if self.sharded:  # every forward gathers shards from all: all evaluate, the main one logs
                         last_eval = self.evaluate()
+                    if self.is_main:
+                        last_eval = last_eval if self.sharded else self.evaluate()
                         assert metrics is not None
                         metrics.log({"step": done, "split": "eval", **last_eval})
                         plot(metrics.rows, os.path.join(self.out, "plot.png"),
@@ -480,7 +554,7 @@ class Runner(Scorer):
                     self._checkpoint(done)
         finally:
             progress.close()
-        if not last_eval and self.is_main:  # resumed at the very end
+        if not last_eval and (self.is_main or self.sharded):  # resumed at the very end
             last_eval = self.evaluate()
         self.final_metrics = dict(last_eval or {})
         adapter_dir, size = self._save_final()
@@ -490,7 +564,9 @@ class Runner(Scorer):
             metrics=last_eval, trainable=self.n_trainable, total=self.n_total, adapter_dir=adapter_dir,
             adapter_bytes=size, wall_s=wall, step_s=step_time / max(steps_done, 1),
             tokens_per_s=step_tokens / step_time if step_time else 0.0,
-            history=list(metrics.rows) if metrics is not None else [],
+            history=list(metrics.rows) if metrics is not None else [], strategy=self.strategy,
+            processes=self.world, base_param_bytes=self.base_param_bytes,
+            base_param_bytes_per_process=self.base_param_bytes_local,
         )
         if self.is_main:
             atomic_write_bytes(os.path.join(self.out, "summary.json"), (json.dumps(result.to_dict(), indent=2) + "\n").encode())
@@ -499,6 +575,12 @@ class Runner(Scorer):
         return result
 
     def _save_final(self) -> tuple[str | None, int]:
+        if self.sharded:  # the adapter's tensors gathered once onto the main process, which writes as below
+            with fsdp.gathered(self.model, fsdp.saved_tensors(self.model), self.is_main):
+                return self._save_final_here()
+        return self._save_final_here()
+
+    def _save_final_here(self) -> tuple[str | None, int]:
         if not self.is_main:
             return None, 0
         if hasattr(self.model, "peft_config"):
@@ -528,7 +610,11 @@ class Runner(Scorer):
 
     def summary_rows(self, result: RunResult) -> list[tuple[str, str]]:
         rows = [("method", self.entry.name), ("base model", self.source), ("task", self.task),
-                ("optimizer steps", f"{result.steps} (global batch {self.global_batch}, {self.world} process(es))")]
+                ("optimizer steps", f"{result.steps} (global batch {self.global_batch}, {self.world} process(es), "
+                                    f"{self.strategy})")]
+        if self.sharded:
+            rows.append(("base weights per process", f"{result.base_param_bytes_per_process / 2**20:,.2f} MiB of "
+                                                     f"{result.base_param_bytes / 2**20:,.2f} MiB (sharded)"))
         rows += [(f"eval {k}", f"{v:.4f}") for k, v in result.metrics.items()]
         rows += [("trainable parameters", f"{result.trainable:,} of {result.total:,} ({100 * result.trainable / result.total:.3f}%)"),
                  ("adapter size", f"{result.adapter_bytes / 1024:,.1f} KiB ({result.adapter_dir})"),

@@ -3,7 +3,8 @@
     model:      {name: minilm | smollm2 | <transformers folder>, task: classification | causal_lm, ...}
     method:     {name: lora | dora | vera | ... , <any field of that method's config>}
     data:       {train: <file or embedded name>, format: classification | text | instruction, ...}
-    training:   {lr, schedule, epochs | max_steps, batch_size, grad_accum, seed, eval_every, ...}
+    training:   {lr, schedule, epochs | max_steps, batch_size, grad_accum, seed, eval_every, ...,
+                 distributed: {strategy: ddp | fsdp, activation_checkpointing, mixed_precision, cpu_offload}}
 
 Every problem (unknown key, wrong type, missing file, unknown method or method field) is collected with
 its YAML path and reported together in one :class:`SpecError`, so a user fixes the file in one pass.
@@ -77,6 +78,28 @@ class DataSpec:
 
 
 @dataclass
+class DistributedSpec:
+    """How ``torchrun`` processes share the work (one process ignores it, but for fsdp's checkpoint format)."""
+
+    strategy: str = "ddp"
+    """ddp: every process holds the whole model; fsdp: the base and the adapters sharded (FSDP2)."""
+    activation_checkpointing: bool = False
+    """fsdp: recompute each transformer block's activations in backward."""
+    mixed_precision: str | None = None
+    """fsdp: "bf16" computes in bf16 and reduces gradients in fp32; null keeps the model's dtype."""
+    cpu_offload: bool = False
+    """fsdp on GPUs: keep the shards in CPU memory, on the GPU only while used."""
+
+
+STRATEGIES = ("ddp", "fsdp")
+FSDP_REFUSED = {
+    "head": "it trains a classifier on features cached once by a single forward pass, nothing worth sharding",
+    "delta_lora": "its step-K snapshot of A and B lives outside the module's parameters, where FSDP cannot shard it",
+}
+"""Methods strategy fsdp refuses, and why (the fix: strategy ddp)."""
+
+
+@dataclass
 class TrainingSpec:
     lr: float | None = None
     """None: the method's recommended rate (peftkit.train.methods)."""
@@ -99,6 +122,7 @@ class TrainingSpec:
     log_every: int = 10
     output_dir: str = "runs/peftkit"
     eval_batch_size: int = 32
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
 
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -184,6 +208,9 @@ def _section(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     for key, value in data.items():
         if key not in known:
             problems.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            continue
+        if dataclasses.is_dataclass(hints[key]):  # a nested section (training.distributed)
+            kwargs[key] = _section(hints[key], value, f"{path}.{key}", problems)
             continue
         ok, coerced = _type_ok(value, hints[key])
         if not ok:
@@ -299,6 +326,36 @@ def _check_values(spec: RunSpec, problems: list[str]) -> None:
         problems.append("training.epochs: must be positive (or set training.max_steps)")
     if t.loraplus_lr_ratio is not None and t.loraplus_lr_ratio <= 0:
         problems.append(f"training.loraplus_lr_ratio: must be positive, got {t.loraplus_lr_ratio}")
+    _check_distributed(spec, problems)
+
+
+def _check_distributed(spec: RunSpec, problems: list[str]) -> None:
+    d = spec.training.distributed
+    if d.strategy not in STRATEGIES:
+        problems.append(f"training.distributed.strategy: {d.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        return
+    from ..distributed import MIXED_PRECISION
+
+    if d.mixed_precision is not None and d.mixed_precision not in MIXED_PRECISION:
+        problems.append(f"training.distributed.mixed_precision: {d.mixed_precision!r} is not one of "
+                        f"{', '.join(MIXED_PRECISION)} or null")
+    if d.strategy == "ddp":
+        for name, hint in (("activation_checkpointing", "model.gradient_checkpointing"),
+                           ("mixed_precision", "model.dtype"), ("cpu_offload", None)):
+            if getattr(d, name) not in (None, False):
+                problems.append(f"training.distributed.{name}: applies to strategy fsdp; set strategy: fsdp"
+                                + (f", or use {hint} with ddp" if hint else ""))
+        return
+    if spec.method.name in FSDP_REFUSED:
+        problems.append(f"training.distributed.strategy: fsdp cannot train method {spec.method.name!r}: "
+                        f"{FSDP_REFUSED[spec.method.name]}; use strategy ddp")
+    if d.activation_checkpointing and spec.method.name == "prefix":
+        problems.append("training.distributed.activation_checkpointing: prefix tuning keeps its prefixes in the "
+                        "key/value cache, which checkpointing turns off; drop activation_checkpointing for prefix")
+    quant = spec.quantization if isinstance(spec.quantization, dict) else {}
+    if quant.get("method") == "int8":
+        problems.append("training.distributed.strategy: fsdp cannot shard an int8 base (torchao's Int8Tensor has no "
+                        "FSDP2 all-gather hooks); use quantization method nf4, or strategy ddp")
 
 
 def parse_spec(data: Any, base_dir: str = ".", source: str = "config") -> RunSpec:

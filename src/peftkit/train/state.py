@@ -9,6 +9,12 @@ A checkpoint is a folder ``checkpoint-<step>`` holding ``trainer_state.pt`` (tra
 scheduler, RNG states of every process, step) and, for adapter methods, the adapter in HF PEFT's layout
 (``adapter/``), so any checkpoint is also a usable adapter. It is written in a temporary folder and
 renamed into place, so a run killed at any moment leaves only complete checkpoints.
+
+A run with ``training.distributed.strategy: fsdp`` writes ``trainer_state.pt`` without the model and the
+optimizer, which go into ``sharded/`` through torch.distributed.checkpoint: every process writes its own
+shards into the same temporary folder (the main process made it and told the others its name), and the main
+process renames it into place once all are written. Such a checkpoint holds no ``adapter/``: the adapter is
+gathered from the shards once, at the end of the run.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn as nn
 from ..errors import PeftError
 
 STATE_FILE = "trainer_state.pt"
+SHARDS = "sharded"  # torch.distributed.checkpoint's folder in an fsdp run's checkpoint
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -102,18 +109,53 @@ def write_checkpoint(folder: str, step: int, payload: dict[str, Any], adapter_wr
 
     final = os.path.join(folder, f"checkpoint-{step}")
     with atomic_folder(final, replace=True) as tmp:
-        with open(os.path.join(tmp, STATE_FILE), "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_state(tmp, payload)
         if adapter_writer is not None:
             adapter_writer(os.path.join(tmp, "adapter"))
+    _prune(folder, keep_last)
+    return final
+
+
+def _write_state(tmp: str, payload: dict[str, Any]) -> None:
+    with open(os.path.join(tmp, STATE_FILE), "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_sharded_checkpoint(folder: str, step: int, payload: dict[str, Any], save_shards: Any, keep_last: int,
+                             world: int, rank: int) -> str:
+    """Every process calls it: ``checkpoint-<step>`` with ``save_shards(<tmp>/sharded)`` run on all of them
+    (a collective: each writes its shards) and ``trainer_state.pt`` written last by the main process, which
+    then swaps the complete folder into place; keep the last ``keep_last``."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from ..io import atomic_folder
+
+    final = os.path.join(folder, f"checkpoint-{step}")
+    with contextlib.ExitStack() as stack:
+        names: list[Any] = [stack.enter_context(atomic_folder(final, replace=True)) if rank == 0 else None]
+        if world > 1:
+            dist.broadcast_object_list(names, src=0)
+        tmp = names[0]
+        save_shards(os.path.join(tmp, SHARDS))  # returns once every process's files and the metadata are written
+        if rank == 0:
+            _write_state(tmp, payload)
+    if world > 1:
+        dist.barrier()  # nobody trains on (or reads) before the checkpoint is in place
+    if rank == 0:
+        _prune(folder, keep_last)
+    return final
+
+
+def _prune(folder: str, keep_last: int) -> None:
     for _, old in checkpoints(folder)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for entry in os.listdir(folder):  # leftovers of a run killed mid-write
         if entry.startswith(".tmp-checkpoint-"):
             shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
-    return final
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
