@@ -65,7 +65,6 @@ __all__ = [
     "TaskType",
     "VeraConfig",
     "create_lorafa_optimizer",
-    "distributed",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
