@@ -160,6 +160,8 @@ def test_cli_prints_the_table_the_verdict_and_the_cheapest_setting(folder):
     (["--gpu-memory", "80"], "error: memory '80' is not understood; give a number and a unit"),
     (["--strategy", "zero3"], "error: strategy 'zero3' is not one of ddp, fsdp"),
     (["--method", "vera"], "error: peftkit plan models the activations of full, lora"),
+    (["--gpus", "0"], "error: --gpus must be a positive integer, got 0"),
+    (["--dtype", "fp8"], "error: dtype 'fp8' is not one of fp32"),
 ])
 def test_cli_errors_are_one_line(folder, args, message):
     result = CliRunner().invoke(app, ["plan", str(folder), *args])
@@ -175,3 +177,10 @@ def test_a_model_not_in_the_offline_cache_is_one_line(monkeypatch, tmp_path):
     assert result.output.strip() == ("error: model 'nobody-here/no-such-model' was not found in the Hugging Face "
                                      "cache (offline); fetch its config once with: hf download "
                                      "nobody-here/no-such-model config.json")
+
+
+def test_a_folder_without_a_config_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["plan", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {str(tmp_path)!r} has no config.json; give a transformers model "
+                                     "folder, a Hub id or minilm / smollm2")
