@@ -63,27 +63,28 @@ PUBLIC_SETTINGS = [  # (model, method, gpus, memory, strategy, checkpointing), b
 ]
 
 
-def rows_to_run(quick: bool) -> list[tuple[str, object, str, str, int, int, int, str]]:
-    """(name, config, method, dtype, batch, seq, pad, attention) for every row."""
+def rows_to_run(quick: bool) -> list[tuple[str, object, str, str, int, int, int, str, bool]]:
+    """(name, config, method, dtype, batch, seq, pad, attention, checkpointing) for every row."""
     from transformers import AutoConfig, LlamaConfig
 
     from peftkit.embedded import minilm_dir, smollm2_gguf
 
     rows = []
+    if not quick:
+        minilm = AutoConfig.from_pretrained(minilm_dir())
+        for method in METHODS:
+            rows.append(("all-MiniLM-L6-v2", minilm, method, "fp32", 4, 128, 32, "math", False))
+        folder, gguf = smollm2_gguf()
+        smol = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+        for method in METHODS:
+            rows.append(("SmolLM2-135M", smol, method, "fp32", 2, 128, 0, "fused", False))
+        for method in ("lora", "full"):  # activation checkpointing
+            rows.append(("SmolLM2-135M", smol, method, "fp32", 2, 128, 0, "fused", True))
     shapes = dict(list(LLAMA_SHAPES.items())[:1]) if quick else LLAMA_SHAPES
     for name, (values, batch, seq) in shapes.items():
         for dtype in ("fp32", "bf16"):
             for method in METHODS:
-                rows.append((name, LlamaConfig(**values), method, dtype, batch, seq, 0, "fused"))
-    if quick:
-        return rows
-    minilm = AutoConfig.from_pretrained(minilm_dir())
-    for method in METHODS:
-        rows.append(("all-MiniLM-L6-v2", minilm, method, "fp32", 4, 128, 32, "math"))
-    folder, gguf = smollm2_gguf()
-    smol = AutoConfig.from_pretrained(folder, gguf_file=gguf)
-    for method in ("lora", "qlora", "dora", "full"):
-        rows.append(("SmolLM2-135M", smol, method, "fp32", 2, 128, 0, "fused"))
+                rows.append((name, LlamaConfig(**values), method, dtype, batch, seq, 0, "fused", False))
     return rows
 
 
@@ -114,6 +115,14 @@ def public_plans() -> list[dict]:
     return rows
 
 
+def write(path: str, rows: list[dict], public: list[dict] | None) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump({"rows": rows, "public_plans": public, "note": "plan = torch-level total (fixed overhead "
+                   "excluded); measured = peak live tensor bytes of the second training step (TorchMemoryTracker), "
+                   "CPU, 2 shared cores"}, fh, indent=1)
+
+
 def main() -> None:
     import copy
 
@@ -123,45 +132,42 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="", help="run rows whose model name contains this")
+    parser.add_argument("--only", default="", help="run rows whose model name contains one of these (comma-separated)")
     parser.add_argument("--public-only", action="store_true", help="only the 7B / 70B plans (nothing measured)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "plan_accuracy.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = []
-    print(f"{'model':<18} {'method':<6} {'dtype':<5} {'B×S':>7} {'plan MiB':>9} {'measured':>9} {'ratio':>6} "
+    print(f"{'model':<18} {'method':<10} {'dtype':<5} {'B×S':>7} {'plan MiB':>9} {'measured':>9} {'ratio':>6} "
           f"{'compare':>8}  {'plan act':>8} {'meas act':>8}")
-    for name, config, method, dtype, batch, seq, pad, attention in ([] if args.public_only else
-                                                                    rows_to_run(args.quick)):
-        if args.only and args.only not in name:
+    for name, config, method, dtype, batch, seq, pad, attention, ckpt in ([] if args.public_only else
+                                                                          rows_to_run(args.quick)):
+        if args.only and not any(part in name for part in args.only.split(",")):
             continue
         t0 = time.perf_counter()
         arch = P.architecture_of(config, name)
         counts = P.count_parameters(config, arch, method, dtype, num_labels=5)
-        planned = P.plan_memory(config, arch, counts, P.Setting(method, "ddp", False), gpus=1, batch=batch, seq=seq,
+        planned = P.plan_memory(config, arch, counts, P.Setting(method, "ddp", ckpt), gpus=1, batch=batch, seq=seq,
                                 capacity=2**40, dtype=dtype, attention=attention,
                                 precision="pure")
         measured = P.measure_step(copy.deepcopy(config), method, batch=batch, seq=seq, dtype=dtype, pad=pad,
-                                  num_labels=5)
+                                  num_labels=5, checkpointing=ckpt)
         ratio = planned.torch_bytes / measured["peak_bytes"]
         plan_act = planned.parts["activations"]
         meas_act = measured["peak_bytes"] - measured["start_bytes"]
         mib = 2**20
-        print(f"{name:<18} {method:<6} {dtype:<5} {f'{batch}×{seq}':>7} {planned.torch_bytes / mib:9.1f} "
+        print(f"{name:<18} {method + ('+ckpt' if ckpt else ''):<10} {dtype:<5} {f'{batch}×{seq}':>7} {planned.torch_bytes / mib:9.1f} "
               f"{measured['peak_bytes'] / mib:9.1f} {ratio:6.3f} {measured['compare_accounting'] / mib:8.1f}  "
               f"{plan_act / mib:8.1f} {meas_act / mib:8.1f}", flush=True)
         results.append({
-            "model": name, "method": method, "dtype": dtype, "batch": batch, "seq": seq, "pad": pad,
+            "model": name, "method": method, "checkpointing": ckpt, "dtype": dtype, "batch": batch, "seq": seq, "pad": pad,
             "attention": attention, "plan_parts": planned.parts, "plan_torch_bytes": planned.torch_bytes,
             "plan_activation_terms_per_token_layer": planned.activation_terms,
             "trainable_planned": counts.trainable, "trainable_measured": measured["trainable"],
             "weights_planned": counts.weight_bytes, "weights_measured": measured["weights"],
             "measured": measured, "ratio": ratio, "seconds": time.perf_counter() - t0})
-    public = public_plans()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump({"rows": results, "public_plans": public, "note": "plan = torch-level total (fixed overhead excluded); measured = peak "
-                   "live tensor bytes of the second training step (TorchMemoryTracker), CPU"}, fh, indent=1)
+        write(args.out, results, None)
+    write(args.out, results, public_plans())
     worst = max((abs(r["ratio"] - 1) for r in results), default=0.0)
     print(f"worst |plan/measured - 1| = {worst:.3f}; written {args.out}")
 

@@ -184,3 +184,8 @@ def test_a_folder_without_a_config_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip() == (f"error: {str(tmp_path)!r} has no config.json; give a transformers model "
                                      "folder, a Hub id or minilm / smollm2")
+
+
+def test_a_family_the_activation_model_does_not_cover_is_refused():
+    with pytest.raises(PeftError, match=r"peftkit plan models Llama-style .* not model_type 'gpt2'; measure it"):
+        P.architecture_of(P.load_config({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2}))

@@ -44,7 +44,8 @@ lora, dora, qlora, full (``benchmarks/plan_accuracy.py``)."""
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _MEMORY = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*")
-_ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2")
+_ENCODERS = ("bert", "roberta", "xlm-roberta", "electra")  # BERT's layer and module names
+_DECODERS = ("llama", "mistral", "qwen2", "qwen3")  # Llama's block: RMSNorm, q/k/v/o, gate/up/down, GQA
 
 
 # ---- input ----------------------------------------------------------------------------------------
@@ -114,12 +115,14 @@ def load_config(model: str | dict[str, Any]) -> Any:
 
 
 def architecture_of(config: Any, name: str = "") -> Architecture:
-    archs = getattr(config, "architectures", None) or []
+    """The shapes of a Llama-style or BERT-style config; any other family is refused (its saved activations
+    are not modelled, so a plan would be silently wrong)."""
     kind = getattr(config, "model_type", "")
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or (not archs and kind not in _ENCODERS)
+    if kind not in _ENCODERS + _DECODERS:
+        raise PeftError(f"peftkit plan models Llama-style ({', '.join(_DECODERS)}) and BERT-style "
+                        f"({', '.join(_ENCODERS)}) models, not model_type {kind!r}; measure it with peftkit compare")
     encoder = kind in _ENCODERS
-    if encoder and any(a.endswith("ForCausalLM") for a in archs):
-        causal = False
+    causal = not encoder
     hidden = int(config.hidden_size)
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
@@ -326,8 +329,9 @@ def layer_bytes_per_token(arch: Architecture, counts: Counts, method: str, act_b
     Llama-style block (h hidden, I intermediate, H heads, KV kv heads, d head dim, a = activation bytes):
     both RMSNorms keep their fp32 input and 1/rms (2·(4h + 4)); SDPA keeps q, k, v, its output and the fp32
     log-sum-exp (a·(2Hd + 2·KVd) + 4H); the gated MLP keeps gate, up and act(gate) (3·a·I).
-    BERT-style block: the layer input, q, k, v, the attention output, both LayerNorm inputs and outputs and
-    the GELU input/output (a·(8h + 2I)), the LayerNorms' fp32 statistics, and with ``attention="math"``
+    BERT-style block: the layer input, q, k, v, the attention output, both LayerNorm inputs, the first one's
+    output, the two hidden-dropout masks (float on CPU; CUDA keeps them as bool, so this errs high there) and
+    the GELU input/output (a·(10h + 2I)), the LayerNorms' fp32 statistics, and with ``attention="math"``
     (an attention mask on CPU: no fused kernel) the scores, their dropout mask and probabilities (3·a·H·S).
     Then by method: ``full`` keeps each distinct linear input (q/k/v share one, gate/up share one) and, its
     norm weights training, the normalised inputs; LoRA keeps A·x (r per target) and x: once per input group
@@ -345,7 +349,7 @@ def layer_bytes_per_token(arch: Architecture, counts: Counts, method: str, act_b
         terms["mlp (gate, up, act)"] = 3 * a * inter
         group_size = {"attn_in": h, "attn_out": 0, "mlp_in": h, "mlp_mid": inter}  # attn_out = SDPA's output
     else:
-        terms["block (input, q, k, v, out, norms, gelu)"] = a * (8 * h + 2 * inter) + 4 * 4
+        terms["block (input, q, k, v, out, norms, dropout, gelu)"] = a * (10 * h + 2 * inter) + 4 * 4
         if attention == "math":
             terms["attention scores (math path)"] = 3 * a * heads * seq
         group_size = {"attn_in": 0, "attn_out": 0, "mlp_in": 0, "mlp_mid": 0}  # all already kept above
@@ -526,9 +530,10 @@ def plan(model: str | dict[str, Any], method: str = "lora", *, gpus: int = 1, gp
 
 
 def build_model(config: Any, method: str, *, dtype: str = "fp32", seed: int = 0, num_labels: int = 5,
-                options: dict[str, Any] | None = None) -> Any:
+                options: dict[str, Any] | None = None, checkpointing: bool = False) -> Any:
     """``config`` built with random weights (seeded) and ``method`` put on it as ``peftkit train`` does (qlora: an
-    NF4 base first), in training mode: what :func:`count_parameters` counts on the meta device, for real."""
+    NF4 base first; activation checkpointing as ``model.gradient_checkpointing``), in training mode: what
+    :func:`count_parameters` counts on the meta device, for real."""
     import torch
     import transformers
 
@@ -545,6 +550,9 @@ def build_model(config: Any, method: str, *, dtype: str = "fp32", seed: int = 0,
     else:
         config.num_labels = num_labels
         model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=dt)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     if method_entry(method).quantization:
         quantize_base(model, "nf4")
     model = apply_method(model, _MethodOnly(MethodSpec(name=method, options=dict(options or {}))), arch.task)
@@ -552,7 +560,8 @@ def build_model(config: Any, method: str, *, dtype: str = "fp32", seed: int = 0,
 
 
 def measure_step(config: Any, method: str, *, batch: int, seq: int, dtype: str = "fp32", seed: int = 0,
-                 num_labels: int = 5, pad: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
+                 num_labels: int = 5, pad: int = 0, options: dict[str, Any] | None = None,
+                 checkpointing: bool = False) -> dict[str, Any]:
     """Build ``config`` with random weights, put ``method`` on it as ``peftkit train`` does (qlora: an NF4 base
     first), take one AdamW step (so its state exists), then measure the second step with
     :class:`~peftkit.measure.TorchMemoryTracker`: peak live tensor bytes from the forward to ``zero_grad``.
@@ -565,7 +574,8 @@ def measure_step(config: Any, method: str, *, batch: int, seq: int, dtype: str =
     from .quantize import model_weight_bytes, tensor_nbytes
 
     arch = architecture_of(config)
-    model = build_model(config, method, dtype=dtype, seed=seed, num_labels=num_labels, options=options)
+    model = build_model(config, method, dtype=dtype, seed=seed, num_labels=num_labels, options=options,
+                        checkpointing=checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     ids = torch.randint(0, arch.vocab, (batch, seq))
