@@ -85,6 +85,8 @@ def rows_to_run(quick: bool) -> list[tuple[str, object, str, str, int, int, int,
         for dtype in ("fp32", "bf16"):
             for method in METHODS:
                 rows.append((name, LlamaConfig(**values), method, dtype, batch, seq, 0, "fused", False))
+        for method in ("lora", "full"):  # activation checkpointing
+            rows.append((name, LlamaConfig(**values), method, "fp32", batch, seq, 0, "fused", True))
     return rows
 
 
@@ -115,6 +117,38 @@ def public_plans() -> list[dict]:
     return rows
 
 
+def plan_row(config: object, name: str, method: str, dtype: str, batch: int, seq: int, attention: str,
+             ckpt: bool) -> object:
+    from peftkit import plan as P
+
+    arch = P.architecture_of(config, name)
+    counts = P.count_parameters(config, arch, method, dtype, num_labels=5)
+    return P.plan_memory(config, arch, counts, P.Setting(method, "ddp", ckpt), gpus=1, batch=batch, seq=seq,
+                         capacity=2**40, dtype=dtype, attention=attention, precision="pure")
+
+
+def replan(files: list[str], out: str) -> None:
+    """Rows measured by earlier runs (measurements do not change with the plan), planned again, into ``out``."""
+    rows: dict[tuple, dict] = {}
+    for path in files:
+        with open(path, encoding="utf-8") as fh:
+            for row in json.load(fh)["rows"]:
+                rows[(row["model"], row["method"], row["dtype"], row.get("checkpointing", False))] = row
+    merged = []
+    for name, config, method, dtype, batch, seq, _pad, attention, ckpt in rows_to_run(False):
+        row = rows.get((name, method, dtype, ckpt))
+        if row is None:
+            continue
+        planned = plan_row(config, name, method, dtype, batch, seq, attention, ckpt)
+        row.update(plan_parts=planned.parts, plan_torch_bytes=planned.torch_bytes,
+                   plan_activation_terms_per_token_layer=planned.activation_terms,
+                   ratio=planned.torch_bytes / row["measured"]["peak_bytes"])
+        merged.append(row)
+        print(f"{name:<18} {method + ('+ckpt' if ckpt else ''):<10} {dtype:<5} plan {planned.torch_bytes / 2**20:9.1f}"
+              f" measured {row['measured']['peak_bytes'] / 2**20:9.1f} ratio {row['ratio']:.3f}")
+    write(out, merged, public_plans())
+
+
 def write(path: str, rows: list[dict], public: list[dict] | None) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
@@ -133,16 +167,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="", help="run rows whose model name contains one of these (comma-separated)")
+    parser.add_argument("--replan", nargs="*", default=None, metavar="JSON",
+                        help="no measuring: merge these result files into --out, the plan recomputed by this peftkit")
+    parser.add_argument("--checkpointing-only", action="store_true", help="only the activation checkpointing rows")
     parser.add_argument("--public-only", action="store_true", help="only the 7B / 70B plans (nothing measured)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "plan_accuracy.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.replan is not None:
+        replan(args.replan, args.out)
+        return
     results = []
     print(f"{'model':<18} {'method':<10} {'dtype':<5} {'B×S':>7} {'plan MiB':>9} {'measured':>9} {'ratio':>6} "
           f"{'compare':>8}  {'plan act':>8} {'meas act':>8}")
     for name, config, method, dtype, batch, seq, pad, attention, ckpt in ([] if args.public_only else
                                                                           rows_to_run(args.quick)):
         if args.only and not any(part in name for part in args.only.split(",")):
+            continue
+        if args.checkpointing_only and not ckpt:
             continue
         t0 = time.perf_counter()
         arch = P.architecture_of(config, name)

@@ -11,7 +11,8 @@ put on it exactly as training would, so the parameter counts are exact. Memory p
                   are held in bf16/fp16 (mixed precision)
     activations   what autograd saves for backward, per token and layer, from the architecture (see
                   :func:`layer_bytes_per_token`), plus the loss head's logits, at the per-device batch × seq;
-                  with activation checkpointing, one layer input per layer plus one layer's full set
+                  with activation checkpointing, one layer input per layer plus the larger of the loss head's
+                  peak and one recomputed layer (the logits are held through backward)
     gathered      fsdp only: one transformer block unsharded (its weights, and fp32 gradients if it trains)
     comm buffers  ddp with more than one device: the reducer's flat gradient buckets (a copy of the gradients)
     overhead      fixed, per device: CUDA context, cuBLAS workspace and NCCL buffers (:data:`OVERHEAD_BYTES`)
@@ -454,14 +455,15 @@ def plan_memory(config: Any, arch: Architecture, counts: Counts, setting: Settin
         optim = 8 * counts.trainable + (4 * counts.trainable if counts.trainable_dtype_bytes < 4 else 0)
     layer = layer_bytes_per_token(arch, counts, setting.method, act, seq, attention)
     per_layer = sum(layer.values())
-    head = sum(head_bytes_per_token(arch, counts, act).values())
+    head_terms = head_bytes_per_token(arch, counts, act)
+    head = sum(head_terms.values())
     if counts.largest_quantized:  # the NF4 weight torchao dequantises for each matmul, and its transpose
         transient = 2 * counts.largest_quantized * act
     else:
         transient = 0
     tokens = batch * seq
-    if setting.checkpointing:
-        activations = tokens * (arch.layers * act * arch.hidden + per_layer + head)
+    if setting.checkpointing:  # layer inputs, then the loss head's peak or one recomputed layer (logits still held)
+        activations = tokens * (arch.layers * act * arch.hidden + max(head, per_layer + head_terms.get("logits", 0)))
     else:
         activations = tokens * (arch.layers * per_layer + head)
     activations += transient
