@@ -5,6 +5,7 @@
     peftkit eval CONFIG.yaml --adapter runs/x/adapter
     peftkit merge BASE ADAPTER OUT [--pooling cls|mean]
     peftkit inspect ADAPTER_DIR
+    peftkit plan MODEL --method qlora --gpus 2 --gpu-memory 24GiB --batch 4 --seq 2048 [--strategy fsdp]
 
 Errors are one line (``error: ...``) with exit status 2; ``--debug`` shows the stack trace instead.
 """
@@ -363,6 +364,79 @@ def print_compare_table(report: dict[str, Any], console: Any = None) -> None:
     console.print(t)
     for line in errors:
         console.print(line, markup=False)
+
+
+# ---- plan ---------------------------------------------------------------------------------------------
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def plan_lines(report: Any, memory_text: str) -> list[str]:
+    """The text ``peftkit plan`` prints for a :class:`peftkit.plan.PlanReport`."""
+    p = report.asked
+    c = p.counts
+    lines = [f"{p.model}: {c.total:,d} parameters, {c.trainable:,d} trainable ({100 * c.trainable / c.total:.3f}%)"
+             + (f", {c.quantized:,d} stored NF4" if c.quantized else ""),
+             f"setting: {p.setting} on {p.gpus} device(s), batch {p.batch} × seq {p.seq} per device, {p.dtype}; "
+             f"memory per device {memory_text} = {_gib(p.capacity)}",
+             "", f"{'per device':<16}{'GiB':>10}"]
+    lines += [f"{name:<16}{value / 2**30:>10.2f}" for name, value in p.parts.items()]
+    lines += [f"{'total':<16}{p.total / 2**30:>10.2f}", "", p.verdict()]
+    if report.cheapest is None:
+        lines.append(f"nothing tried fits ({', '.join(str(t.setting) for t in report.tried)}); "
+                     "use more or larger devices, a smaller batch or a shorter seq")
+    elif report.cheapest.setting == p.setting:
+        lines.append(f"cheapest setting that fits: {p.setting} (as asked)")
+    else:
+        lines.append(f"cheapest setting that fits: {report.cheapest.setting} ({_gib(report.cheapest.total)} per "
+                     "device)")
+    lines.append("overhead = CUDA context, cuBLAS and NCCL buffers, a fixed estimate; activations assume SDPA "
+                 "(fused attention kernels)")
+    return lines
+
+
+@app.command("plan", epilog="Examples: peftkit plan smollm2 --method lora --gpu-memory 24GiB --batch 8 --seq 512   |   "
+             "peftkit plan meta-llama/Llama-2-7b-hf --method qlora --gpu-memory 24GB   |   "
+             "peftkit plan ./llama-70b --method lora --gpus 8 --strategy fsdp --checkpointing")
+@friendly
+def plan_(
+    model: Annotated[str, typer.Argument(help="A transformers model folder (config.json is enough), a Hub id "
+                                              "already in the cache, or minilm / smollm2. No weights are read.")],
+    method: Annotated[str, typer.Option(help="lora, dora, qlora, rslora, loraplus, lora_fa or full.")] = "lora",
+    gpus: Annotated[int, typer.Option(help="Number of devices.")] = 1,
+    gpu_memory: Annotated[str, typer.Option(help="Memory per device with its unit: 80GiB (2^30 bytes), "
+                                                 "80GB (10^9), 24G (read as GiB).")] = "80GiB",
+    batch: Annotated[int, typer.Option(help="Micro-batch per device (sequences).")] = 1,
+    seq: Annotated[int, typer.Option(help="Tokens per sequence.")] = 2048,
+    strategy: Annotated[str, typer.Option(help="ddp (every device holds everything) or fsdp (weights, "
+                                               "gradients and optimizer state sharded over the devices).")] = "ddp",
+    checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing (keeps one input per layer).")] = False,
+    dtype: Annotated[str, typer.Option(help="Compute dtype of the base model: bf16, fp16 or fp32.")] = "bf16",
+    precision: Annotated[str, typer.Option(help="mixed (an fp32 master copy, fp32 gradients and AdamW state "
+                                                "for trainable bf16 weights) or pure (as peftkit train's "
+                                                "model.dtype does).")] = "mixed",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+) -> None:
+    """Will a fine-tune fit? Weights, gradients, optimizer state and activations per device from the model's config
+    (exact parameter counts from a model built on the meta device), the verdict, and the cheapest setting that fits."""
+    from .plan import plan as make_plan
+
+    report = make_plan(model, method, gpus=gpus, gpu_memory=gpu_memory, batch=batch, seq=seq, strategy=strategy,
+                       checkpointing=checkpointing, dtype=dtype, precision=precision)
+    if as_json:
+        def one(p: Any) -> dict[str, Any]:
+            return {"setting": str(p.setting), "parts_bytes": p.parts, "total_bytes": p.total, "fits": p.fits}
+
+        typer.echo(json.dumps({"model": report.asked.model, "parameters": report.asked.counts.total,
+                               "trainable": report.asked.counts.trainable, "capacity_bytes": report.asked.capacity,
+                               "asked": one(report.asked), "verdict": report.asked.verdict(),
+                               "cheapest": one(report.cheapest) if report.cheapest else None,
+                               "tried": [one(p) for p in report.tried]}, indent=2))
+        return
+    for line in plan_lines(report, gpu_memory):
+        typer.echo(line)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import Any
 
 
 def current_rss() -> int:
@@ -40,3 +41,74 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+class TorchMemoryTracker:
+    """Peak bytes of live tensor storage while it is active, the way a GPU's ``max_memory_allocated`` counts
+    them, on any device (CPU included): every storage an op creates is counted until it is freed.
+
+    ``TorchMemoryTracker(tensors)`` counts the storages of ``tensors`` (parameters, buffers, optimizer state:
+    what exists before the step) from the start. Storages are weighed by their bytes (a view counts its whole
+    storage once). Not seen: memory a tensor subclass allocates inside its own ops (torchao's NF4 weight
+    dequantised for one matmul) and allocator rounding or caching."""
+
+    def __init__(self, tensors: list[Any] | None = None) -> None:
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self._mode: Any = None
+        for t in tensors or []:
+            self._add(t)
+        self.start = self.current
+
+    def _add(self, t: Any) -> None:
+        import weakref
+
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            return
+        inner = getattr(type(t), "__tensor_flatten__", None)
+        if inner is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            names, _ = t.__tensor_flatten__()
+            for n in names:
+                self._add(getattr(t, n))
+            return
+        try:
+            storage = t.untyped_storage()
+            key = storage._cdata
+            nbytes = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            return
+        if key in self.live or storage.device.type == "meta":
+            return
+        self.live[key] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __enter__(self) -> TorchMemoryTracker:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker._add(t)
+                return out
+
+        self.peak = self.current
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)

@@ -227,11 +227,29 @@ def quantize_base(
     report = QuantizationReport(method, settings, bytes_before=model_weight_bytes(model))  # as given
     if compute_dtype is not None:
         model.to(compute_dtype)
+    for name, sbs in quantization_plan(model, method, block_size, scaler_block_size, skip, report).items():
+        module = model.get_submodule(name)
+        with torch.no_grad():
+            module.weight = nn.Parameter(quantize_tensor(module.weight, method, block_size, sbs), requires_grad=False)
+        report.quantized.append(name)
+    if not report.quantized:
+        raise PeftError(f"quantize_base found no nn.Linear weight to quantise; kept dense: {report.skipped or 'none'}")
+    report.bytes_after = model_weight_bytes(model)
+    logging.getLogger(__name__).info("%s", report)
+    return report
+
+
+def quantization_plan(model: nn.Module, method: str, block_size: int, scaler_block_size: int,
+                      skip: list[str] | None, report: QuantizationReport) -> dict[str, int]:
+    """Which linear modules :func:`quantize_base` quantises: name -> scaler block size (NF4; the given one for
+    int8); the rest go to ``report.skipped`` with the reason, and changed scaler blocks to ``report.adjusted``.
+    It reads shapes and dtypes only, so ``peftkit plan`` runs it on a model built on the meta device."""
     heads = output_head_names(model, "SEQ_CLS")
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    chosen: dict[str, int] = {}
     for name, module in model.named_modules():
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             continue
@@ -253,7 +271,7 @@ def quantize_base(
         if why:
             report.skipped[name] = why
             continue
-        sbs = scaler_block_size
+        sbs: int | None = scaler_block_size
         if method == "nf4":
             sbs, note = _nf4_fit(weight, block_size, scaler_block_size)
             if sbs is None:
@@ -261,14 +279,8 @@ def quantize_base(
                 continue
             if note:
                 report.adjusted[name] = note
-        with torch.no_grad():
-            module.weight = nn.Parameter(quantize_tensor(weight, method, block_size, sbs), requires_grad=False)
-        report.quantized.append(name)
-    if not report.quantized:
-        raise PeftError(f"quantize_base found no nn.Linear weight to quantise; kept dense: {report.skipped or 'none'}")
-    report.bytes_after = model_weight_bytes(model)
-    logging.getLogger(__name__).info("%s", report)
-    return report
+        chosen[name] = sbs
+    return chosen
 
 
 def is_quantized_model(model: nn.Module) -> bool:

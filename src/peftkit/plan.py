@@ -1,0 +1,626 @@
+"""``peftkit plan MODEL``: will a fine-tune fit, per device, before anything is loaded?
+
+The model is built from its config on the ``meta`` device (no weights, no memory) and the peftkit method is
+put on it exactly as training would, so the parameter counts are exact. Memory per device is then:
+
+    weights       frozen base at the compute dtype (NF4 for qlora: 4 bits + int8 block scales + the per-scaler-
+                  block factors, as torchao stores them; the output head stays dense), trainable parameters as
+                  peftkit keeps them (adapters fp32; ``full`` at the compute dtype)
+    gradients     trainable parameters only, fp32
+    optimizer     AdamW: 2 × fp32 per trainable parameter, plus an fp32 master copy when the trainable parameters
+                  are held in bf16/fp16 (mixed precision)
+    activations   what autograd saves for backward, per token and layer, from the architecture (see
+                  :func:`layer_bytes_per_token`), plus the loss head's logits, at the per-device batch × seq;
+                  with activation checkpointing, one layer input per layer plus the larger of the loss head's
+                  peak and one recomputed layer (the logits are held through backward)
+    gathered      fsdp only: one transformer block unsharded (its weights, and fp32 gradients if it trains)
+    comm buffers  ddp with more than one device: the reducer's flat gradient buckets (a copy of the gradients)
+    overhead      fixed, per device: CUDA context, cuBLAS workspace and NCCL buffers (:data:`OVERHEAD_BYTES`)
+
+ddp: every device holds all of it; fsdp: weights, gradients and optimizer state divided by N, plus one gathered
+block. Validation against measured torch memory: ``benchmarks/plan_accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PeftError
+
+GIB = 2**30
+OVERHEAD_BYTES = GIB
+"""Per device, outside torch's allocator: the CUDA context (~0.5 GiB on Hopper), cuBLAS workspaces and NCCL
+buffers. A fixed estimate, stated in every plan; measured torch memory (the validation) excludes it."""
+
+DTYPES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+STRATEGIES = ("ddp", "fsdp")
+PLANNED_METHODS = ("full", "lora", "rslora", "loraplus", "lora_fa", "dora", "qlora")
+"""Methods whose activations the model covers (the LoRA family and full fine-tuning); validated ones:
+lora, dora, qlora, full (``benchmarks/plan_accuracy.py``)."""
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_MEMORY = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*")
+_ENCODERS = ("bert", "roberta", "xlm-roberta", "electra")  # BERT's layer and module names
+_DECODERS = ("llama", "mistral", "qwen2", "qwen3")  # Llama's block: RMSNorm, q/k/v/o, gate/up/down, GQA
+
+
+# ---- input ----------------------------------------------------------------------------------------
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in ``text``: ``80GiB`` (2^30), ``80GB`` (10^9), ``24G`` (as GiB, like nvidia-smi and ``free -g``)."""
+    match = _MEMORY.fullmatch(str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise PeftError(f"memory {text!r} is not understood; give a number and a unit: 80GiB (2^30 bytes), 80GB "
+                        "(10^9 bytes), 24G (read as GiB), 512MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shapes the memory model reads from a transformers config."""
+
+    name: str
+    family: str  # "decoder" (Llama-style: RMSNorm, gated MLP, causal attention) or "encoder" (BERT-style)
+    task: str  # "causal_lm" or "classification"
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+def load_config(model: str | dict[str, Any]) -> Any:
+    """A transformers config from a dict of config values (``model_type`` required), an embedded name (minilm,
+    smollm2), a local model folder, or a Hub id already in the Hugging Face cache. Reads no weights."""
+    from transformers import AutoConfig
+
+    if isinstance(model, dict):
+        values = dict(model)
+        kind = values.pop("model_type", None)
+        if kind is None:
+            raise PeftError("a config given as values needs model_type (e.g. 'llama')")
+        return AutoConfig.for_model(kind, **values)
+    if model in ("minilm", "smollm2"):
+        from .merge import resolve_base
+
+        folder, extra = resolve_base(model)
+        return AutoConfig.from_pretrained(folder, **extra)
+    if os.path.isdir(model):
+        files = os.listdir(model)
+        ggufs = sorted(f for f in files if f.endswith(".gguf"))
+        if "config.json" not in files and not ggufs:
+            raise PeftError(f"{model!r} has no config.json; give a transformers model folder, a Hub id or minilm / "
+                            "smollm2")
+        extra = {"gguf_file": ggufs[0]} if ggufs and "config.json" not in files else {}
+        return AutoConfig.from_pretrained(model, **extra)
+    from .hub import is_hub_id
+
+    if not is_hub_id(model):
+        raise PeftError(f"model {model!r} is not a folder, a Hub id (org/name) or minilm / smollm2")
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        how = f"fetch its config once with: hf download {model} config.json" if offline else str(exc).splitlines()[0]
+        raise PeftError(f"model {model!r} was not found{' in the Hugging Face cache (offline)' if offline else ''}; "
+                        f"{how}") from None
+
+
+def architecture_of(config: Any, name: str = "") -> Architecture:
+    """The shapes of a Llama-style or BERT-style config; any other family is refused (its saved activations
+    are not modelled, so a plan would be silently wrong)."""
+    kind = getattr(config, "model_type", "")
+    if kind not in _ENCODERS + _DECODERS:
+        raise PeftError(f"peftkit plan models Llama-style ({', '.join(_DECODERS)}) and BERT-style "
+                        f"({', '.join(_ENCODERS)}) models, not model_type {kind!r}; measure it with peftkit compare")
+    encoder = kind in _ENCODERS
+    causal = not encoder
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    return Architecture(
+        name=name or getattr(config, "_name_or_path", "") or kind, family="encoder" if encoder else "decoder",
+        task="causal_lm" if causal and not encoder else "classification", hidden=hidden,
+        intermediate=int(config.intermediate_size), layers=int(config.num_hidden_layers), heads=heads,
+        kv_heads=int(getattr(config, "num_key_value_heads", None) or heads), head_dim=head_dim,
+        vocab=int(config.vocab_size))
+
+
+# ---- exact parameter counts on the meta device ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted linear module of a block: its name inside the block and shape."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Exact counts of the model with the method on it (built on the meta device)."""
+
+    total: int
+    """Parameters of the model with the method (base + adapters; tied weights once)."""
+    trainable: int
+    weight_bytes: int
+    """Every parameter and buffer as stored: the compute dtype, fp32 adapters, NF4-packed linears for qlora."""
+    trainable_dtype_bytes: int
+    """Bytes per element of the trainable parameters (4: fp32; 2: held in bf16/fp16, so a master copy exists)."""
+    block_weight_bytes: int
+    """One transformer block's weights as stored (the unit fsdp gathers)."""
+    block_trainable: int
+    quantized: int = 0
+    """Linear weights stored NF4 (qlora)."""
+    targets: tuple[Target, ...] = ()
+    rank: int = 0
+    head_trainable: bool = False
+    """The LM head / classifier trains (full fine-tuning, or a classification head)."""
+    largest_quantized: int = 0
+    """Elements of the largest NF4 weight (dequantised, whole, for each of its matmuls)."""
+
+
+def nf4_bytes(numel: int, element_bytes: int, block_size: int = 64, scaler_block_size: int = 256) -> int:
+    """Bytes of one NF4 weight as torchao's NF4Tensor stores it: 4-bit codes, an int8 scale per block, a factor
+    per scaler block and the scalers' mean (both in the weight's dtype), and its 16-entry lookup table."""
+    blocks = numel // block_size
+    return numel // 2 + blocks + (blocks // scaler_block_size) * element_bytes + element_bytes + 16 * element_bytes
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise PeftError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp16": torch.float16, "float16": torch.float16}[dtype]
+
+
+def meta_model(config: Any, arch: Architecture, method: str, dtype: str = "bf16",
+               options: dict[str, Any] | None = None, num_labels: int = 2) -> tuple[Any, dict[str, int]]:
+    """(model with the method on it, NF4 linears name -> scaler block size) built on the meta device."""
+    import copy
+
+    import torch
+    import transformers
+
+    from .quantize import QuantizationReport, quantization_plan
+    from .train.methods import method_entry
+
+    entry = method_entry(method)
+    if method not in PLANNED_METHODS:
+        raise PeftError(f"peftkit plan models the activations of {', '.join(PLANNED_METHODS)}; for {method!r} "
+                        "measure it with: peftkit compare CONFIG --methods " + method)
+    config = copy.deepcopy(config)
+    with torch.device("meta"):
+        if arch.task == "causal_lm":
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
+        else:
+            config.num_labels = num_labels
+            model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=_torch_dtype(dtype))
+    nf4: dict[str, int] = {}
+    if entry.quantization:
+        settings = {k: v for k, v in entry.quantization.items() if k in ("block_size", "scaler_block_size")}
+        report = QuantizationReport("nf4", settings)
+        nf4 = quantization_plan(model, "nf4", settings.get("block_size", 64), settings.get("scaler_block_size", 256),
+                                None, report)
+    from .train.modeling import apply_method
+    from .train.spec import MethodSpec
+
+    spec = _MethodOnly(MethodSpec(name=method, options=dict(options or {})))
+    with torch.device("meta"):
+        model = apply_method(model, spec, arch.task)  # type: ignore[arg-type]
+    return model, nf4
+
+
+@dataclass
+class _MethodOnly:
+    """The part of a RunSpec that :func:`peftkit.train.modeling.apply_method` reads."""
+
+    method: Any
+
+
+def count_parameters(config: Any, arch: Architecture, method: str, dtype: str = "bf16",
+                     options: dict[str, Any] | None = None, num_labels: int = 2) -> Counts:
+    """Exact parameter counts and stored bytes of ``method`` on the model ``config`` describes."""
+    model, nf4 = meta_model(config, arch, method, dtype, options, num_labels)
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        stem = name.removesuffix(".base_layer")
+        key = next((n for n in nf4 if stem == n or stem.endswith("." + n)), None)
+        if key is not None and weight is not None:
+            owners[id(weight)] = key
+    block_prefix = _first_block(model)
+    seen: set[int] = set()
+    total = trainable = weight_bytes = block_bytes = block_trainable = quantized = 0
+    trainable_bytes = 4
+    largest = 0
+    head_trainable = False
+    tensors = [(n, p, True) for n, p in model.named_parameters()] + [(n, b, False) for n, b in model.named_buffers()]
+    for name, p, is_param in tensors:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()
+        if id(p) in owners:
+            nbytes = nf4_bytes(p.numel(), p.element_size(), 64, nf4[owners[id(p)]])
+            quantized += p.numel()
+            largest = max(largest, p.numel())
+        weight_bytes += nbytes
+        if is_param:
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+                trainable_bytes = min(trainable_bytes, p.element_size())
+                head_trainable |= _is_head(name)
+        if block_prefix and name.startswith(block_prefix):
+            block_bytes += nbytes
+            if is_param and p.requires_grad:
+                block_trainable += p.numel()
+    targets, rank = _block_targets(model, block_prefix)
+    return Counts(total=total, trainable=trainable, weight_bytes=weight_bytes, trainable_dtype_bytes=trainable_bytes,
+                  block_weight_bytes=block_bytes, block_trainable=block_trainable, quantized=quantized,
+                  targets=targets, rank=rank, head_trainable=head_trainable,
+                  largest_quantized=largest)
+
+
+def _is_head(name: str) -> bool:
+    return bool(re.search(r"(^|\.)(lm_head|classifier|score)(\.|$)", name))
+
+
+def _first_block(model: Any) -> str:
+    """Name prefix of the first transformer block (``....layers.0.`` / ``....layer.0.``)."""
+    for name, _ in model.named_modules():
+        if re.search(r"\.(layers|layer|h|blocks)\.0$", name):
+            return name + "."
+    return ""
+
+
+def _block_targets(model: Any, prefix: str) -> tuple[tuple[Target, ...], int]:
+    """The adapted linears of the first block and the LoRA rank (from the adapters' A matrices)."""
+    from .methods.base import AdapterLayer
+
+    targets, rank = [], 0
+    for name, module in model.named_modules():
+        if not (prefix and name.startswith(prefix) and isinstance(module, AdapterLayer)):
+            continue
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
+        if base is None or not hasattr(base, "in_features"):
+            continue
+        targets.append(Target(name[len(prefix):], int(base.in_features), int(base.out_features)))
+        for p_name, p in module.named_parameters():
+            if "lora_A" in p_name and p.ndim == 2:
+                rank = max(rank, int(p.shape[0]))
+    return tuple(targets), rank
+
+
+# ---- activations --------------------------------------------------------------------------------------
+_GROUPS = {  # which block linears read the same input (their saved input is one tensor)
+    "attn_in": ("q_proj", "k_proj", "v_proj", "query", "key", "value"),
+    "attn_out": ("o_proj", "attention.output.dense"),
+    "mlp_in": ("gate_proj", "up_proj", "intermediate.dense"),
+    "mlp_mid": ("down_proj", "output.dense"),
+}
+
+
+def _group(target: str) -> str:
+    for group, names in _GROUPS.items():
+        if any(target == n or target.endswith("." + n) for n in names):
+            return "mlp_mid" if target.endswith("output.dense") and "attention" not in target else group
+    return target
+
+
+def layer_bytes_per_token(arch: Architecture, counts: Counts, method: str, act_bytes: int,
+                          seq: int, attention: str = "fused") -> dict[str, float]:
+    """Bytes autograd saves per token in one block, by term (measured term by term on transformers' Llama and
+    BERT layers; ``benchmarks/plan_accuracy.py`` checks the sums).
+
+    Llama-style block (h hidden, I intermediate, H heads, KV kv heads, d head dim, a = activation bytes):
+    both RMSNorms keep their fp32 input and 1/rms (2·(4h + 4)); SDPA keeps q, k, v, its output and the fp32
+    log-sum-exp (a·(2Hd + 2·KVd) + 4H); the gated MLP keeps gate, up and act(gate) (3·a·I).
+    BERT-style block: the layer input, q, k, v, the attention output, both LayerNorm inputs, the first one's
+    output, the two hidden-dropout masks (float on CPU; CUDA keeps them as bool, so this errs high there) and
+    the GELU input/output (a·(10h + 2I)), the LayerNorms' fp32 statistics, and with ``attention="math"``
+    (an attention mask on CPU: no fused kernel) the scores, their dropout mask and probabilities (3·a·H·S).
+    Then by method: ``full`` keeps each distinct linear input (q/k/v share one, gate/up share one) and, its
+    norm weights training, the normalised inputs; LoRA keeps A·x (r per target) and x: once per input group
+    when adapter and activations share a dtype (peftkit's fused LoRA), else an fp32 copy per target; DoRA adds
+    two output-sized fp32 tensors per target (its norm and the base output); qlora's NF4 base is not a plain
+    Linear, yet autograd keeps the same tensors as for LoRA (measured)."""
+    h, inter, heads, kv, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
+    a = act_bytes
+    terms: dict[str, float] = {}
+    groups = {_group(t.name) for t in counts.targets}
+    r = counts.rank
+    if arch.family == "decoder":
+        terms["norms (fp32 input, 1/rms)"] = 2 * (4 * h + 4)
+        terms["attention (q, k, v, out, lse)"] = a * (2 * heads * d + 2 * kv * d) + 4 * heads
+        terms["mlp (gate, up, act)"] = 3 * a * inter
+        group_size = {"attn_in": h, "attn_out": 0, "mlp_in": h, "mlp_mid": inter}  # attn_out = SDPA's output
+    else:
+        terms["block (input, q, k, v, out, norms, dropout, gelu)"] = a * (10 * h + 2 * inter) + 4 * 4
+        if attention == "math":
+            terms["attention scores (math path)"] = 3 * a * heads * seq
+        group_size = {"attn_in": 0, "attn_out": 0, "mlp_in": 0, "mlp_mid": 0}  # all already kept above
+    if method == "full":
+        terms["linear inputs"] = a * sum(group_size.values())
+        if arch.family == "decoder":
+            terms["normalised inputs (norm weights train)"] = 2 * a * h
+        return terms
+    if act_bytes == 4:  # adapters are fp32: peftkit's fused LoRA (x once per group; an NF4 base too)
+        terms["linear inputs (x, once per group)"] = a * sum(group_size[g] for g in groups if g in group_size)
+    else:  # bf16/fp16 activations, fp32 adapters: the reference path casts x to fp32 for each target
+        terms["linear inputs (fp32 x per target)"] = sum(4 * t.in_features for t in counts.targets)
+    terms["LoRA A·x (r per target)"] = 4 * r * len(counts.targets)
+    if method == "dora":
+        terms["DoRA (2 outputs per target, fp32)"] = 2 * 4 * sum(t.out_features for t in counts.targets)
+    return terms
+
+
+def head_bytes_per_token(arch: Architecture, counts: Counts, act_bytes: int) -> dict[str, float]:
+    """Bytes per token outside the blocks at the step's peak (the start of backward): for a causal LM the final
+    norm's fp32 input, the logits (a·V, alive until the step ends), fp32 log-softmax output kept for backward and
+    two fp32 V-wide buffers of the cross-entropy backward; a classifier's are per sequence and negligible."""
+    if arch.task != "causal_lm":
+        return {}
+    v, h, a = arch.vocab, arch.hidden, act_bytes
+    terms = {"final norm": 4 * h + 4, "logits": a * v, "log-softmax (fp32)": 4 * v,
+             "cross-entropy backward (2 fp32 buffers)": 2 * 4 * v}
+    if counts.head_trainable:
+        terms["head input, normalised input (head trains)"] = 2 * a * h
+    return terms
+
+
+# ---- the plan -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str
+    strategy: str
+    checkpointing: bool
+
+    def __str__(self) -> str:
+        return "+".join([self.method, self.strategy] + (["checkpointing"] if self.checkpointing else []))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device of one setting; ``parts`` name each component (``torch_bytes`` excludes the fixed
+    overhead: what torch's allocator would hold at the step's peak)."""
+
+    model: str
+    setting: Setting
+    gpus: int
+    batch: int
+    seq: int
+    dtype: str
+    capacity: int
+    counts: Counts
+    parts: dict[str, int]
+    activation_terms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def torch_bytes(self) -> int:
+        return self.total - self.parts.get("overhead", 0)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    def verdict(self) -> str:
+        need, has = self.total / GIB, self.capacity / GIB
+        return (f"fits ({need:.1f} GiB of {has:.1f} GiB per device)" if self.fits
+                else f"does not fit (needs {need:.1f} GiB, has {has:.1f} GiB per device)")
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    asked: MemoryPlan
+    cheapest: MemoryPlan | None
+    """The first setting that fits, in order of cost (see :func:`candidates`); None when nothing does."""
+    tried: list[MemoryPlan]
+
+
+def plan_memory(config: Any, arch: Architecture, counts: Counts, setting: Setting, *, gpus: int, batch: int,
+                seq: int, capacity: int, dtype: str = "bf16", attention: str = "fused",
+                precision: str = "mixed") -> MemoryPlan:
+    """Per-device memory of ``setting`` (the module docstring lists the components). ``precision``: "mixed"
+    (the usual recipe: trainable parameters held in bf16 get an fp32 master copy, fp32 gradients and fp32
+    AdamW state) or "pure" (what ``peftkit train`` does with ``model.dtype: bfloat16``: gradients and AdamW
+    state in each parameter's own dtype; the same for fp32 and for LoRA, whose adapters are fp32)."""
+    act = DTYPES[dtype]
+    n = gpus if setting.strategy == "fsdp" else 1
+    if precision == "pure":
+        grads = counts.trainable_dtype_bytes * counts.trainable
+        optim = 2 * counts.trainable_dtype_bytes * counts.trainable
+    else:
+        grads = 4 * counts.trainable
+        optim = 8 * counts.trainable + (4 * counts.trainable if counts.trainable_dtype_bytes < 4 else 0)
+    layer = layer_bytes_per_token(arch, counts, setting.method, act, seq, attention)
+    per_layer = sum(layer.values())
+    head_terms = head_bytes_per_token(arch, counts, act)
+    head = sum(head_terms.values())
+    if counts.largest_quantized:  # the NF4 weight torchao dequantises for each matmul, and its transpose
+        transient = 2 * counts.largest_quantized * act
+    else:
+        transient = 0
+    tokens = batch * seq
+    if setting.checkpointing:  # layer inputs, then the loss head's peak or one recomputed layer (logits still held)
+        activations = tokens * (arch.layers * act * arch.hidden + max(head, per_layer + head_terms.get("logits", 0)))
+    else:
+        activations = tokens * (arch.layers * per_layer + head)
+    activations += transient
+    parts = {"weights": math.ceil(counts.weight_bytes / n), "gradients": math.ceil(grads / n),
+             "optimizer": math.ceil(optim / n), "activations": int(activations)}
+    if setting.strategy == "fsdp" and gpus > 1:
+        parts["gathered block"] = counts.block_weight_bytes + 4 * counts.block_trainable
+    if setting.strategy == "ddp" and gpus > 1:
+        parts["comm buffers"] = grads
+    parts["overhead"] = OVERHEAD_BYTES
+    return MemoryPlan(model=arch.name, setting=setting, gpus=gpus, batch=batch, seq=seq, dtype=dtype,
+                      capacity=capacity, counts=counts, parts=parts, activation_terms=layer)
+
+
+def candidates(method: str, gpus: int) -> list[Setting]:
+    """Settings in order of cost: the user's method under ddp, fsdp (sharding costs communication), then each
+    with activation checkpointing (a second forward per step); a LoRA-family method then tries qlora (an NF4
+    base: slower matmuls, a little quality)."""
+    out: list[Setting] = []
+    methods = [method] + (["qlora"] if method in PLANNED_METHODS and method not in ("full", "qlora") else [])
+    for m in methods:
+        for ckpt in (False, True):
+            for strategy in STRATEGIES:
+                if strategy == "fsdp" and gpus == 1:
+                    continue
+                out.append(Setting(m, strategy, ckpt))
+    return out
+
+
+def plan(model: str | dict[str, Any], method: str = "lora", *, gpus: int = 1, gpu_memory: str | int = "80GiB",
+         batch: int = 1, seq: int = 2048, strategy: str = "ddp", checkpointing: bool = False, dtype: str = "bf16",
+         options: dict[str, Any] | None = None, attention: str = "fused", precision: str = "mixed",
+         name: str = "") -> PlanReport:
+    """The plan ``peftkit plan`` prints: the asked setting and the cheapest one that fits."""
+    from .train.methods import METHODS
+
+    if method not in METHODS:
+        raise PeftError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if strategy not in STRATEGIES:
+        raise PeftError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if dtype not in DTYPES:
+        raise PeftError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if precision not in ("mixed", "pure"):
+        raise PeftError(f"precision {precision!r} is not one of mixed, pure")
+    for what, value in (("gpus", gpus), ("batch", batch), ("seq", seq)):
+        if not isinstance(value, int) or value < 1:
+            raise PeftError(f"--{what} must be a positive integer, got {value!r}")
+    capacity = gpu_memory if isinstance(gpu_memory, int) else parse_memory(gpu_memory)
+    config = load_config(model)
+    arch = architecture_of(config, name or (model if isinstance(model, str) else ""))
+    counted: dict[str, Counts] = {}
+
+    def one(setting: Setting) -> MemoryPlan:
+        if setting.method not in counted:
+            counted[setting.method] = count_parameters(config, arch, setting.method, dtype, options)
+        return plan_memory(config, arch, counted[setting.method], setting, gpus=gpus, batch=batch, seq=seq,
+                           capacity=capacity, dtype=dtype, attention=attention, precision=precision)
+
+    asked = one(Setting(method, strategy, checkpointing))
+    tried = [asked if s == asked.setting else one(s) for s in candidates(method, gpus)]
+    cheapest = next((p for p in tried if p.fits), None)
+    return PlanReport(asked=asked, cheapest=cheapest, tried=tried)
+
+
+# ---- validation: the same setting, built for real and measured ---------------------------------------
+
+
+def build_model(config: Any, method: str, *, dtype: str = "fp32", seed: int = 0, num_labels: int = 5,
+                options: dict[str, Any] | None = None, checkpointing: bool = False) -> Any:
+    """``config`` built with random weights (seeded) and ``method`` put on it as ``peftkit train`` does (qlora: an
+    NF4 base first; activation checkpointing as ``model.gradient_checkpointing``), in training mode: what
+    :func:`count_parameters` counts on the meta device, for real."""
+    import torch
+    import transformers
+
+    from .quantize import quantize_base
+    from .train.methods import method_entry
+    from .train.modeling import apply_method
+    from .train.spec import MethodSpec
+
+    arch = architecture_of(config)
+    torch.manual_seed(seed)
+    dt = _torch_dtype(dtype)
+    if arch.task == "causal_lm":
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dt)
+    else:
+        config.num_labels = num_labels
+        model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=dt)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if method_entry(method).quantization:
+        quantize_base(model, "nf4")
+    model = apply_method(model, _MethodOnly(MethodSpec(name=method, options=dict(options or {}))), arch.task)
+    return model.train()
+
+
+def measure_step(config: Any, method: str, *, batch: int, seq: int, dtype: str = "fp32", seed: int = 0,
+                 num_labels: int = 5, pad: int = 0, options: dict[str, Any] | None = None,
+                 checkpointing: bool = False) -> dict[str, Any]:
+    """Build ``config`` with random weights, put ``method`` on it as ``peftkit train`` does (qlora: an NF4 base
+    first), take one AdamW step (so its state exists), then measure the second step with
+    :class:`~peftkit.measure.TorchMemoryTracker`: peak live tensor bytes from the forward to ``zero_grad``.
+    Also returns ``peftkit compare``'s accounting: weights + gradients + optimizer state + the bytes autograd
+    saves (distinct storages that are not parameters). ``pad``: padded positions in the first sequence
+    (encoders: an attention mask, as classification batches have)."""
+    import torch
+
+    from .measure import TorchMemoryTracker
+    from .quantize import model_weight_bytes, tensor_nbytes
+
+    arch = architecture_of(config)
+    model = build_model(config, method, dtype=dtype, seed=seed, num_labels=num_labels, options=options,
+                        checkpointing=checkpointing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    ids = torch.randint(0, arch.vocab, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad:
+        mask[0, seq - pad:] = 0
+    labels = ids if arch.task == "causal_lm" else torch.randint(0, num_labels, (batch,))
+
+    def step() -> None:
+        out = model(input_ids=ids, attention_mask=mask if pad else None, labels=labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    params = [*model.parameters(), *model.buffers()]
+    state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    with TorchMemoryTracker([*params, *state, ids, mask, labels]) as tracker:
+        step()
+    keys = set()
+    for p in params:
+        try:
+            keys.add(p.untyped_storage()._cdata)
+        except (RuntimeError, NotImplementedError):
+            pass
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            if storage._cdata not in keys:
+                saved[storage._cdata] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, attention_mask=mask if pad else None, labels=labels)
+    saved_bytes = sum(saved.values())
+    del out
+    weights = model_weight_bytes(model)
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    optim = sum(tensor_nbytes(t) for t in state)
+    return {"peak_bytes": tracker.peak, "start_bytes": tracker.start, "weights": weights, "gradients": grads,
+            "optimizer": optim, "saved_activations": saved_bytes, "compare_accounting": weights + grads + optim
+            + saved_bytes, "trainable": sum(p.numel() for p in trainable)}

@@ -1,0 +1,192 @@
+"""``peftkit plan``: exact parameter counts from a meta-device model, memory components against a hand
+calculation, the plan against measured peak torch memory, the public 7B / 70B configs, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from peftkit import plan as P
+from peftkit.cli import app
+from peftkit.errors import PeftError
+
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "architectures": ["LlamaForCausalLM"]}
+TINY_BERT = {"model_type": "bert", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "architectures": ["BertModel"]}
+# public configs (values from the models' config.json on the Hub), planned without any download
+LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+             "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False}
+LLAMA3_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+              "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False}
+
+
+def counts(values: dict, method: str, dtype: str = "fp32") -> P.Counts:
+    config = P.load_config(values)
+    return P.count_parameters(config, P.architecture_of(config), method, dtype, num_labels=5)
+
+
+@pytest.mark.parametrize("text, expected", [("80GiB", 80 * 2**30), ("80GB", 80 * 10**9), ("24G", 24 * 2**30),
+                                            ("512MiB", 512 * 2**20), (" 1.5 TiB ", int(1.5 * 2**40))])
+def test_memory_strings_and_their_units(text, expected):
+    assert P.parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["80", "eighty GiB", "80XB", "", "-4GiB"])
+def test_memory_without_a_known_unit_is_one_clear_error(text):
+    with pytest.raises(PeftError, match=r"give a number and a unit: 80GiB \(2\^30 bytes\), 80GB"):
+        P.parse_memory(text)
+
+
+@pytest.mark.parametrize("values", [TINY_LLAMA, TINY_BERT], ids=["llama", "bert"])
+@pytest.mark.parametrize("method, dtype", [("lora", "fp32"), ("dora", "fp32"), ("full", "fp32"), ("qlora", "fp32"),
+                                           ("lora", "bf16"), ("qlora", "bf16")])
+def test_counts_on_the_meta_device_equal_the_real_model(values, method, dtype):
+    from peftkit.quantize import model_weight_bytes
+
+    c = counts(values, method, dtype)
+    real = P.build_model(P.load_config(values), method, dtype=dtype)
+    trainable = sum(p.numel() for p in real.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in {id(p): p for p in real.parameters()}.values())
+    assert (c.trainable, c.total) == (trainable, total)
+    assert c.weight_bytes == model_weight_bytes(real)  # NF4 packing, fp32 adapters on a bf16 base: exact
+
+
+def test_public_configs_have_their_published_parameter_counts():
+    c7 = counts(LLAMA2_7B, "lora", "bf16")
+    assert c7.total - c7.trainable == 6_738_415_616  # Llama-2-7B
+    # LoRA r=8 on all 7 linears of 32 blocks: r·(in+out) each
+    assert c7.trainable == 32 * 8 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    c70 = counts(LLAMA3_70B, "full", "bf16")
+    assert c70.total == c70.trainable == 70_553_706_496  # Llama-3-70B
+    q70 = counts(LLAMA3_70B, "qlora", "bf16")
+    # every linear of the blocks is NF4 (not the LM head): 80 blocks of q, k, v, o, gate, up, down
+    assert q70.quantized == 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)
+
+
+def test_components_of_a_tiny_llama_by_hand():
+    config = P.load_config(TINY_LLAMA)
+    arch = P.architecture_of(config)
+    c = P.count_parameters(config, arch, "lora", "fp32")
+    # LoRA r=8 on q (32→32), k, v (32→16), o (32→32), gate, up (32→64), down (64→32), 2 blocks
+    assert c.trainable == 2 * 8 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 3 * (32 + 64))
+    b, s = 2, 16
+    p = P.plan_memory(config, arch, c, P.Setting("lora", "ddp", False), gpus=1, batch=b, seq=s, capacity=2**30,
+                      dtype="fp32")
+    # per token and block, fp32: RMSNorms 2·(4h+4), SDPA q,k,v,out 4·(2·32+2·16) + lse 4·H,
+    # MLP 3·4·I, linear inputs once per group 4·(h+h+I), A·x 4·r·7
+    layer = 2 * (4 * 32 + 4) + 4 * (2 * 32 + 2 * 16) + 4 * 4 + 3 * 4 * 64 + 4 * (32 + 32 + 64) + 4 * 8 * 7
+    head = (4 * 32 + 4) + 4 * 128 + 4 * 128 + 2 * 4 * 128  # final norm, logits, log-softmax, CE backward
+    assert sum(p.activation_terms.values()) == layer == 2168
+    assert p.parts == {"weights": c.weight_bytes, "gradients": 4 * c.trainable, "optimizer": 8 * c.trainable,
+                       "activations": b * s * (2 * layer + head), "overhead": P.OVERHEAD_BYTES}
+    ckpt = P.plan_memory(config, arch, c, P.Setting("lora", "ddp", True), gpus=1, batch=b, seq=s, capacity=2**30,
+                         dtype="fp32")
+    # layer inputs, then the larger of the loss head's peak and one recomputed layer with the logits held
+    assert ckpt.parts["activations"] == b * s * (2 * 4 * 32 + max(head, layer + 4 * 128)) == b * s * (256 + 2680)
+    fsdp = P.plan_memory(config, arch, c, P.Setting("lora", "fsdp", False), gpus=4, batch=b, seq=s, capacity=2**30,
+                         dtype="fp32")
+    assert fsdp.parts["weights"] == -(-c.weight_bytes // 4) and fsdp.parts["optimizer"] == 8 * c.trainable // 4
+    assert fsdp.parts["gathered block"] == c.block_weight_bytes + 4 * c.block_trainable
+    assert c.block_trainable == c.trainable // 2
+    ddp = P.plan_memory(config, arch, c, P.Setting("lora", "ddp", False), gpus=4, batch=b, seq=s, capacity=2**30,
+                        dtype="fp32")
+    assert ddp.parts["weights"] == c.weight_bytes and ddp.parts["comm buffers"] == 4 * c.trainable
+    full = P.count_parameters(config, arch, "full", "bf16")
+    mixed = P.plan_memory(config, arch, full, P.Setting("full", "ddp", False), gpus=1, batch=b, seq=s,
+                          capacity=2**30, dtype="bf16")
+    assert mixed.parts["optimizer"] == (8 + 4) * full.trainable  # AdamW's two moments + the fp32 master copy
+    # bf16 weights, and the rotary embedding's fp32 inv_freq and original_inv_freq buffers (head_dim 8: 4 each)
+    assert mixed.parts["weights"] == 2 * full.total + 2 * 4 * 4
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_plan_is_within_15_percent_of_measured_peak_memory(method):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=1000)
+    arch = P.architecture_of(config)
+    c = P.count_parameters(config, arch, method, "fp32")
+    planned = P.plan_memory(config, arch, c, P.Setting(method, "ddp", False), gpus=1, batch=2, seq=64,
+                            capacity=2**40, dtype="fp32", precision="pure")
+    measured = P.measure_step(config, method, batch=2, seq=64, dtype="fp32")
+    assert measured["trainable"] == c.trainable
+    assert 0.85 <= planned.torch_bytes / measured["peak_bytes"] <= 1.15
+
+
+def test_the_cheapest_setting_that_fits_is_found_in_order_of_cost():
+    report = P.plan(LLAMA2_7B, "lora", gpus=1, gpu_memory="24GiB", batch=1, seq=2048)
+    assert not report.asked.fits
+    assert str(report.cheapest.setting) == "lora+ddp+checkpointing" and report.cheapest.fits
+    eight = P.plan(LLAMA3_70B, "full", gpus=8, gpu_memory="80GiB", batch=1, seq=2048, strategy="fsdp",
+                   checkpointing=True)
+    assert not eight.asked.fits and eight.cheapest is None  # 70B × 18 bytes / 8 > 80 GiB
+    assert [str(t.setting) for t in eight.tried] == ["full+ddp", "full+fsdp", "full+ddp+checkpointing",
+                                                      "full+fsdp+checkpointing"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("plan") / "tiny-llama"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return root
+
+
+def test_cli_prints_the_table_the_verdict_and_the_cheapest_setting(folder):
+    result = CliRunner().invoke(app, ["plan", str(folder), "--method", "lora", "--gpu-memory", "512MiB",
+                                      "--batch", "2", "--seq", "16", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    expected = P.plan(str(folder), "lora", gpu_memory="512MiB", batch=2, seq=16, dtype="fp32").asked
+    lines = result.output.splitlines()
+    assert f"{'weights':<16}{expected.parts['weights'] / 2**30:>10.2f}" in lines
+    assert f"{'total':<16}{expected.total / 2**30:>10.2f}" in lines
+    # 1 GiB of fixed overhead alone exceeds 512 MiB: nothing fits
+    assert "does not fit (needs 1.0 GiB, has 0.5 GiB per device)" in result.output
+    assert "nothing tried fits (lora+ddp, lora+ddp+checkpointing, qlora+ddp, qlora+ddp+checkpointing)" in result.output
+    ok = CliRunner().invoke(app, ["plan", str(folder), "--gpu-memory", "2GiB", "--json"])
+    data = json.loads(ok.output)
+    assert data["verdict"].startswith("fits") and data["cheapest"]["setting"] == "lora+ddp"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "lorax"], "error: unknown method 'lorax'; known: full, head, lora"),
+    (["--gpu-memory", "80"], "error: memory '80' is not understood; give a number and a unit"),
+    (["--strategy", "zero3"], "error: strategy 'zero3' is not one of ddp, fsdp"),
+    (["--method", "vera"], "error: peftkit plan models the activations of full, lora"),
+    (["--gpus", "0"], "error: --gpus must be a positive integer, got 0"),
+    (["--dtype", "fp8"], "error: dtype 'fp8' is not one of fp32"),
+])
+def test_cli_errors_are_one_line(folder, args, message):
+    result = CliRunner().invoke(app, ["plan", str(folder), *args])
+    assert result.exit_code == 2
+    assert result.output.startswith(message) and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_model_not_in_the_offline_cache_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["plan", "nobody-here/no-such-model"])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: model 'nobody-here/no-such-model' was not found in the Hugging Face "
+                                     "cache (offline); fetch its config once with: hf download "
+                                     "nobody-here/no-such-model config.json")
+
+
+def test_a_folder_without_a_config_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["plan", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {str(tmp_path)!r} has no config.json; give a transformers model "
+                                     "folder, a Hub id or minilm / smollm2")
+
+
+def test_a_family_the_activation_model_does_not_cover_is_refused():
+    with pytest.raises(PeftError, match=r"peftkit plan models Llama-style .* not model_type 'gpt2'; measure it"):
+        P.architecture_of(P.load_config({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2}))
