@@ -287,7 +287,7 @@ def apply_method(model: nn.Module, spec: RunSpec, task: str, total_steps: int | 
             p.requires_grad_(True)
         return model
     config = entry.make_config(task, spec.method.options, model, total_steps, tokenizer)
-    if config is not None and config.base_model_name_or_path is None:
+    if config is not None and config.base_model_name_or_path is None and getattr(spec, "model", None) is not None:
         config = config.copy(base_model_name_or_path=base_model_id(spec))  # what `peftkit inspect` shows
     return get_peft_model(model, config)
 
