@@ -261,26 +261,30 @@ def compare_compiled(eager: Callable[[], torch.Tensor], compiled: Callable[[], t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 (--quick: 1)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="add the torch.compile rows")
+    parser.add_argument("--compile-only", action="store_true", help="only the torch.compile rows")
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round, result to a temp file")
     parser.add_argument("--rows", default=None, help="comma-separated subset of the rows, e.g. lora_1,lora_8_mixed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.new_tokens = 1, 8
+        args.new_tokens = 8
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 5
     torch.set_num_threads(args.threads)
-    rows, checks = generation_rows(args)
-    if args.rows:
-        rows = {name: rows[name] for name in args.rows.split(",")}
-    times = time_rows(rows, args.rounds)
-    result = {"setup": {k: str(v) for k, v in vars(args).items()}, "checks": checks, "times_s": times,
-              **ratio_table(times, args.batch * args.new_tokens)}
-    if args.compile:
+    result: dict[str, Any] = {"setup": {k: str(v) for k, v in vars(args).items()}}
+    if not args.compile_only:
+        rows, checks = generation_rows(args)
+        if args.rows:
+            rows = {name: rows[name] for name in args.rows.split(",")}
+        times = time_rows(rows, args.rounds)
+        result.update(checks=checks, times_s=times, **ratio_table(times, args.batch * args.new_tokens))
+    if args.compile or args.compile_only:
         result["compile"] = compile_rows(args)
     out = args.out or (Path(tempfile.gettempdir()) / "generation_quick.json" if args.quick
                        else RESULTS / "generation.json")
@@ -291,6 +295,17 @@ def main() -> None:
 
 
 def print_table(result: dict[str, Any]) -> None:
+    if "ratios" in result:
+        print_generation(result)
+    if "compile" in result:
+        print("\n| torch.compile | eager s | compiled s | eager / compiled | first call s | max abs diff |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, c in result["compile"].items():
+            print(f"| {name} | {c['eager_s']:.3f} | {c['compiled_s']:.3f} | {c['speedup_median']:.2f} | "
+                  f"{c['first_call_s']:.0f} | {c['max_abs_diff']:.1e} |")
+
+
+def print_generation(result: dict[str, Any]) -> None:
     print("| row | tokens/s (median) |\n|---|---:|")
     for name, value in result["tokens_per_s"].items():
         print(f"| {name} | {value:.1f} |")
@@ -298,12 +313,6 @@ def print_table(result: dict[str, Any]) -> None:
     for label, r in result["ratios"].items():
         print(f"| {label} | {r['median']:.2f} | {r['min']:.2f}–{r['max']:.2f} |")
     print(f"\nchecks: {result['checks']}")
-    if "compile" in result:
-        print("\n| torch.compile | eager s | compiled s | eager / compiled | first call s | max abs diff |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, c in result["compile"].items():
-            print(f"| {name} | {c['eager_s']:.3f} | {c['compiled_s']:.3f} | {c['speedup_median']:.2f} | "
-                  f"{c['first_call_s']:.0f} | {c['max_abs_diff']:.1e} |")
 
 
 if __name__ == "__main__":
