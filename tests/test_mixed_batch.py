@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import rows_match_alone, tiny_bert_cls, tiny_gpt2, tiny_llama
@@ -127,3 +129,67 @@ def test_mixed_rows_train_with_gradients() -> None:
     loss_b.backward()
     torch.testing.assert_close(grad_b, pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["b"].weight.grad,
                                rtol=1e-4, atol=1e-6)
+
+
+def test_row_groups_layout() -> None:
+    """Rows grouped by adapter: each group padded to the largest with one of its own rows; base rows last."""
+    from peftkit.methods.base import RowAdapters
+
+    rows = RowAdapters.from_names(["b", "__base__", "a", "b", "b"])
+    assert rows.names == ("b", "a") and rows.pick.tolist() == [0, 2, 1, 0, 0]
+    groups = rows.groups
+    assert (groups.count, groups.width) == (3, 3)
+    assert groups.slot_rows.tolist() == [0, 3, 4, 2, 2, 2, 1, 1, 1]
+    assert groups.row_slot.tolist() == [0, 6, 3, 1, 2]
+    assert RowAdapters.from_names(["a", "b"]).groups.count == 2  # no base group when every row has an adapter
+    assert groups.worth_it(batch=5, tokens=1) and not RowAdapters.from_names(["a"] * 15 + ["b"]).groups.worth_it(16, 64)
+
+
+@pytest.mark.parametrize("names", [
+    ["b", "__base__", "default", "c", "b", "__base__", "default", "c"],  # grouped at every length
+    ["default"] * 7 + ["c"],  # one big group: long rows gather per row, a generate step groups
+])
+def test_grouped_and_gathered_rows_agree_with_rows_alone(names) -> None:
+    from peftkit.methods.base import RowAdapters
+
+    pm = _three_adapters(tiny_llama, target_modules="all-linear")
+    torch.manual_seed(5)
+    long_ids = torch.randint(1, 128, (len(names), 40))
+    rows = RowAdapters.from_names(names)
+    branches = {rows.groups.worth_it(len(names), 40), rows.groups.worth_it(len(names), 1)}
+    assert branches == ({True} if names[0] == "b" else {True, False})
+    rows_match_alone(pm, names, long_ids)
+    out = pm.generate(long_ids[:, :4], adapter_names=names, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    for row, name in enumerate(names):
+        with pm.disable_adapter() if name == "__base__" else contextlib.nullcontext():
+            if name != "__base__":
+                pm.set_adapter(name)
+            alone = pm.generate(long_ids[row:row + 1, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert torch.equal(out[row:row + 1], alone)
+
+
+def test_greedy_generation_with_adapter_names_equals_hf_peft(tmp_path) -> None:
+    """The same saved adapters in HF PEFT: adapter_names generations give the same tokens, logits agree."""
+    import copy
+
+    from peft import PeftModel as HFPeftModel
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    hf_base = copy.deepcopy(base)
+    pm = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    pm.add_adapter("b", LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    pm.eval().save_pretrained(tmp_path)
+    hf = HFPeftModel.from_pretrained(hf_base, tmp_path).eval()
+    hf.load_adapter(tmp_path / "b", adapter_name="b")
+    ids = torch.randint(1, 128, (4, 5))
+    names = ["b", "default", "__base__", "b"]
+    greedy = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids, adapter_names=names).logits, hf(ids, adapter_names=names).logits,
+                                   rtol=1e-5, atol=1e-5)
+        ours = pm.generate(input_ids=ids, adapter_names=names, **greedy)
+        theirs = hf.generate(input_ids=ids, adapter_names=names, **greedy)
+        plain = pm.generate(input_ids=ids, adapter_names=["__base__"] * 4, **greedy)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours[[0, 1, 3]], plain[[0, 1, 3]])  # the adapters change what is generated

@@ -284,6 +284,28 @@ def test_per_row_adapters_each_row_as_if_alone(method):
     assert torch.equal(generated, looped)
 
 
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_per_row_generate_builds_the_prompts_once(method, monkeypatch):
+    """generate(adapter_names=...) builds each adapter's virtual tokens at the first step only (later steps
+    read them from the cache), and works out the rows' layout once per call."""
+    model = make("llama", method)
+    model.add_adapter("b", config(method, "CAUSAL_LM").copy(num_virtual_tokens=N + 2))
+    ids, mask = batch()
+    names = ["b", "default", "b"]
+    built: list[str] = []
+    for name in ("default", "b"):
+        module = store(model)[name]
+        monkeypatch.setattr(module, "forward", lambda f=module.forward, n=name: built.append(n) or f())
+    layouts = []
+    real_layout = type(store(model))._layout
+    monkeypatch.setattr(type(store(model)), "_layout",
+                        lambda self, *a: layouts.append(real_layout(self, *a)) or layouts[-1])
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, adapter_names=names)
+    assert sorted(built) == ["b", "default"]  # once each, not once per step
+    assert len(layouts) == 5 and all(layout is layouts[0] for layout in layouts)  # every step reuses the first's
+
+
 def test_lora_and_prompt_rows_share_a_batch():
     model = make("llama", "prompt")
     model.add_adapter("lora", peftkit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))

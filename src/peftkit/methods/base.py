@@ -18,7 +18,7 @@ import abc
 import copy
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -32,26 +32,82 @@ BASE_ROW = "__base__"  # HF PEFT's name for "no adapter on this row"
 
 
 @dataclass(frozen=True)
+class RowGroups:
+    """The rows of a batch grouped by adapter, for methods that run each adapter once over its rows (two
+    batched matmuls over the stacked adapters, Punica's segmented matmul) instead of gathering one weight copy
+    per row. Group g is adapter ``names[g]``; group k (when present) the rows on the base model. Each group has
+    ``width`` slots (the largest group's size; smaller groups repeat one of their rows in the spare slots):
+    slot j of group g reads row ``slot_rows[g * width + j]``, and row i's result is at slot ``row_slot[i]``."""
+
+    count: int
+    width: int
+    slot_rows: torch.Tensor  # (count * width,) int64
+    row_slot: torch.Tensor  # (batch,) int64
+
+    @classmethod
+    def from_picks(cls, picks: list[int], groups: int) -> RowGroups:
+        members: list[list[int]] = [[] for _ in range(groups)]
+        for row, group in enumerate(picks):
+            members[group].append(row)
+        count = groups if members[-1] else groups - 1  # no base-model group when every row has an adapter
+        width = max(len(m) for m in members[:count])
+        slot_rows, row_slot = [], [0] * len(picks)
+        for g, rows in enumerate(members[:count]):
+            for j in range(width):
+                if j < len(rows):
+                    row_slot[rows[j]] = g * width + j
+                slot_rows.append(rows[min(j, len(rows) - 1)] if rows else 0)
+        return cls(count, width, torch.tensor(slot_rows, dtype=torch.long), torch.tensor(row_slot, dtype=torch.long))
+
+    def worth_it(self, batch: int, tokens: int) -> bool:
+        """Whether grouping beats a per-row gather for rows of ``tokens`` tokens. Grouped: count·width·tokens rows
+        of LoRA work and each adapter's weights read once; gathered: batch·tokens rows of work plus a copy of one
+        adapter's weights per row (a copied element costs about 8 multiply-adds in memory traffic). Skewed groups
+        (one big, many small) pad many slots, and long rows amortise the copies: then gathering wins."""
+        return self.count * (self.width * tokens + 1) <= batch * (tokens + 8)
+
+
+@dataclass(frozen=True)
 class RowAdapters:
-    """Which adapter each row of a batch uses: ``names[index[i]]`` for row i, or the base model where -1."""
+    """Which adapter each row of a batch uses: ``names[index[i]]`` for row i, or the base model where -1.
+
+    Made once per ``forward`` / ``generate`` call (``PeftModel(adapter_names=...)``): everything derived from
+    the names (``pick``, the groups) is computed here, on the host, and copied to a device once, so a generate
+    step's layers neither recompute it nor wait on the device."""
 
     names: tuple[str, ...]
     index: torch.Tensor  # (batch,) int64
+    pick: torch.Tensor  # (batch,) int64: index with -1 replaced by len(names), the stacked tables' base slot
+    groups: RowGroups
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_names(cls, adapter_names: list[str]) -> RowAdapters:
         names = tuple(dict.fromkeys(n for n in adapter_names if n != BASE_ROW))
         position = {n: i for i, n in enumerate(names)}
-        index = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.long)
-        return cls(names, index)
+        index = [position.get(n, -1) for n in adapter_names]
+        picks = [len(names) if i < 0 else i for i in index]
+        return cls(names, torch.tensor(index, dtype=torch.long), torch.tensor(picks, dtype=torch.long),
+                   RowGroups.from_picks(picks, len(names) + 1))
 
-    def for_batch(self, batch: int, device: torch.device) -> torch.Tensor:
+    def check_batch(self, batch: int) -> None:
         if batch != self.index.numel():
             raise PeftError(
                 f"adapter_names has {self.index.numel()} entries but the batch has {batch} rows; give one adapter "
                 "name per row (with generate(num_beams>1) or num_return_sequences, repeat each name accordingly)"
             )
-        return self.index.to(device)
+
+    def for_batch(self, batch: int, device: torch.device) -> torch.Tensor:
+        self.check_batch(batch)
+        return self.on(device)[0]
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, pick, groups.slot_rows, groups.row_slot) on ``device``, copied there once per call."""
+        cached = self._on_device.get(device)
+        if cached is None:
+            cached = tuple(t.to(device) for t in (self.index, self.pick, self.groups.slot_rows, self.groups.row_slot))
+            self._on_device[device] = cached
+        return cached
 
 
 class AdapterLayer(nn.Module):

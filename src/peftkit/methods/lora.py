@@ -283,7 +283,8 @@ class LoraLinear(LoraLayer):
         if self.row_adapters is not None:  # each row through its own adapter (lora_kernels.per_row_lora)
             rows = self.row_adapters
             self._check_row_mix(rows.names)
-            return per_row_lora(self, x, result, rows.for_batch(x.shape[0], x.device), rows.names)
+            rows.check_batch(x.shape[0])
+            return per_row_lora(self, x, result, rows)
         for name in self.active_adapters:
             result = self.variant[name].forward(self, name, x, result)
         return result

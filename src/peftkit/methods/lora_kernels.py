@@ -155,14 +155,15 @@ class LoraFunction(torch.autograd.Function):
 
     x, x̃ (..., d_in); result (..., d_out) or None; weight (d_out, d_in), or (d_in, d_out) when
     ``fan_in_fan_out``, or None (then ``result`` is given); A (r, d_in); B (d_out, r). x̃ is x itself
-    without dropout, else ``shared_dropout(x, p)`` of seed ``seed``. W must be frozen (no gradient for it)."""
+    without dropout (then ``dropped`` is None), else ``shared_dropout(x, p)`` of seed ``seed``. W must be frozen
+    (no gradient for it)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor, result: torch.Tensor | None,
+    def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
                 scaling: float, p: float, seed: int, fan_in_fan_out: bool) -> torch.Tensor:
         d_in, d_out = A.shape[1], B.shape[0]
-        h = dropped.reshape(-1, d_in) @ A.T  # (tokens, r)
+        h = (x if dropped is None else dropped).reshape(-1, d_in) @ A.T  # (tokens, r)
         if result is None:
             w_t = weight if fan_in_fan_out else weight.T  # (d_in, d_out)
             x2 = x.reshape(-1, d_in)
@@ -245,7 +246,8 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
             result = layer.variant[name].forward(layer, name, x, result)  # casts, as HF PEFT
             continue
         p = dropout_p(layer, name)
-        dropped, seed = shared_dropout(x, p) if p > 0 else (x, 0)
+        # without dropout x̃ is x: passed as None, since torch.compile cannot trace one tensor given twice
+        dropped, seed = shared_dropout(x, p) if p > 0 else (None, 0)
         result = LoraFunction.apply(x, dropped, result, weight if result is None else None,
                                     bias if result is None else None, A, B, layer.scaling[name], p, seed,
                                     layer.fan_in_fan_out)
@@ -287,12 +289,13 @@ def row_tables(layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.
     Built once and reused while no weight changed (inference); rebuilt with autograd when gradients flow."""
     grad = torch.is_grad_enabled() and any(
         p.requires_grad for n in names if n in layer.r for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
-    key = None if grad else _row_key(layer, names)
+    # under torch.compile the stacking is part of the graph (the cache key reads storage addresses, untraceable)
+    key = None if grad or torch.compiler.is_compiling() else _row_key(layer, names)
     cached = getattr(layer, "_row_tables", None)
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     present = [n for n in names if n in layer.r]
-    r_max = max((layer.r[n] for n in present), default=1)
+    r_max = max([layer.r[n] for n in present] or [1])
     like = layer.lora_A[present[0]].weight if present else layer.lora_A[next(iter(layer.r))].weight
     k = len(names)
     A_t = like.new_zeros(k + 1, layer.in_features, r_max)
@@ -317,21 +320,37 @@ def row_tables(layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.
     return tables
 
 
-def per_row_lora(layer: Any, x: torch.Tensor, result: torch.Tensor, index: torch.Tensor,
-                 names: tuple[str, ...]) -> torch.Tensor:
-    """result + each row's adapter: h = x Aᵀ[pick], then (s·B)ᵀ[pick] added into the output by one batched
-    add-matmul (baddbmm). DoRA rows: result + (f − 1)·(result − b) + f · s·B A x, f = m / ‖W + ΔW‖."""
-    A_t, B_t, factor = row_tables(layer, names)
-    pick = torch.where(index < 0, len(names), index)
+def per_row_lora(layer: Any, x: torch.Tensor, result: torch.Tensor, rows: Any) -> torch.Tensor:
+    """result + each row's adapter, ``rows`` a :class:`~peftkit.methods.base.RowAdapters`.
+
+    Grouped (the usual case, and always in a generate step): the rows are gathered adapter by adapter into
+    (groups, rows per group · tokens, d_in), and two batched matmuls against the stacked tables give every
+    row's s·B A x, each adapter's weights read once; the deltas are gathered back to row order and added in.
+    Gathered (skewed groups with long rows, see ``RowGroups.worth_it``): h = x Aᵀ[pick] per row, then
+    (s·B)ᵀ[pick] added into the output by one baddbmm. DoRA rows: result + (f − 1)·(result − b) + f · s·B A x,
+    f = m / ‖W + ΔW‖."""
+    A_t, B_t, factor = row_tables(layer, rows.names)
+    _, pick, slot_rows, row_slot = rows.on(x.device)
     batch = x.shape[0]
     xb = x.reshape(batch, -1, x.shape[-1]).to(A_t.dtype)
-    h = torch.bmm(xb, A_t[pick])  # (batch, tokens, r_max)
     res = result.reshape(batch, -1, result.shape[-1])
-    if factor is None and res.dtype == A_t.dtype:
-        if not torch.is_grad_enabled() and not res.requires_grad:
-            return res.baddbmm_(h, B_t[pick]).view(result.shape)
-        return torch.baddbmm(res, h, B_t[pick]).view(result.shape)
-    delta = torch.bmm(h, B_t[pick])
+    tokens, groups = xb.shape[1], rows.groups
+    if groups.worth_it(batch, tokens):
+        count = groups.count
+        xg = xb.index_select(0, slot_rows).view(count, groups.width * tokens, xb.shape[-1])
+        delta = torch.bmm(torch.bmm(xg, A_t[:count]), B_t[:count])
+        delta = delta.view(count * groups.width, tokens, -1).index_select(0, row_slot)
+        if factor is None and res.dtype == delta.dtype:
+            if not torch.is_grad_enabled() and not res.requires_grad:
+                return res.add_(delta).view(result.shape)
+            return (res + delta).view(result.shape)
+    else:
+        h = torch.bmm(xb, A_t[pick])  # (batch, tokens, r_max)
+        if factor is None and res.dtype == A_t.dtype:
+            if not torch.is_grad_enabled() and not res.requires_grad:
+                return res.baddbmm_(h, B_t[pick]).view(result.shape)
+            return torch.baddbmm(res, h, B_t[pick]).view(result.shape)
+        delta = torch.bmm(h, B_t[pick])
     if factor is not None:
         f = factor[pick][:, None, :]
         bias = layer.get_base_layer().bias if hasattr(layer.get_base_layer(), "bias") else None

@@ -367,10 +367,11 @@ class PromptAdapters(ModelAdapters):
         self[adapter_name] = new
 
     # ---- the rewrite ------------------------------------------------------------------------------
-    def _tables(self, batch: int, device: torch.device) -> tuple[PromptLearningConfig, torch.Tensor,
-                                                                  torch.Tensor | None, torch.Tensor]:
-        """Each row's virtual tokens: (config of the kind, tables (batch, N, width), mask (batch, N) or None when
-        every row has all N, counts (batch,))."""
+    def _layout(self, batch: int, device: torch.device) -> tuple[PromptLearningConfig, int, torch.Tensor | None,
+                                                                  torch.Tensor]:
+        """Where each row's virtual tokens sit: (config of the kind, width N of the block, mask (batch, N) or None
+        when every row has all N, counts (batch,)). Worked out on the host from the configs, so it never waits on
+        the device; with ``adapter_names`` it is kept for the whole call (every generate step reuses it)."""
         rows = self.row_adapters
         if rows is None:
             if len(self.active_adapters) > 1:
@@ -379,10 +380,13 @@ class PromptAdapters(ModelAdapters):
                     "set_adapter() one of them, or give each row its own with adapter_names=[...]"
                 )
             name = self.active_adapters[0]
-            table = self[name]()
-            count = torch.full((batch,), table.shape[0], device=device)
-            return self.configs[name], table.unsqueeze(0).expand(batch, -1, -1), None, count
-        index = rows.for_batch(batch, device)
+            width = self._width(name)
+            return self.configs[name], width, None, torch.full((batch,), width, device=device)
+        rows.check_batch(batch)
+        key = (rows, device)
+        cached = getattr(self, "_row_layout", None)
+        if cached is not None and cached[0][0] is rows and cached[0][1] == device:
+            return cached[1]
         names = [n for n in rows.names if n in self]
         kinds = {isinstance(self.configs[n], PrefixTuningConfig) for n in names}
         if len(kinds) > 1:
@@ -390,19 +394,34 @@ class PromptAdapters(ModelAdapters):
                 f"adapter_names mixes prefix-tuning and prompt-embedding adapters ({names}) in one batch; "
                 "run them in separate batches"
             )
-        made = {n: self[n]() for n in names}
-        width = max(t.shape[0] for t in made.values())
+        by_slot = [self._width(n) if n in self else 0 for n in rows.names] + [0]  # last slot: rows without one
+        per_row = [by_slot[p] for p in rows.pick.tolist()]
+        width = max(by_slot)
+        counts = torch.tensor(per_row, device=device)
+        mask = None
+        if min(per_row) < width:
+            mask = torch.arange(width, device=device).unsqueeze(0) >= width - counts.unsqueeze(1)
+        layout = (self.configs[names[0]], width, mask, counts)
+        self._row_layout = (key, layout)
+        return layout
+
+    def _width(self, name: str) -> int:
+        """How many virtual tokens adapter ``name`` gives each row (its table's rows)."""
+        return self[name].embedding.num_embeddings
+
+    def _tables(self, batch: int, device: torch.device, width: int) -> torch.Tensor:
+        """Each row's virtual tokens (batch, width, token width), right-aligned in the block, zeros before them."""
+        rows = self.row_adapters
+        if rows is None:
+            return self[self.active_adapters[0]]().unsqueeze(0).expand(batch, -1, -1)
+        made = {n: self[n]() for n in rows.names if n in self}
         some = next(iter(made.values()))
         padded = [
             torch.cat([some.new_zeros(width - made[n].shape[0], some.shape[1]), made[n]]) if n in made
             else some.new_zeros(width, some.shape[1]) for n in rows.names
         ]
         stacked = torch.stack([*padded, some.new_zeros(width, some.shape[1])])  # last: rows without a prompt
-        counts_by_name = torch.tensor([made[n].shape[0] if n in made else 0 for n in rows.names] + [0], device=device)
-        pick = torch.where(index < 0, len(rows.names), index)
-        counts = counts_by_name[pick]
-        mask = torch.arange(width, device=device).unsqueeze(0) >= width - counts.unsqueeze(1)
-        return self.configs[names[0]], stacked[pick], None if bool(mask.all()) else mask, counts
+        return stacked[rows.on(device)[1]]
 
     def rewrite(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """The virtual tokens into one call: the mask and any positions always; the prompt embeddings or the prefix
@@ -418,12 +437,13 @@ class PromptAdapters(ModelAdapters):
         cache_key = "past_key_values" if "past_key_values" in kwargs else _cache_key(module)
         cache = kwargs.get(cache_key)
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        config, tables, vmask, counts = self._tables(source.shape[0], source.device)
+        config, width, vmask, counts = self._layout(source.shape[0], source.device)
         prefix = isinstance(config, PrefixTuningConfig)
-        _check_length(module, source.shape[1], tables.shape[1], past)
-        _extend_mask_and_positions(kwargs, source, vmask, counts, tables.shape[1], past, with_virtual_positions=not prefix)
+        _check_length(module, source.shape[1], width, past)
+        _extend_mask_and_positions(kwargs, source, vmask, counts, width, past, with_virtual_positions=not prefix)
         if past:
             return (), kwargs
+        tables = self._tables(source.shape[0], source.device, width)
         if prefix:
             kwargs[cache_key] = _prefix_cache(module, config, tables, cache, embeds)
             return (), kwargs
