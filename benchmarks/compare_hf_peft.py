@@ -92,6 +92,10 @@ CASES: dict[str, dict[str, Any]] = {
     "prefix_tuning": _case(lambda pk: pk.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
                            lambda hf: hf.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
 }
+# Llama-style shapes (hidden, intermediate, layers) for --shape: narrow ones are where per-element overheads
+# (dropout masks, elementwise passes) weigh most against the matmuls; the wide one has 4× the flops per token-layer
+SHAPES: dict[str, tuple[int, int, int]] = {"narrow256": (256, 688, 8), "narrow512": (512, 1376, 8),
+                                           "wide1024": (1024, 2752, 4)}
 MIXABLE = ("lora", "vera", "dora", "ia3")  # mixed-batch rows
 EVAL_CASES = ("lora", "vera", "dora", "ia3")  # inference / mixed / io rows (LoRA-FA is LoRA at inference)
 JOBS = ("train", "infer", "mixed", "io")
@@ -223,6 +227,8 @@ def work_time(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     (peftkit, HF, floor, peftkit, ...) so that a busy machine slows all three alike; the ratios are per turn.
     (lib is ignored: the three rows are always timed together.)"""
     rows = {name: train_setup(name, case, args)[1] for name in ("peftkit", "hf", "floor")}
+    if case != "lora" and args.vs_lora:  # peftkit's own LoRA, stepped in the same turns
+        rows["lora"] = train_setup("peftkit", "lora", args)[1]
     for step in rows.values():
         for _ in range(args.warmup):
             step()
@@ -231,10 +237,13 @@ def work_time(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
         for name, step in rows.items():
             times[name] += timed(step, 1)
     turns = list(zip(times["peftkit"], times["hf"], times["floor"], strict=True))
-    return {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
-            "pk_vs_hf": statistics.median(a / b for a, b, _ in turns),
-            "pk_vs_floor": statistics.median(a / c for a, _, c in turns),
-            "hf_vs_floor": statistics.median(b / c for _, b, c in turns)}
+    out = {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
+           "pk_vs_hf": statistics.median(a / b for a, b, _ in turns),
+           "pk_vs_floor": statistics.median(a / c for a, _, c in turns),
+           "hf_vs_floor": statistics.median(b / c for _, b, c in turns)}
+    if "lora" in times:
+        out["pk_vs_lora"] = statistics.median(a / b for a, b in zip(times["peftkit"], times["lora"], strict=True))
+    return out
 
 
 def work_infer(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -399,6 +408,8 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], cases: list[str]) -> dict
                 "hf_saved_mib": (med([get(r, hf, "saved_bytes") for r in rounds]) or 0) / 2**20,
                 "saved_vs_hf": ratio_med(pk, hf, "saved_bytes"),
                 "peak_vs_hf": ratio_med(pk, hf, "peak_rss_growth_bytes"),
+                "step_vs_lora": 1.0 if case == "lora" else med([get(r, tk, "pk_vs_lora") for r in rounds]),
+                "saved_vs_lora": ratio_med(pk, "memory:peftkit:lora", "saved_bytes"),
                 "peftkit_peak_mib": (med([get(r, pk, "peak_rss_growth_bytes") for r in rounds]) or 0) / 2**20,
                 "hf_peak_mib": (med([get(r, hf, "peak_rss_growth_bytes") for r in rounds]) or 0) / 2**20,
             }
@@ -450,15 +461,16 @@ def table(summary: dict[str, Any]) -> str:
             lines += [f"floor (frozen model, input grads, no adapter): saved {fl['saved_mib']:.0f} MiB, peak RSS "
                       f"+{fl['peak_mib']:.0f} MiB; full fine-tuning: saved {fl['full_ft_saved_mib']:.0f} MiB, "
                       f"peak RSS +{fl['full_ft_peak_mib']:.0f} MiB", ""]
-        lines += ["| training | peftkit ms | HF ms | floor ms | step ×HF | step ×floor (HF ×floor) | saved MiB pk / HF | "
-                  "saved ×HF | peak RSS MiB pk / HF | peak ×HF |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| training | peftkit ms | HF ms | floor ms | step ×HF | step ×floor (HF ×floor) | step ×pk LoRA | "
+                  "saved MiB pk / HF | saved ×HF | saved ×pk LoRA | peak RSS MiB pk / HF | peak ×HF |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for case, t in summary["train"].items():
             lines.append(
                 f"| {case} | {t['peftkit_step_ms']:.0f} | {t['hf_step_ms']:.0f} | {t['floor_step_ms']:.0f} | "
                 f"{f(t['step_vs_hf'])} | "
-                f"{f(t['step_vs_floor'])} ({f(t['hf_step_vs_floor'])}) | {t['peftkit_saved_mib']:.0f} / "
-                f"{t['hf_saved_mib']:.0f} | {f(t['saved_vs_hf'])} | {t['peftkit_peak_mib']:.0f} / {t['hf_peak_mib']:.0f} "
+                f"{f(t['step_vs_floor'])} ({f(t['hf_step_vs_floor'])}) | {f(t.get('step_vs_lora'))} | "
+                f"{t['peftkit_saved_mib']:.0f} / {t['hf_saved_mib']:.0f} | {f(t['saved_vs_hf'])} | "
+                f"{f(t.get('saved_vs_lora'))} | {t['peftkit_peak_mib']:.0f} / {t['hf_peak_mib']:.0f} "
                 f"| {f(t['peak_vs_hf'])} |")
     if summary["infer"]:
         lines += ["", "| inference (eval, no grad) | peftkit unmerged ×base | merged ×base | "
@@ -508,10 +520,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-floor", action="store_true", help="skip the floor and full fine-tuning rows")
+    parser.add_argument("--vs-lora", action=argparse.BooleanOptionalAction, default=True,
+                        help="also step peftkit's own LoRA in each non-LoRA case's timing turns (step ×pk LoRA)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="a preset model shape (sets --hidden, --intermediate, --layers): " + "; ".join(
+                            f"{k}: {v[0]}/{v[1]}/{v[2]}" for k, v in SHAPES.items()))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model and batches, one round")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shape:
+        args.hidden, args.intermediate, args.layers = SHAPES[args.shape]
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.batch, args.seq = 64, 172, 2, 2, 32
         args.mixed_batch, args.mixed_seq, args.rounds, args.steps, args.infer_repeat, args.io_repeat = 16, 16, 1, 2, 2, 1
@@ -527,7 +546,7 @@ def main() -> None:
 
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
         "hidden", "intermediate", "layers", "batch", "seq", "mixed_batch", "mixed_seq", "warmup", "steps",
-        "infer_repeat", "io_repeat", "threads", "seed", "jobs")]
+        "infer_repeat", "io_repeat", "threads", "seed", "jobs")] + ([] if args.vs_lora else ["--no-vs-lora"])
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(CASES)}")
