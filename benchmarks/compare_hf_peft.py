@@ -28,6 +28,12 @@ Jobs (``CASES`` lists the methods — a case is a name and a config builder per 
     python benchmarks/compare_hf_peft.py            # ~15 min on 2 idle cores (35 min on a busy shared machine)
     python benchmarks/compare_hf_peft.py --quick    # smoke run (~2 minutes): tiny model, 1 round
     python benchmarks/compare_hf_peft.py --jobs train --cases lora,lora_p05   # a subset
+    python benchmarks/compare_hf_peft.py --jobs train --measure time --shape wide1024 --cases lora,lora_p05
+
+``--shape`` picks a preset model (``SHAPES``: narrow256, narrow512 = the default, wide1024); ``--measure``
+``time`` or ``memory`` runs one part of the train job. In the timing turns of a case other than LoRA,
+peftkit's own LoRA steps too (``step ×pk LoRA``; ``--no-vs-lora`` drops it), and its saved bytes are
+divided by peftkit LoRA's from the same run (``saved ×pk LoRA``, when ``lora`` is among the cases).
 
 Writes benchmarks/results/compare_hf_peft.json (``--quick``: a temp file) and prints the ratio table that
 benchmarks/RESULTS.md shows.
@@ -363,9 +369,11 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     jobs: list[tuple[str, str, str]] = []
     cases = args.cases.split(",")
     if "train" in args.jobs:
-        jobs += [("memory", "floor", "-"), ("memory", "full", "-")] if not args.no_floor else []
+        timing, memory = "time" in args.measure, "memory" in args.measure
+        jobs += [("memory", "floor", "-"), ("memory", "full", "-")] if memory and not args.no_floor else []
         for case in cases:
-            jobs += [("time", "all", case), ("memory", "peftkit", case), ("memory", "hf", case)]
+            jobs += [("time", "all", case)] if timing else []
+            jobs += [("memory", "peftkit", case), ("memory", "hf", case)] if memory else []
     if any(j in args.jobs for j in ("infer", "mixed", "io")):
         for case in cases:
             if case in EVAL_CASES:
@@ -395,7 +403,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], cases: list[str]) -> dict
     out: dict[str, Any] = {"train": {}, "infer": {}, "mixed": {}, "io": {}}
     for case in cases:
         tk, pk, hf = f"time:all:{case}", f"memory:peftkit:{case}", f"memory:hf:{case}"
-        if any(tk in r for r in rounds):
+        if any(tk in r or pk in r for r in rounds):
             step = [r[tk]["step_s"] for r in rounds if tk in r and "error" not in r[tk]]
             out["train"][case] = {
                 "peftkit_step_ms": 1000 * (med([t["peftkit"] for t in step]) or float("nan")),
@@ -520,6 +528,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-floor", action="store_true", help="skip the floor and full fine-tuning rows")
+    parser.add_argument("--measure", default="time,memory",
+                        help="train job parts: time (step turns), memory (saved bytes and peak RSS, fresh processes)")
     parser.add_argument("--vs-lora", action=argparse.BooleanOptionalAction, default=True,
                         help="also step peftkit's own LoRA in each non-LoRA case's timing turns (step ×pk LoRA)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
