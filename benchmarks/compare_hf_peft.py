@@ -228,6 +228,20 @@ def work_memory(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]
     return {"saved_bytes": saved, "peak_rss_growth_bytes": peak - rss_setup, "peak_reset": peak_reset}
 
 
+def work_saved(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Saved-activation bytes of every case's peftkit and HF rows and of the floor, one step each, in this one
+    process (the bytes are deterministic: no fresh process needed; peak RSS is the ``memory`` part's)."""
+    out: dict[str, Any] = {"memory:floor:-": {"saved_bytes": saved_activation_bytes(*reversed(train_setup(
+        "floor", "-", args)))}}
+    for name in args.cases.split(","):
+        for row in ("peftkit", "hf"):
+            pm, step = train_setup(row, name, args)
+            out[f"memory:{row}:{name}"] = {"saved_bytes": saved_activation_bytes(step, pm)}
+            del pm, step
+            gc.collect()
+    return out
+
+
 def work_time(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     """Step times of peftkit, HF PEFT and the floor on the same batch, in this one process, stepping in turn
     (peftkit, HF, floor, peftkit, ...) so that a busy machine slows all three alike; the ratios are per turn.
@@ -348,7 +362,7 @@ def work_eval(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-WORKERS = {"memory": work_memory, "time": work_time, "infer": work_infer, "mixed": work_mixed, "io": work_io,
+WORKERS = {"memory": work_memory, "saved": work_saved, "time": work_time, "infer": work_infer, "mixed": work_mixed, "io": work_io,
            "eval": work_eval}
 
 
@@ -374,6 +388,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         for case in cases:
             jobs += [("time", "all", case)] if timing else []
             jobs += [("memory", "peftkit", case), ("memory", "hf", case)] if memory else []
+        jobs += [("saved", "all", "-")] if "saved" in args.measure else []
     if any(j in args.jobs for j in ("infer", "mixed", "io")):
         for case in cases:
             if case in EVAL_CASES:
@@ -529,7 +544,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-floor", action="store_true", help="skip the floor and full fine-tuning rows")
     parser.add_argument("--measure", default="time,memory",
-                        help="train job parts: time (step turns), memory (saved bytes and peak RSS, fresh processes)")
+                        help="train job parts: time (step turns), memory (saved bytes and peak RSS, fresh processes), "
+                             "saved (saved bytes only, every row in one process)")
     parser.add_argument("--vs-lora", action=argparse.BooleanOptionalAction, default=True,
                         help="also step peftkit's own LoRA in each non-LoRA case's timing turns (step ×pk LoRA)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
@@ -556,7 +572,7 @@ def main() -> None:
 
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
         "hidden", "intermediate", "layers", "batch", "seq", "mixed_batch", "mixed_seq", "warmup", "steps",
-        "infer_repeat", "io_repeat", "threads", "seed", "jobs")] + ([] if args.vs_lora else ["--no-vs-lora"])
+        "infer_repeat", "io_repeat", "threads", "seed", "jobs", "cases")] + ([] if args.vs_lora else ["--no-vs-lora"])
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(CASES)}")
@@ -578,6 +594,13 @@ def main() -> None:
                 r = results[key]
                 status = (", ".join(f"{k} {1000 * v:.0f} ms" for k, v in r["step_s"].items())
                           + f"; peftkit ×HF {r['pk_vs_hf']:.2f}, ×floor {r['pk_vs_floor']:.2f}")
+            if job == "saved" and "error" not in results[key]:
+                parts = results.pop(key)
+                wall = parts.pop("wall_s")
+                results.update(parts)
+                results[key] = {"wall_s": wall}
+                status = ", ".join(f"{k.split(':', 1)[1]} {v['saved_bytes'] / 2**20:.0f} MiB" for k, v in results.items()
+                                   if k.startswith("memory:"))
             if job == "eval" and "error" not in results[key]:
                 for sub, value in results.pop(key).items():
                     if isinstance(value, dict):
