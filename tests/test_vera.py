@@ -312,8 +312,9 @@ def test_fused_function_gradcheck_and_one_projection_per_sibling_group() -> None
 def test_fused_saves_at_most_lora_bytes() -> None:
     """Saved activations of a VeRA step: ≤ 1.05× LoRA's on a Llama-style model at the benchmark's proportions
     (VeRA r / hidden = 1/2, LoRA r 16 / 512 -> 1 here); plain autograd keeps u and B's output per target."""
-    from peftkit.methods.lora_kernels import use_fused
     from saved_bytes import saved_bytes
+
+    from peftkit.methods.lora_kernels import use_fused
 
     ids = torch.randint(1, 128, (2, 24))
     lora = saved_bytes(get_peft_model(tiny_llama(), LoraConfig(r=1, target_modules="all-linear")), ids)
