@@ -362,3 +362,21 @@ def test_zero_magnitude_and_dropout_take_the_reference_path() -> None:
     dropped = _dora_layer(nn.Linear(10, 6), lora_dropout=0.2).train()
     assert _count_nodes(dropped(x).sum(), "DoraFunction") == 0
     assert _count_nodes(dropped.eval()(x).sum(), "DoraFunction") == 1  # eval: no dropout, fused
+
+
+def test_bf16_fused_takes_the_literal_norm_and_matches_the_reference() -> None:
+    """16-bit weights: the norm identity would keep ~3 digits, so the fused path takes the literal norm; outputs
+    equal the reference's to bf16 rounding (the sum's order differs)."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(64, 48).to(torch.bfloat16))
+    layer.update_layer("default", LoraConfig(r=4, use_dora=True, init_lora_weights=False, autocast_adapter_dtype=False),
+                       "m")
+    layer.set_adapter(["default"])
+    variant, weight = layer.variant["default"], layer.base_layer.weight
+    assert torch.equal(variant.fast_weight_norm(layer, "default", weight), variant.weight_norm(layer, "default", weight))
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    out = layer.train()(x)
+    assert out.grad_fn.name() == "DoraFunctionBackward"
+    with peftkit.methods.lora_kernels.use_fused(False):
+        ref = layer(x)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2 * 2 ** -8 * ref.abs().max().item())

@@ -108,7 +108,9 @@ class DoraVariant(LoraVariant):
     def fast_weight_norm(self, layer: LoraLinear, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """:meth:`weight_norm` by the low-rank identity, ‖W_i‖² cached per base weight (identity and version).
         Rows where the result is under 1e-3 ‖W_i‖ (the adapter cancels W: the identity's digits are gone) fall
-        back to the literal norm."""
+        back to the literal norm, and so do 16-bit weights (the identity's sum would keep ~3 digits)."""
+        if weight.element_size() < 4:
+            return self.weight_norm(layer, adapter_name, weight)
         with torch.no_grad():
             A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
             source = layer.get_base_layer().weight
