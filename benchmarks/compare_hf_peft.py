@@ -28,6 +28,12 @@ Jobs (``CASES`` lists the methods — a case is a name and a config builder per 
     python benchmarks/compare_hf_peft.py            # ~15 min on 2 idle cores (35 min on a busy shared machine)
     python benchmarks/compare_hf_peft.py --quick    # smoke run (~2 minutes): tiny model, 1 round
     python benchmarks/compare_hf_peft.py --jobs train --cases lora,lora_p05   # a subset
+    python benchmarks/compare_hf_peft.py --jobs train --measure time --shape wide1024 --cases lora,lora_p05
+
+``--shape`` picks a preset model (``SHAPES``: narrow256, narrow512 = the default, wide1024); ``--measure``
+``time`` or ``memory`` runs one part of the train job. In the timing turns of a case other than LoRA,
+peftkit's own LoRA steps too (``step ×pk LoRA``; ``--no-vs-lora`` drops it), and its saved bytes are
+divided by peftkit LoRA's from the same run (``saved ×pk LoRA``, when ``lora`` is among the cases).
 
 Writes benchmarks/results/compare_hf_peft.json (``--quick``: a temp file) and prints the ratio table that
 benchmarks/RESULTS.md shows.
@@ -92,6 +98,10 @@ CASES: dict[str, dict[str, Any]] = {
     "prefix_tuning": _case(lambda pk: pk.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
                            lambda hf: hf.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
 }
+# Llama-style shapes (hidden, intermediate, layers) for --shape: narrow ones are where per-element overheads
+# (dropout masks, elementwise passes) weigh most against the matmuls; the wide one has 4× the flops per token-layer
+SHAPES: dict[str, tuple[int, int, int]] = {"narrow256": (256, 688, 8), "narrow512": (512, 1376, 8),
+                                           "wide1024": (1024, 2752, 4)}
 MIXABLE = ("lora", "vera", "dora", "ia3")  # mixed-batch rows
 EVAL_CASES = ("lora", "vera", "dora", "ia3")  # inference / mixed / io rows (LoRA-FA is LoRA at inference)
 JOBS = ("train", "infer", "mixed", "io")
@@ -218,11 +228,27 @@ def work_memory(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]
     return {"saved_bytes": saved, "peak_rss_growth_bytes": peak - rss_setup, "peak_reset": peak_reset}
 
 
+def work_saved(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Saved-activation bytes of every case's peftkit and HF rows and of the floor, one step each, in this one
+    process (the bytes are deterministic: no fresh process needed; peak RSS is the ``memory`` part's)."""
+    out: dict[str, Any] = {"memory:floor:-": {"saved_bytes": saved_activation_bytes(*reversed(train_setup(
+        "floor", "-", args)))}}
+    for name in args.cases.split(","):
+        for row in ("peftkit", "hf"):
+            pm, step = train_setup(row, name, args)
+            out[f"memory:{row}:{name}"] = {"saved_bytes": saved_activation_bytes(step, pm)}
+            del pm, step
+            gc.collect()
+    return out
+
+
 def work_time(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     """Step times of peftkit, HF PEFT and the floor on the same batch, in this one process, stepping in turn
     (peftkit, HF, floor, peftkit, ...) so that a busy machine slows all three alike; the ratios are per turn.
     (lib is ignored: the three rows are always timed together.)"""
     rows = {name: train_setup(name, case, args)[1] for name in ("peftkit", "hf", "floor")}
+    if case != "lora" and args.vs_lora:  # peftkit's own LoRA, stepped in the same turns
+        rows["lora"] = train_setup("peftkit", "lora", args)[1]
     for step in rows.values():
         for _ in range(args.warmup):
             step()
@@ -231,10 +257,13 @@ def work_time(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
         for name, step in rows.items():
             times[name] += timed(step, 1)
     turns = list(zip(times["peftkit"], times["hf"], times["floor"], strict=True))
-    return {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
-            "pk_vs_hf": statistics.median(a / b for a, b, _ in turns),
-            "pk_vs_floor": statistics.median(a / c for a, _, c in turns),
-            "hf_vs_floor": statistics.median(b / c for _, b, c in turns)}
+    out = {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
+           "pk_vs_hf": statistics.median(a / b for a, b, _ in turns),
+           "pk_vs_floor": statistics.median(a / c for a, _, c in turns),
+           "hf_vs_floor": statistics.median(b / c for _, b, c in turns)}
+    if "lora" in times:
+        out["pk_vs_lora"] = statistics.median(a / b for a, b in zip(times["peftkit"], times["lora"], strict=True))
+    return out
 
 
 def work_infer(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -333,7 +362,7 @@ def work_eval(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-WORKERS = {"memory": work_memory, "time": work_time, "infer": work_infer, "mixed": work_mixed, "io": work_io,
+WORKERS = {"memory": work_memory, "saved": work_saved, "time": work_time, "infer": work_infer, "mixed": work_mixed, "io": work_io,
            "eval": work_eval}
 
 
@@ -354,9 +383,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     jobs: list[tuple[str, str, str]] = []
     cases = args.cases.split(",")
     if "train" in args.jobs:
-        jobs += [("memory", "floor", "-"), ("memory", "full", "-")] if not args.no_floor else []
+        timing, memory = "time" in args.measure, "memory" in args.measure
+        jobs += [("memory", "floor", "-"), ("memory", "full", "-")] if memory and not args.no_floor else []
         for case in cases:
-            jobs += [("time", "all", case), ("memory", "peftkit", case), ("memory", "hf", case)]
+            jobs += [("time", "all", case)] if timing else []
+            jobs += [("memory", "peftkit", case), ("memory", "hf", case)] if memory else []
+        jobs += [("saved", "all", "-")] if "saved" in args.measure else []
     if any(j in args.jobs for j in ("infer", "mixed", "io")):
         for case in cases:
             if case in EVAL_CASES:
@@ -386,7 +418,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], cases: list[str]) -> dict
     out: dict[str, Any] = {"train": {}, "infer": {}, "mixed": {}, "io": {}}
     for case in cases:
         tk, pk, hf = f"time:all:{case}", f"memory:peftkit:{case}", f"memory:hf:{case}"
-        if any(tk in r for r in rounds):
+        if any(tk in r or pk in r for r in rounds):
             step = [r[tk]["step_s"] for r in rounds if tk in r and "error" not in r[tk]]
             out["train"][case] = {
                 "peftkit_step_ms": 1000 * (med([t["peftkit"] for t in step]) or float("nan")),
@@ -399,6 +431,8 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], cases: list[str]) -> dict
                 "hf_saved_mib": (med([get(r, hf, "saved_bytes") for r in rounds]) or 0) / 2**20,
                 "saved_vs_hf": ratio_med(pk, hf, "saved_bytes"),
                 "peak_vs_hf": ratio_med(pk, hf, "peak_rss_growth_bytes"),
+                "step_vs_lora": 1.0 if case == "lora" else med([get(r, tk, "pk_vs_lora") for r in rounds]),
+                "saved_vs_lora": ratio_med(pk, "memory:peftkit:lora", "saved_bytes"),
                 "peftkit_peak_mib": (med([get(r, pk, "peak_rss_growth_bytes") for r in rounds]) or 0) / 2**20,
                 "hf_peak_mib": (med([get(r, hf, "peak_rss_growth_bytes") for r in rounds]) or 0) / 2**20,
             }
@@ -450,15 +484,16 @@ def table(summary: dict[str, Any]) -> str:
             lines += [f"floor (frozen model, input grads, no adapter): saved {fl['saved_mib']:.0f} MiB, peak RSS "
                       f"+{fl['peak_mib']:.0f} MiB; full fine-tuning: saved {fl['full_ft_saved_mib']:.0f} MiB, "
                       f"peak RSS +{fl['full_ft_peak_mib']:.0f} MiB", ""]
-        lines += ["| training | peftkit ms | HF ms | floor ms | step ×HF | step ×floor (HF ×floor) | saved MiB pk / HF | "
-                  "saved ×HF | peak RSS MiB pk / HF | peak ×HF |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| training | peftkit ms | HF ms | floor ms | step ×HF | step ×floor (HF ×floor) | step ×pk LoRA | "
+                  "saved MiB pk / HF | saved ×HF | saved ×pk LoRA | peak RSS MiB pk / HF | peak ×HF |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for case, t in summary["train"].items():
             lines.append(
                 f"| {case} | {t['peftkit_step_ms']:.0f} | {t['hf_step_ms']:.0f} | {t['floor_step_ms']:.0f} | "
                 f"{f(t['step_vs_hf'])} | "
-                f"{f(t['step_vs_floor'])} ({f(t['hf_step_vs_floor'])}) | {t['peftkit_saved_mib']:.0f} / "
-                f"{t['hf_saved_mib']:.0f} | {f(t['saved_vs_hf'])} | {t['peftkit_peak_mib']:.0f} / {t['hf_peak_mib']:.0f} "
+                f"{f(t['step_vs_floor'])} ({f(t['hf_step_vs_floor'])}) | {f(t.get('step_vs_lora'))} | "
+                f"{t['peftkit_saved_mib']:.0f} / {t['hf_saved_mib']:.0f} | {f(t['saved_vs_hf'])} | "
+                f"{f(t.get('saved_vs_lora'))} | {t['peftkit_peak_mib']:.0f} / {t['hf_peak_mib']:.0f} "
                 f"| {f(t['peak_vs_hf'])} |")
     if summary["infer"]:
         lines += ["", "| inference (eval, no grad) | peftkit unmerged ×base | merged ×base | "
@@ -508,10 +543,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-floor", action="store_true", help="skip the floor and full fine-tuning rows")
+    parser.add_argument("--measure", default="time,memory",
+                        help="train job parts: time (step turns), memory (saved bytes and peak RSS, fresh processes), "
+                             "saved (saved bytes only, every row in one process)")
+    parser.add_argument("--vs-lora", action=argparse.BooleanOptionalAction, default=True,
+                        help="also step peftkit's own LoRA in each non-LoRA case's timing turns (step ×pk LoRA)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="a preset model shape (sets --hidden, --intermediate, --layers): " + "; ".join(
+                            f"{k}: {v[0]}/{v[1]}/{v[2]}" for k, v in SHAPES.items()))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model and batches, one round")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shape:
+        args.hidden, args.intermediate, args.layers = SHAPES[args.shape]
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.batch, args.seq = 64, 172, 2, 2, 32
         args.mixed_batch, args.mixed_seq, args.rounds, args.steps, args.infer_repeat, args.io_repeat = 16, 16, 1, 2, 2, 1
@@ -527,7 +572,7 @@ def main() -> None:
 
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
         "hidden", "intermediate", "layers", "batch", "seq", "mixed_batch", "mixed_seq", "warmup", "steps",
-        "infer_repeat", "io_repeat", "threads", "seed", "jobs")]
+        "infer_repeat", "io_repeat", "threads", "seed", "jobs", "cases")] + ([] if args.vs_lora else ["--no-vs-lora"])
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(CASES)}")
@@ -549,6 +594,13 @@ def main() -> None:
                 r = results[key]
                 status = (", ".join(f"{k} {1000 * v:.0f} ms" for k, v in r["step_s"].items())
                           + f"; peftkit ×HF {r['pk_vs_hf']:.2f}, ×floor {r['pk_vs_floor']:.2f}")
+            if job == "saved" and "error" not in results[key]:
+                parts = results.pop(key)
+                wall = parts.pop("wall_s")
+                results.update(parts)
+                results[key] = {"wall_s": wall}
+                status = ", ".join(f"{k.split(':', 1)[1]} {v['saved_bytes'] / 2**20:.0f} MiB" for k, v in results.items()
+                                   if k.startswith("memory:"))
             if job == "eval" and "error" not in results[key]:
                 for sub, value in results.pop(key).items():
                     if isinstance(value, dict):

@@ -226,3 +226,157 @@ def test_two_active_adapters_match_hf(first_dora: bool, ids) -> None:
         pm.merge_adapter()
         assert (_logits(pm, ids) - outputs[lib]).abs().max() <= 1e-5
     assert (outputs["hf"] - outputs["peftkit"]).abs().max() <= 1e-5
+
+
+# ---- the fused training path (dora.DoraFunction) -------------------------------------------------------
+def _count_nodes(loss: torch.Tensor, name: str) -> int:
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        count += name in fn.name()
+        stack.extend(f for f, _ in fn.next_functions)
+    return count
+
+
+def _step(pm, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    pm.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # GPT-2's own dropout draws the same masks in both runs
+    out = pm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads, _count_nodes(out.loss, "DoraFunction")
+
+
+@pytest.mark.parametrize("make, cfg, second_dora", [
+    (tiny_llama, {"target_modules": "all-linear"}, True),
+    (tiny_llama, {"target_modules": "all-linear"}, False),  # DoRA first, then a plain LoRA into its output
+    (tiny_llama, {"target_modules": ["q_proj", "v_proj"], "bias": "all"}, True),
+    (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True, "bias": "all"}, True),
+    (tiny_gpt2, {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True, "bias": "lora_only"}, True),
+])
+def test_fused_equals_reference_fp64(make, cfg, second_dora: bool) -> None:
+    """Outputs and every gradient (A, B, m, trained biases) of the fused path equal the reference's in fp64,
+    with a second adapter scaling or adding into the first's output."""
+    pm = get_peft_model(make().double(), LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, **cfg))
+    pm.add_adapter("second", LoraConfig(r=2, lora_alpha=3, use_dora=second_dora, init_lora_weights=False, **cfg))
+    pm.set_adapter(["default", "second"])
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "magnitude" in name:
+                p.mul_(torch.rand_like(p) + 0.5)
+    ids = torch.randint(1, 128, (3, 9))
+    pm.train()
+    fused_logits, fused, nodes = _step(pm, ids)
+    assert nodes > 0
+    with peftkit.methods.lora_kernels.use_fused(False):
+        ref_logits, ref, ref_nodes = _step(pm, ids)
+    assert ref_nodes == 0
+    assert fused.keys() == ref.keys() and any("magnitude" in n for n in fused)
+    torch.testing.assert_close(fused_logits, ref_logits, rtol=0, atol=1e-10)
+    for name in fused:
+        torch.testing.assert_close(fused[name], ref[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_fused_function_gradcheck() -> None:
+    """DoraFunction's backward against finite differences: base inside (weight given) and base given (result)."""
+    from peftkit.methods.dora import DoraFunction
+
+    torch.manual_seed(0)
+    kw = {"dtype": torch.float64}
+    x = torch.randn(2, 3, 5, **kw, requires_grad=True)
+    W = torch.randn(4, 5, **kw)
+    b, A, B = (torch.randn(*s, **kw, requires_grad=True) for s in ((4,), (2, 5), (4, 2)))
+    m = (torch.rand(4, **kw) + 0.5).requires_grad_()
+    n = torch.rand(4, **kw) + 1.0
+    assert torch.autograd.gradcheck(lambda x, b, A, B, m: DoraFunction.apply(x, None, W, b, A, B, m, n, 1.5, False),
+                                    (x, b, A, B, m))
+    assert torch.autograd.gradcheck(
+        lambda x, b, A, B, m: DoraFunction.apply(x, None, W.T.contiguous(), b, A, B, m, n, 0.5, True), (x, b, A, B, m))
+    result = torch.randn(2, 3, 4, **kw, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, r, b, A, B, m: DoraFunction.apply(x, r, None, b, A, B, m, n, 0.7, False), (x, result, b, A, B, m))
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_norm_identity_equals_literal_norm(fan_in_fan_out: bool) -> None:
+    """‖W_i + sB_iA‖ by the low-rank identity equals the literal norm; where the adapter cancels a row of W the
+    identity has no digits left and the literal norm is used."""
+    from peftkit.methods.dora import dora_weight_norm, dora_weight_norm_lowrank
+
+    torch.manual_seed(0)
+    W, A, B = torch.randn(48, 40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64), torch.randn(48, 3,
+                                                                                                              dtype=torch.float64)
+    w = W.T.contiguous() if fan_in_fan_out else W
+    delta = (1.7 * B @ A).T if fan_in_fan_out else 1.7 * B @ A
+    literal = dora_weight_norm(w, delta, fan_in_fan_out)
+    fast = dora_weight_norm_lowrank((W * W).sum(1), w, A, B, 1.7, fan_in_fan_out)
+    torch.testing.assert_close(fast, literal, rtol=1e-12, atol=0)
+    fast32 = dora_weight_norm_lowrank((W * W).sum(1).float(), w.float(), A.float(), B.float(), 1.7, fan_in_fan_out)
+    torch.testing.assert_close(fast32, literal.float(), rtol=1e-5, atol=0)
+    # a layer whose adapter cancels row 0 of W exactly (rank-1 A: A = W_0ᵀ, B_0 = −1/s)
+    layer = _dora_layer(nn.Linear(10, 6))
+    with torch.no_grad():
+        layer.lora_A["default"].weight.zero_()
+        layer.lora_A["default"].weight[0] = layer.base_layer.weight[0]
+        layer.lora_B["default"].weight.zero_()
+        layer.lora_B["default"].weight[0, 0] = -1 / layer.scaling["default"]
+        layer.lora_B["default"].weight[1, 0] = 0.3
+    variant, weight = layer.variant["default"], layer.base_layer.weight
+    exact = variant.weight_norm(layer, "default", weight)
+    assert exact[0] < 1e-6
+    torch.testing.assert_close(variant.fast_weight_norm(layer, "default", weight), exact, rtol=0, atol=0)
+
+
+def test_fused_saves_at_most_1_25x_lora() -> None:
+    """Saved activations of a DoRA step on a Llama-style model: ≤ 1.25× LoRA's (the reference path keeps the base
+    output and B A x per target, ~2×). Deterministic bytes, no timing."""
+    from saved_bytes import saved_bytes
+
+    ids = torch.randint(1, 128, (2, 24))
+    measured = {}
+    for kind in ("lora", "dora"):
+        pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", use_dora=kind == "dora"))
+        measured[kind] = saved_bytes(pm, ids)
+        if kind == "dora":
+            with peftkit.methods.lora_kernels.use_fused(False):
+                measured["dora_reference"] = saved_bytes(pm, ids)
+    assert measured["dora"] <= 1.25 * measured["lora"]
+    assert measured["dora_reference"] > 1.6 * measured["lora"]  # what the fused path saves us
+
+
+def test_zero_magnitude_and_dropout_take_the_reference_path() -> None:
+    """g_m divides by m: a zero in m runs the reference (finite, equal gradients); dropout in training too."""
+    torch.manual_seed(0)
+    layer = _dora_layer(nn.Linear(10, 6)).train()
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"][2] = 0.0
+    x = torch.randn(4, 10, requires_grad=True)
+    out = layer(x)
+    assert _count_nodes(out.sum(), "DoraFunction") == 0
+    torch.testing.assert_close(out, x @ _reference_weight(layer).T + layer.base_layer.bias, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(layer.lora_magnitude_vector["default"].grad).all()
+    dropped = _dora_layer(nn.Linear(10, 6), lora_dropout=0.2).train()
+    assert _count_nodes(dropped(x).sum(), "DoraFunction") == 0
+    assert _count_nodes(dropped.eval()(x).sum(), "DoraFunction") == 1  # eval: no dropout, fused
+
+
+def test_bf16_fused_takes_the_literal_norm_and_matches_the_reference() -> None:
+    """16-bit weights: the norm identity would keep ~3 digits, so the fused path takes the literal norm; outputs
+    equal the reference's to bf16 rounding (the sum's order differs)."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(64, 48).to(torch.bfloat16))
+    layer.update_layer("default", LoraConfig(r=4, use_dora=True, init_lora_weights=False, autocast_adapter_dtype=False),
+                       "m")
+    layer.set_adapter(["default"])
+    variant, weight = layer.variant["default"], layer.base_layer.weight
+    assert torch.equal(variant.fast_weight_norm(layer, "default", weight), variant.weight_norm(layer, "default", weight))
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    out = layer.train()(x)
+    assert out.grad_fn.name() == "DoraFunctionBackward"
+    with peftkit.methods.lora_kernels.use_fused(False):
+        ref = layer(x)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2 * 2 ** -8 * ref.abs().max().item())

@@ -412,3 +412,20 @@ def test_train_preset_has_the_papers_vectors_on_bert() -> None:
     # a llama-family model keeps HF PEFT's table, which already is the paper's (k_proj, v_proj, down_proj)
     llama = tiny_llama()
     assert method_entry("ia3").make_config("causal_lm", {}, llama).target_modules is None
+
+
+def test_saves_no_more_activations_than_lora() -> None:
+    """Issue 20's bound: an (IA)³ step (Llama defaults: k, v as outputs, down_proj as a feedforward input) keeps
+    ≤ 1.05× the bytes a LoRA step on all linear layers keeps (tiny model at LoRA r 16 / hidden 512 proportions).
+    It keeps k's and v's outputs and down_proj's input for the gradients of l; LoRA keeps each sibling group's input.
+    Deterministic bytes (saved_tensors_hooks), no timing."""
+    from saved_bytes import saved_bytes
+
+    ids = torch.randint(1, 128, (2, 24))
+    lora = saved_bytes(get_peft_model(tiny_llama(), peftkit.LoraConfig(r=1, target_modules="all-linear")), ids)
+    ia3 = saved_bytes(get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                             feedforward_modules=["down_proj"])), ids)
+    floor_model = tiny_llama().requires_grad_(False)
+    floor_model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
+    floor = saved_bytes(floor_model, ids)
+    assert floor < ia3 <= 1.05 * lora

@@ -89,6 +89,34 @@ def test_nf4_dequantisation_error_within_its_bound():
     assert report.bytes_after / report.bytes_before < 0.13  # 0.516 byte per weight at the defaults
 
 
+def _torchao_literal_dequantize(t) -> torch.Tensor:
+    """torchao 0.18's NF4Tensor.get_original_weight, step for step (peftkit replaces it with a one-gather decode)."""
+    first, second = (t.quantized_data >> 4).to(torch.long), (t.quantized_data & 0b1111).to(torch.long)
+    scalers = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
+    repeated = scalers.unsqueeze(-1).expand(scalers.size(0), t.block_size // 2).flatten()
+    halves = [(t.nf4[codes] * repeated).unsqueeze(-1).transpose(0, 1) for codes in (first, second)]
+    return torch.stack(halves, dim=-1).reshape(t.shape)
+
+
+@pytest.mark.parametrize("dtype, block, scaler_block", [(torch.float32, 64, 256), (torch.bfloat16, 64, 256),
+                                                        (torch.float32, 32, 128), (torch.float16, 64, 64)])
+def test_fast_nf4_dequantisation_is_torchaos_bit_for_bit(dtype, block, scaler_block):
+    """Every path that dequantises (F.linear forward and backward, .to(dtype)) goes through the one-gather decode;
+    it must equal torchao's own, bit for bit, in every dtype and block size."""
+    _, nf4 = q._torchao()
+    assert nf4.NF4Tensor.get_original_weight is q._fast_nf4_dequantize
+    torch.manual_seed(0)
+    t = nf4.to_nf4(torch.randn(256, 64, dtype=dtype) * 0.05, block, scaler_block)
+    fast = t.get_original_weight()
+    assert fast.dtype == dtype and fast.shape == (256, 64)
+    assert torch.equal(fast, _torchao_literal_dequantize(t))
+    assert torch.equal(t.to(torch.float32), fast.float())
+    x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
+    y = F.linear(x, t)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(y, x @ fast.T) and torch.equal(x.grad, torch.ones_like(y) @ fast)
+
+
 def test_int8_dequantisation_error_within_half_a_step():
     torch.manual_seed(0)
     lin = nn.Linear(96, 40)

@@ -252,3 +252,75 @@ def test_adapters_have_their_own_projections_switch_per_row_and_delete(tmp_path,
     pm.set_adapter("lora")
     torch.testing.assert_close(pm(ids).logits, singles["lora"], rtol=1e-5, atol=1e-6)
     assert os.path.isfile(tmp_path / "small" / "adapter_config.json")
+
+
+# ---- the fused training path (vera.VeraFunction) --------------------------------------------------------
+def _vera_step(pm, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    pm.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # GPT-2's own dropout draws the same masks in both runs
+    out = pm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    seen, stack, nodes = set(), [out.loss.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            nodes += "VeraFunction" in fn.name()
+            stack.extend(f for f, _ in fn.next_functions)
+    return out.logits.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}, nodes
+
+
+@pytest.mark.parametrize("make, cfg", [
+    (tiny_llama, {"target_modules": "all-linear"}),
+    (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True, "bias": "all"}),
+])
+def test_fused_equals_reference_fp64(make, cfg) -> None:
+    """Outputs and the gradients of d, b (and trained biases) of the fused path equal plain autograd's in fp64,
+    two adapters active."""
+    from peftkit.methods.lora_kernels import use_fused
+
+    pm = get_peft_model(make().double(), VeraConfig(r=8, init_weights=False, **cfg))
+    pm.add_adapter("second", VeraConfig(r=4, init_weights=False, **cfg))
+    pm.set_adapter(["default", "second"])
+    ids = torch.randint(1, 128, (3, 9))
+    pm.train()
+    fused_logits, fused, nodes = _vera_step(pm, ids)
+    assert nodes > 0
+    with use_fused(False):
+        ref_logits, ref, ref_nodes = _vera_step(pm, ids)
+    assert ref_nodes == 0 and fused.keys() == ref.keys() and any("lambda_b" in n for n in fused)
+    torch.testing.assert_close(fused_logits, ref_logits, rtol=0, atol=1e-10)
+    for name in fused:
+        torch.testing.assert_close(fused[name], ref[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_fused_function_gradcheck_and_one_projection_per_sibling_group() -> None:
+    from peftkit.methods.vera import VeraFunction, shared_projection
+
+    torch.manual_seed(0)
+    kw = {"dtype": torch.float64}
+    x = torch.randn(2, 3, 5, **kw, requires_grad=True)
+    A, B = torch.randn(4, 5, **kw), torch.randn(6, 4, **kw)
+    result, d, b = (torch.randn(*s, **kw, requires_grad=True) for s in ((2, 3, 6), (4,), (6,)))
+    assert torch.autograd.gradcheck(
+        lambda x, r, d, b: VeraFunction.apply(x, x.reshape(-1, 5) @ A.T, r, A, B, d, b), (x, result, d, b))
+    u = shared_projection(x, A)
+    assert shared_projection(x, A) is u and shared_projection(x, A[:3]) is not u  # another slice: its own
+    assert shared_projection(x.clone(), A) is not u
+
+
+def test_fused_saves_at_most_lora_bytes() -> None:
+    """Saved activations of a VeRA step: ≤ 1.05× LoRA's on a Llama-style model at the benchmark's proportions
+    (VeRA r / hidden = 1/2, LoRA r 16 / 512 -> 1 here); plain autograd keeps u and B's output per target."""
+    from saved_bytes import saved_bytes
+
+    from peftkit.methods.lora_kernels import use_fused
+
+    ids = torch.randint(1, 128, (2, 24))
+    lora = saved_bytes(get_peft_model(tiny_llama(), LoraConfig(r=1, target_modules="all-linear")), ids)
+    pm = get_peft_model(tiny_llama(), VeraConfig(r=16, target_modules="all-linear", init_weights=False))
+    fused = saved_bytes(pm, ids)
+    with use_fused(False):
+        reference = saved_bytes(pm, ids)
+    assert fused <= 1.05 * lora
+    assert reference > 1.3 * lora  # what the fused path saves

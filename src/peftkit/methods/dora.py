@@ -14,9 +14,20 @@ builds W' (HF PEFT's computation, matched exactly):
 or eval) x̃ = x and base = result − bias; with dropout in training x̃ = dropout(x) and base = W x̃.
 Merge: W ← (m/n) (W + ΔW), n taken from the base weight with earlier merges undone; n is kept so that
 unmerge inverts it exactly: W = W'· n/m − ΔW. DoRA runs on Linear and GPT-2 Conv1D targets.
+
+Training (the fused path, :class:`DoraFunction`, without dropout): y = f ⊙ (result − b + s · h Bᵀ) + b with
+f = m/n and h = x Aᵀ, in one autograd node that saves x (shared with the sibling targets), h and its own
+output y. Backward needs Σ_tokens g ⊙ (base + s B h) for m, which is (y − b)/f: no base-sized tensor is kept
+(the reference keeps two per target: the base output and B A x), and where the next op saves y anyway (v_proj
+for attention, gate/up for the MLP) the output costs nothing extra. The norm comes from the identity
+‖W_i + s B_i A‖² = ‖W_i‖² + 2s · B_i (A W_iᵀ) + s² · B_i (A Aᵀ) B_iᵀ (:func:`dora_weight_norm_lowrank`, ‖W_i‖²
+cached while W is unchanged): no (d_out, d_in) temporary. Dropout in training, a zero in m or mixed dtypes
+take the reference path (``variant.forward``), as does ``lora_kernels.use_fused(False)``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,6 +36,7 @@ import torch.nn.functional as F
 from ..errors import PeftConfigError, PeftError
 from ..quantize import base_weight, dense_weight
 from .lora import LoraConfig, LoraLayer, LoraLinear, LoraVariant, lora_delta_weight, register_variant
+from .lora_kernels import FUSED_VARIANTS, dropout_p
 
 
 # ---- the maths, as pure functions ------------------------------------------------------------------
@@ -37,6 +49,18 @@ def dora_weight_norm(weight: torch.Tensor, delta: torch.Tensor, fan_in_fan_out: 
     """n = ‖W + ΔW‖ per output row, (d_out,). ``weight`` and ``delta`` in the base weight's layout."""
     full = weight + delta
     return torch.linalg.norm(full.T if fan_in_fan_out else full, dim=1)
+
+
+def dora_weight_norm_lowrank(weight_sq: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                             scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """n = ‖W + s B A‖ per output row without forming W + s B A: ‖W_i‖² + 2s · B_i (A W_iᵀ) + s² · B_i (A Aᵀ) B_iᵀ.
+
+    ``weight_sq`` is ‖W_i‖² (d_out,); A (r, d_in), B (d_out, r); ``weight`` in the base layout. Costs two thin
+    matmuls (r × d_in × d_out, r² × d_in). Loses digits where W + sBA nearly cancels W (see the caller)."""
+    aw = A @ (weight if fan_in_fan_out else weight.T)  # (r, d_out): row i of W seen through A
+    cross = (B * aw.T).sum(1)
+    own = ((B @ (A @ A.T)) * B).sum(1)  # ‖B_i A‖²
+    return (weight_sq + (2 * scaling) * cross + (scaling * scaling) * own).clamp_min(0).sqrt()
 
 
 def dora_merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
@@ -66,6 +90,7 @@ class DoraVariant(LoraVariant):
 
     def __init__(self) -> None:
         self.merge_norm: torch.Tensor | None = None  # n at merge time, for an exact unmerge
+        self._weight_sq: tuple[tuple, torch.Tensor] | None = None  # ‖W_i‖² for the fused path, keyed by W
 
     def init(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
         if not isinstance(layer, LoraLinear):
@@ -79,6 +104,25 @@ class DoraVariant(LoraVariant):
         with torch.no_grad():
             norm = dora_weight_norm(base_weight(layer), layer.delta_weight(adapter_name), layer.fan_in_fan_out)
         layer.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(A.dtype))
+
+    def fast_weight_norm(self, layer: LoraLinear, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`weight_norm` by the low-rank identity, ‖W_i‖² cached per base weight (identity and version).
+        Rows where the result is under 1e-3 ‖W_i‖ (the adapter cancels W: the identity's digits are gone) fall
+        back to the literal norm, and so do 16-bit weights (the identity's sum would keep ~3 digits)."""
+        if weight.element_size() < 4:
+            return self.weight_norm(layer, adapter_name, weight)
+        with torch.no_grad():
+            A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            source = layer.get_base_layer().weight
+            key = (source.data_ptr(), source._version, weight.dtype, weight.device)
+            if self._weight_sq is None or self._weight_sq[0] != key:
+                self._weight_sq = (key, (weight * weight).sum(0 if layer.fan_in_fan_out else 1))
+            weight_sq = self._weight_sq[1]
+            norm = dora_weight_norm_lowrank(weight_sq, weight, A.to(weight.dtype), B.to(weight.dtype),
+                                            layer.scaling[adapter_name], layer.fan_in_fan_out)
+            if bool((norm * norm < 1e-6 * weight_sq).any()):
+                return self.weight_norm(layer, adapter_name, weight)
+            return norm
 
     def weight_norm(self, layer: LoraLinear, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """n = ‖W + s·B A‖ in ``weight``'s dtype, detached."""
@@ -122,3 +166,94 @@ class DoraVariant(LoraVariant):
 
 
 register_variant("dora", DoraVariant)
+
+
+# ---- the fused training path ---------------------------------------------------------------------------
+class DoraFunction(torch.autograd.Function):
+    """y = f ⊙ (base + s · h Bᵀ) + b in one node, f = m / n (n detached), h = x Aᵀ, base = x Wᵀ (``weight``
+    given) or result − b (``result`` given: the running output, earlier adapters included, as HF PEFT).
+
+    x (..., d_in); result (..., d_out) or None; weight (d_out, d_in) or (d_in, d_out) with ``fan_in_fan_out``,
+    or None; bias (d_out,) or None; A (r, d_in); B (d_out, r); magnitude and norm (d_out,), m nowhere zero.
+    Saves x, h, the parameters and y itself. Backward (g = ∂L/∂y, g_f = g ⊙ f):
+    g_m = Σ g ⊙ (y − b) / m,  g_B = s · g_fᵀ h,  g_h = s · g_f B,  g_A = g_hᵀ x,
+    g_x = g_f W + g_h A (weight given), g_result = g_f,  g_b = Σ g (weight given) or Σ g ⊙ (1 − f)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, result: torch.Tensor | None, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
+                norm: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+        d_in, d_out = A.shape[1], B.shape[0]
+        x2 = x.reshape(-1, d_in)
+        h = x2 @ A.T  # (tokens, r)
+        factor = magnitude / norm
+        if result is None:
+            y = x2 @ (weight if fan_in_fan_out else weight.T)
+        else:
+            y = result.reshape(-1, d_out)
+            y = y - bias if bias is not None else y.clone()
+        y.addmm_(h, B.T, alpha=scaling).mul_(factor)
+        if bias is not None:
+            y.add_(bias)
+        out = y.view(*x.shape[:-1], d_out)
+        need = ctx.needs_input_grad
+        ctx.save_for_backward(x if need[4] else None, h, A, B, weight if need[0] else None, magnitude, factor,
+                              bias, out)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.has_result = scaling, fan_in_fan_out, result is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, h, A, B, weight, magnitude, factor, bias, out = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s, d_out = ctx.scaling, B.shape[0]
+        g = grad_out.reshape(-1, d_out)
+        g_f = g * factor
+        grad_x = grad_result = grad_bias = grad_A = grad_B = grad_m = None
+        if need[6]:  # Σ g ⊙ (y − b) / m, without a (tokens, d_out) copy of y − b
+            g_y = torch.linalg.vecdot(g.T, out.reshape(-1, d_out).T)
+            if bias is not None:
+                g_y = g_y - bias * g.sum(0)
+            grad_m = g_y / magnitude
+        if need[5]:
+            grad_B = (g_f.T @ h).mul_(s)
+        if need[0] or need[4]:
+            grad_h = (g_f @ B).mul_(s)
+            if need[4]:
+                grad_A = grad_h.T @ x.reshape(-1, A.shape[1])
+            if need[0]:
+                if weight is not None:
+                    grad_x = (g_f @ (weight.T if ctx.fan_in_fan_out else weight)).addmm_(grad_h, A)
+                else:
+                    grad_x = grad_h @ A
+                grad_x = grad_x.view(*grad_out.shape[:-1], A.shape[1])
+        if ctx.has_result and need[1]:
+            grad_result = g_f.view(grad_out.shape)
+        if bias is not None and need[3]:
+            grad_bias = g.sum(0) if not ctx.has_result else (g * (1 - factor)).sum(0)
+        return grad_x, grad_result, None, grad_bias, grad_A, grad_B, grad_m, None, None, None
+
+
+def dora_fused_forward(layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None,
+                       weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """One DoRA adapter through :class:`DoraFunction` (lora_kernels calls this), or None where the reference
+    must run: dropout in training (its mask and W x̃ are the reference's), a zero in m (g_m divides by m),
+    or a dtype other than x's."""
+    magnitude = layer.lora_magnitude_vector[adapter_name]
+    if dropout_p(layer, adapter_name) > 0 or magnitude.dtype != x.dtype or not bool(magnitude.ne(0).all()):
+        return None
+    if result is None:
+        dense = weight
+    else:
+        base_layer = layer.get_base_layer()
+        bias = getattr(base_layer, "bias", None)
+        if bias is not None and bias.dtype != x.dtype:
+            return None
+        dense = dense_weight(base_layer.weight, x.dtype)
+    norm = layer.variant[adapter_name].fast_weight_norm(layer, adapter_name, dense)
+    return DoraFunction.apply(x, result, weight, bias, layer.lora_A[adapter_name].weight,
+                              layer.lora_B[adapter_name].weight, magnitude, norm, layer.scaling[adapter_name],
+                              layer.fan_in_fan_out)
+
+
+FUSED_VARIANTS[DoraVariant] = dora_fused_forward

@@ -27,7 +27,14 @@ from ..patterns import match as safe_match
 from ..quantize import dequantize_for_merge, restore_after_unmerge
 from ..targeting import is_conv1d
 from .base import AdapterLayer, MethodSpec, register_method
-from .lora_kernels import dropout_p, fused_enabled, lora_linear_forward, per_row_lora, reference_dropped
+from .lora_kernels import (
+    FUSED_VARIANTS,
+    dropout_p,
+    fused_enabled,
+    lora_linear_forward,
+    per_row_lora,
+    reference_dropped,
+)
 
 
 # ---- the maths, as pure functions ------------------------------------------------------------------
@@ -274,7 +281,8 @@ class LoraLinear(LoraLayer):
         off = self.adapters_off()
         # ---- the fused path (lora_kernels.py): plain LoRA adapters, base + s·B A x̃ in one autograd node ----
         if (not off and self.row_adapters is None and not args and not kwargs and fused_enabled()
-                and self.active_adapters and all(type(self.variant[n]) is LoraVariant for n in self.active_adapters)):
+                and self.active_adapters and all(type(v) is LoraVariant or type(v) in FUSED_VARIANTS
+                                                for v in map(self.variant.__getitem__, self.active_adapters))):
             return lora_linear_forward(self, x, self.active_adapters)
         # ---- the reference path: base layer, then each adapter's variant --------------------------------
         result = self.base_layer(x, *args, **kwargs)

@@ -36,7 +36,7 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -215,6 +215,12 @@ class LoraFunction(torch.autograd.Function):
         return grad_x, None, grad_result, None, grad_bias, grad_A, grad_B, None, None, None, None
 
 
+# Variants other than plain LoRA with a fused training path (DoRA: methods/dora.py), by exact variant type:
+# fn(layer, name, x, result, weight, bias) -> the new running output, or None where the fused path does not apply
+# (then the variant's reference forward runs). ``weight``/``bias`` are given iff ``result`` is None.
+FUSED_VARIANTS: dict[type, Callable[..., torch.Tensor | None]] = {}
+
+
 def _plain_frozen_base(base: nn.Module) -> bool:
     """A Linear / Conv1D the fused function may compute itself: exact type, frozen weight, no hooks."""
     if type(base) is not nn.Linear and not is_conv1d(base):
@@ -244,6 +250,13 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
             if result is None:
                 result = base(x)
             result = layer.variant[name].forward(layer, name, x, result)  # casts, as HF PEFT
+            continue
+        fused = FUSED_VARIANTS.get(type(layer.variant[name]))
+        if fused is not None:
+            out = fused(layer, name, x, result, weight if result is None else None, bias if result is None else None)
+            if out is None:  # not for this call (e.g. dropout): the variant's reference forward
+                out = layer.variant[name].forward(layer, name, x, base(x) if result is None else result)
+            result = out
             continue
         p = dropout_p(layer, name)
         # without dropout x̃ is x: passed as None, since torch.compile cannot trace one tensor given twice

@@ -15,12 +15,19 @@ and per layer ``<path>.vera_lambda_b`` / ``<path>.vera_lambda_d``. The projectio
 :class:`VeraProjections` module referenced by every VeRA layer of a model (``.to()`` moves it once).
 Unlike HF PEFT, where later adapters reuse the first adapter's projections (and fail for another r), each
 adapter gets its own, as if it were alone: its outputs and files do not depend on what else is loaded.
+
+Training (:class:`VeraFunction`, without dropout): one autograd node per adapter that saves only u = x Aᵀ
+(tokens × r), and one u serves every sibling target reading the same input with the same A slice (q, k, v;
+gate, up): it is computed once. Plain autograd keeps u and the (tokens × d_out) output of B per target; the
+gradient of b needs Σ_tokens g ⊙ (u Λ_d Bᵀ) = rowsum(B ⊙ (gᵀ u) Λ_d), one (d_out × r) matmul instead.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,6 +40,7 @@ from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..targeting import describe_candidates, find_targets, is_conv1d
 from ..targeting import model_type as family
 from .base import AdapterLayer, MethodSpec, adapter_layers, register_method
+from .lora_kernels import fused_enabled
 
 # HF PEFT's default target_modules for VeRA, by model_type (the common families)
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -199,6 +207,66 @@ def vera_shared_tensors(model: nn.Module, adapter_name: str, config: VeraConfig)
     return {"vera_A": A, "vera_B": B}
 
 
+# ---- the fused training path ----------------------------------------------------------------------------
+class VeraFunction(torch.autograd.Function):
+    """y = result + b ⊙ ((u ⊙ d) Bᵀ), u = x Aᵀ given (no graph: :func:`shared_projection`); saves u, not x.
+
+    x (..., d_in); u (tokens, r); result (..., d_out); A (r, d_in), B (d_out, r) frozen; d (r,), b (d_out,).
+    Backward (g = ∂L/∂y, g_u = (g ⊙ b) B): g_b = rowsum(B ⊙ (gᵀ u) ⊙ d), g_d = Σ g_u ⊙ u, g_x = (g_u ⊙ d) A."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, projected: torch.Tensor, result: torch.Tensor, A: torch.Tensor,
+                B: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d_out = B.shape[0]
+        y = torch.addcmul(result.reshape(-1, d_out), (projected * d) @ B.T, b)
+        ctx.save_for_backward(projected, A, B, d, b)
+        ctx.x_shape = x.shape
+        return y.view(result.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        projected, A, B, d, b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = grad_out.reshape(-1, B.shape[0])
+        grad_x = grad_d = grad_b = None
+        if need[6]:
+            grad_b = ((g.T @ projected) * B).mul_(d).sum(1)
+        if need[0] or need[5]:
+            g_u = (g * b) @ B  # (tokens, r)
+            if need[5]:
+                grad_d = torch.linalg.vecdot(g_u.T, projected.T)
+            if need[0]:
+                grad_x = (g_u * d) @ A
+                grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, None, grad_out if need[2] else None, None, None, grad_d, grad_b
+
+
+class _ProjectionCache(threading.local):
+    """The last u = x Aᵀ: (input (weakly), its version, A's storage, offset, shape and version) -> u."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.projected: torch.Tensor | None = None
+
+
+_projections = _ProjectionCache()
+
+
+def shared_projection(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """u = x Aᵀ (tokens, r) without a graph; a sibling target calling with the same x (same version) and the same
+    A slice gets the same tensor, computed once and saved once. Holds one u until another input arrives."""
+    version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+    key = (version, A.data_ptr(), A.storage_offset(), A.shape, A._version, A.dtype)
+    cached = _projections.key
+    if cached is not None and cached[0]() is x and cached[1:] == key:
+        return _projections.projected
+    _projections.projected = None
+    with torch.no_grad():
+        projected = x.detach().reshape(-1, A.shape[1]) @ A.T
+    _projections.key, _projections.projected = (weakref.ref(x), *key), projected
+    return projected
+
+
 # ---- the layer -------------------------------------------------------------------------------------
 class VeraLinear(AdapterLayer):
     """VeRA on ``nn.Linear`` and GPT-2's ``Conv1D``: trains ``vera_lambda_d`` (r,) and ``vera_lambda_b`` (d_out,)."""
@@ -267,6 +335,10 @@ class VeraLinear(AdapterLayer):
         for name in self.active_adapters:
             d, b = self.vera_lambda_d[name], self.vera_lambda_b[name]
             A, B = (t.to(d) for t in self.sliced_projections(name))
+            if (fused_enabled() and (isinstance(self.vera_dropout[name], nn.Identity) or not self.training)
+                    and x.dtype == result.dtype == d.dtype == b.dtype):
+                result = VeraFunction.apply(x, shared_projection(x, A), result, A, B, d, b)
+                continue
             xd = self.vera_dropout[name](x.to(d.dtype))
             result = result + (b * F.linear(d * F.linear(xd, A), B)).to(result.dtype)
         return result
