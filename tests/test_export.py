@@ -544,3 +544,113 @@ def test_gguf_adapter_and_merged_model_per_architecture_in_llama_cpp(model_type,
     merged_error = float((llama_logits(tmp_path / "merged.gguf") - ours).norm() / effect.norm())
     print(model_type, "merged f16 in llama.cpp vs peftkit, of the effect:", merged_error)
     assert merged_error < 0.02
+
+
+def test_merged_gguf_refuses_a_base_gguf_of_another_architecture(tmp_path) -> None:
+    """A Qwen2 model with SmolLM2's ("llama") GGUF as the base: the q/k row order would be wrong, so it is refused."""
+    pytest.importorskip("gguf")
+    from peftkit.embedded import smollm2_gguf
+    from peftkit.export import merged_to_gguf
+
+    folder, name = smollm2_gguf()
+    model = get_peft_model(tiny_for_gguf("qwen2"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(PeftError, match="architecture 'llama' but the model is 'qwen2'.*the GGUF this model was loaded from"):
+        merged_to_gguf(model, tmp_path / "m.gguf", folder / name)
+    assert not list(tmp_path.iterdir())
+
+
+# ---- greedy generations: llama.cpp against peftkit, adapters trained on chatterbot-corpus -------------
+GREEDY_TOKENS = 16
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """How many greedy tokens two engines agree on: the length of the common prefix of their continuations,
+    or GREEDY_TOKENS when the continuations are identical (both reached the limit, or both stopped at EOS)."""
+    if a == b:
+        return GREEDY_TOKENS
+    return next(i for i, (x, y) in enumerate(zip([*a, None], [*b, None], strict=False)) if x != y)
+
+
+def peftkit_greedy(model, prompt: list[int], eos: int) -> list[int]:
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS,
+                             do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    return out[0, len(prompt):].tolist()
+
+
+def llama_cpp_greedy(llm, prompt: list[int], eos: int) -> list[int]:
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    out: list[int] = []
+    while len(out) < GREEDY_TOKENS and (not out or out[-1] != eos):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(out[-1:])
+    return out
+
+
+@pytest.mark.slow
+def test_greedy_generations_agree_with_llama_cpp_as_far_as_the_bare_bases_do(tmp_path) -> None:
+    """A LoRA and a VeRA adapter trained briefly on chatterbot-corpus (SmolLM2), exported to GGUF: on each
+    held-out question, let n_base be the number of greedy tokens on which llama.cpp's bare base (Q4_1 kernels,
+    8-bit activations) and peftkit's (the same weights de-quantised, fp32) agree. Then llama.cpp + adapter
+    GGUF and peftkit + adapter must agree on at least min(n_base, 16) tokens — for every prompt, and for
+    every adapter the two engines' bare bases must agree on some prompt for the check to say anything.
+
+    The merged GGUF (f16) is built from the de-quantised base, i.e. from exactly peftkit's merged weights;
+    its reference is therefore peftkit's merged model, not llama.cpp's Q4_1 base: they agree on all 16 tokens
+    of every prompt (the only difference is f16 rounding)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (builds llama.cpp)")
+    from peftkit.demo import _apply, chat_config
+    from peftkit.embedded import smollm2_gguf
+    from peftkit.export import merged_to_gguf, to_gguf
+    from peftkit.train.data import _instruction_prompt
+    from peftkit.train.loop import Runner
+
+    folder, name = smollm2_gguf()
+    rows = []
+    for method, lr in (("lora", 3e-3), ("vera", 1.5e-2)):
+        spec = _apply(chat_config(method, str(tmp_path / method), 4),
+                      ["training.batch_size=4", f"training.lr={lr}", "training.eval_every=1000", "data.max_eval=16"])
+        runner = Runner(spec, overwrite=True, quiet=True)
+        runner.train()
+        model, tok = runner.model.eval(), runner.tokenizer
+        eos = tok.eos_token_id
+        questions = list(dict.fromkeys(r["prompt"] for r in runner.data.eval_records))[:6]
+        prompts = [tok(_instruction_prompt(tok, spec, q), add_special_tokens=False)["input_ids"] for q in questions]
+        to_gguf(model, tmp_path / f"{method}.gguf")
+        merged_to_gguf(model, tmp_path / f"{method}-merged.gguf", folder / name, "f16")
+
+        def run(path, lora=None, prompts=prompts, eos=eos):
+            llm = llama_cpp.Llama(model_path=str(path), lora_path=lora and str(lora), n_ctx=256, n_threads=1,
+                                  verbose=False, seed=0)
+            try:
+                return [llama_cpp_greedy(llm, p, eos) for p in prompts]
+            finally:
+                llm.close()
+
+        theirs_base, theirs_adapter = run(folder / name), run(folder / name, tmp_path / f"{method}.gguf")
+        theirs_merged = run(tmp_path / f"{method}-merged.gguf")
+        with model.disable_adapter():
+            ours_base = [peftkit_greedy(model, p, eos) for p in prompts]
+        ours_adapter = [peftkit_greedy(model, p, eos) for p in prompts]
+        model.merge_adapter()
+        ours_merged = [peftkit_greedy(model, p, eos) for p in prompts]
+        model.unmerge_adapter()
+        for k, q in enumerate(questions):
+            rows.append({"method": method, "question": q, "n_base": agreement(theirs_base[k], ours_base[k]),
+                         "n_adapter": agreement(theirs_adapter[k], ours_adapter[k]),
+                         "n_merged": agreement(theirs_merged[k], ours_merged[k]),
+                         "adapter_changes_at": agreement(ours_base[k], ours_adapter[k]),
+                         "unmerged_vs_merged": agreement(ours_adapter[k], ours_merged[k])})
+            print(rows[-1], flush=True)
+        del runner, model
+    for row in rows:
+        assert row["n_adapter"] >= min(row["n_base"], GREEDY_TOKENS), row
+        assert row["n_merged"] == GREEDY_TOKENS, row
+    for method in ("lora", "vera"):
+        mine = [r for r in rows if r["method"] == method]
+        assert any(r["n_base"] > 0 for r in mine), method
+        assert any(r["adapter_changes_at"] < GREEDY_TOKENS for r in mine), f"{method}: the adapter changed no generation"
