@@ -327,15 +327,30 @@ def _logits(output) -> torch.Tensor:
 
 
 # ---- llama.cpp: LoRA adapter GGUF ------------------------------------------------------------------
-# transformers module names (Llama family) → llama.cpp tensor names (llama.cpp's tensor_mapping / LLM_TN)
+# transformers module names (Llama and Qwen2) → llama.cpp tensor names (llama.cpp's tensor_mapping / LLM_TN)
 GGUF_LAYER_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-# model_type → llama.cpp architecture. The "llama" architecture stores q and k with their rows permuted
-# (convert_hf_to_gguf.py's LlamaModel.permute, for llama.cpp's rotary layout), so LoRA's B is permuted alike.
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+# model_type → llama.cpp architecture (convert_hf_to_gguf.py: MistralForCausalLM is converted by LlamaModel,
+# Qwen2ForCausalLM by Qwen2Model as the "qwen2" architecture). Each is checked in the real llama.cpp
+# (tests/test_export.py: tiny random models of each type, and SmolLM2).
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# The "llama" architecture stores q and k with their rows permuted (LlamaModel.permute, for llama.cpp's
+# pairwise rope); "qwen2" keeps transformers' order (its rope is the NeoX, rotate-half kind), so LoRA's B
+# is permuted for "llama" only.
+GGUF_PERMUTED = frozenset({"llama"})
+
+
+def gguf_architecture(model_type: str | None) -> str:
+    """llama.cpp's architecture name for a transformers ``model_type``, or a one-line refusal naming the supported ones."""
+    arch = GGUF_ARCHITECTURES.get(model_type or "")
+    if arch is None:
+        raise PeftError(f"GGUF export supports model types {', '.join(sorted(GGUF_ARCHITECTURES))} (checked in "
+                        f"llama.cpp), not {model_type!r}; export --to lora and convert with llama.cpp's "
+                        "convert_lora_to_gguf.py")
+    return arch
 
 
 def llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -359,7 +374,7 @@ def gguf_tensor_name(module_path: str, tie_word_embeddings: bool) -> str:
 def to_gguf(model_or_folder: nn.Module | str | os.PathLike, out: str | os.PathLike, rank: int | None = None, *,
             adapter_name: str = "default", base_model: nn.Module | None = None) -> ExportReport:
     """Write a llama.cpp LoRA adapter GGUF (``llama-cli --lora``, llama-cpp-python's ``lora_path``) from any
-    adapter ``to_lora`` can export, for the Llama architecture (SmolLM2, Llama, Mistral).
+    adapter ``to_lora`` can export, for llama.cpp's "llama" (SmolLM2, Llama, Mistral) and "qwen2" architectures.
 
     The file holds, per adapted weight, ``<llama.cpp tensor>.lora_a`` (r, d_in) and ``.lora_b`` (d_out, r) in
     F32, with ``general.type = adapter``, ``adapter.type = lora``, ``general.architecture`` the base model's,
@@ -376,11 +391,7 @@ def to_gguf(model_or_folder: nn.Module | str | os.PathLike, out: str | os.PathLi
     if hf_config is None:
         raise PeftError("GGUF export needs the base model (its architecture and head counts): pass base_model=, "
                         "or --base on the command line")
-    arch = GGUF_ARCHITECTURES.get(getattr(hf_config, "model_type", None))
-    if arch is None:
-        raise PeftError(f"GGUF export supports model types {sorted(GGUF_ARCHITECTURES)} (checked in llama.cpp), not "
-                        f"{getattr(hf_config, 'model_type', None)!r}; export --to lora and convert with llama.cpp's "
-                        "convert_lora_to_gguf.py")
+    arch = gguf_architecture(getattr(hf_config, "model_type", None))
     out = os.fspath(out)
     folder = os.path.dirname(os.path.abspath(out))
     with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-export-") as tmp:
@@ -410,9 +421,9 @@ def to_gguf(model_or_folder: nn.Module | str | os.PathLike, out: str | os.PathLi
                                    pattern_value(config.rank_pattern, path, config.r), config.use_rslora)
             # llama.cpp multiplies B A x by alpha / r (r = this pair's rank): fold s · r / alpha into B
             B = B * (scaling * A.shape[0] / alpha)
-            if arch == "llama" and path.endswith("self_attn.q_proj"):
+            if arch in GGUF_PERMUTED and path.endswith("self_attn.q_proj"):
                 B = llama_permute(B, n_head)
-            elif arch == "llama" and path.endswith("self_attn.k_proj"):
+            elif arch in GGUF_PERMUTED and path.endswith("self_attn.k_proj"):
                 B = llama_permute(B, n_kv)
             pairs[gguf_tensor_name(path, tie)] = (A, B)
         if not pairs:
@@ -437,7 +448,7 @@ def to_gguf(model_or_folder: nn.Module | str | os.PathLike, out: str | os.PathLi
 
 
 # ---- llama.cpp: the whole merged model as GGUF ------------------------------------------------------
-GGUF_MODEL_NAMES = {  # llama.cpp tensor name → transformers parameter (Llama family)
+GGUF_MODEL_NAMES = {  # llama.cpp tensor name → transformers parameter (Llama and Qwen2)
     "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
@@ -451,11 +462,11 @@ GGUF_OUT_TYPES = ("f16", "q8_0")
 def _hf_name(gguf_name: str) -> str:
     if gguf_name in GGUF_MODEL_NAMES:
         return GGUF_MODEL_NAMES[gguf_name]
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if match is None or match.group(2) not in GGUF_BLOCK_NAMES:
         raise PeftError(f"the base GGUF holds tensor {gguf_name!r}, which peftkit cannot map to the model; "
                         "merge with `peftkit merge` and convert with llama.cpp's convert_hf_to_gguf.py")
-    return f"model.layers.{match.group(1)}.{GGUF_BLOCK_NAMES[match.group(2)]}.weight"
+    return f"model.layers.{match.group(1)}.{GGUF_BLOCK_NAMES[match.group(2)]}.{match.group(3)}"
 
 
 @torch.no_grad()
@@ -507,11 +518,15 @@ def merged_to_gguf(model, out: str | os.PathLike, base_gguf: str | os.PathLike, 
     reader = gguf.GGUFReader(os.fspath(base_gguf))
     arch = reader.fields["general.architecture"].contents()
     if arch not in set(GGUF_ARCHITECTURES.values()):
-        raise PeftError(f"merged GGUF export supports the {sorted(set(GGUF_ARCHITECTURES.values()))} architecture, "
-                        f"not {arch!r}")
+        raise PeftError(f"merged GGUF export supports llama.cpp's {', '.join(sorted(set(GGUF_ARCHITECTURES.values())))} "
+                        f"architectures, not {arch!r}; merge with `peftkit merge` and convert with convert_hf_to_gguf.py")
+    hf_config = model.base_model.model.config
+    model_arch = gguf_architecture(getattr(hf_config, "model_type", None))
+    if model_arch != arch:
+        raise PeftError(f"the base GGUF is llama.cpp architecture {arch!r} but the model is {hf_config.model_type!r} "
+                        f"({model_arch!r}); give the GGUF this model was loaded from")
     weights = merged_weights(model, adapter_name)
     _check_finite(weights, "merged model")
-    hf_config = model.base_model.model.config
     n_head = int(hf_config.num_attention_heads)
     n_kv = int(getattr(hf_config, "num_key_value_heads", None) or n_head)
     qtype = gguf.GGMLQuantizationType.F16 if out_type == "f16" else gguf.GGMLQuantizationType.Q8_0
@@ -535,9 +550,9 @@ def merged_to_gguf(model, out: str | os.PathLike, base_gguf: str | os.PathLike, 
             if hf not in weights:
                 raise PeftError(f"the model has no {hf!r} for the base GGUF's {tensor.name!r}; is this its base?")
             w = weights[hf]
-            if tensor.name.endswith("attn_q.weight"):
+            if arch in GGUF_PERMUTED and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
                 w = llama_permute(w, n_head)
-            elif tensor.name.endswith("attn_k.weight"):
+            elif arch in GGUF_PERMUTED and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
                 w = llama_permute(w, n_kv)
             expected = tuple(int(d) for d in reversed(list(tensor.shape)))
             if tuple(w.shape) != expected[-w.dim():] or w.numel() != int(np.prod(expected)):
