@@ -275,6 +275,7 @@ def test_train_rows_record_which_loss_they_hold(root, tmp_path):
     res = cli.invoke(app, ["train", str(cfg), "--set", "training.log_every=2"])
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if ln.startswith("step ")]
+    print(repr(res.output))
     assert lines[0].startswith("step 2/3  step loss ") and "mean loss " in lines[0] and "(last 2 steps)" in lines[0]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
