@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,7 +277,6 @@ def test_train_rows_record_which_loss_they_hold(root, tmp_path):
     res = cli.invoke(app, ["train", str(cfg), "--set", "training.log_every=2"])
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if ln.startswith("step ")]
-    print(repr(res.output))
     assert lines[0].startswith("step 2/3  step loss ") and "mean loss " in lines[0] and "(last 2 steps)" in lines[0]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
@@ -395,3 +396,22 @@ def test_gguf_dequantisation_bar_is_off(capsys):
     assert sum(1 for _ in gguf_utils.tqdm(range(50), desc="Converting and de-quantizing GGUF tensors...")) == 50
     assert capsys.readouterr().err == ""
     assert gguf_utils.tqdm.peftkit_quiet and not isinstance(gguf_utils.tqdm.func, functools.partial)
+
+
+# ---- the command line may reach the Hub: push uploads, a Hub id downloads -------------------------------------
+def test_the_cli_does_not_switch_the_hub_offline():
+    """cli.py and merge.py used to set HF_HUB_OFFLINE=1 as a default on import, so `peftkit push` always failed
+    with huggingface_hub's OfflineModeIsEnabled and a Hub id never downloaded; only the user's variable decides."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    code = ("import os, peftkit.cli, peftkit.merge\n"
+            "from peftkit.cli import app\n"
+            "from typer.testing import CliRunner\n"
+            "CliRunner().invoke(app, ['--help'])\n"
+            "import huggingface_hub.constants as c\n"
+            "print(os.environ.get('HF_HUB_OFFLINE'), c.HF_HUB_OFFLINE)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "False"]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**env, "HF_HUB_OFFLINE": "1"})
+    assert proc.stdout.split() == ["1", "True"]  # the user's choice stands

@@ -19,9 +19,9 @@ import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# no HF_HUB_OFFLINE default: `push` uploads and a Hub id downloads; local folders and the embedded models
+# never reach the network, and HF_HUB_OFFLINE=1 set by the user still reads the cache alone
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars (read at import)
 
 try:
     import typer
@@ -78,10 +78,11 @@ _DEBUG = {"on": False}
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show stack traces on errors.")] = False) -> None:
-    from .quiet import quiet_third_party
+    from .quiet import no_loading_bars, quiet_third_party
 
     _DEBUG["on"] = debug or os.environ.get("PEFTKIT_DEBUG") == "1"
     quiet_third_party()  # only the named torchao notices; every other warning still reaches the user
+    no_loading_bars()  # transformers' "Loading weights" bars (a log line per load)
 
 
 def _fail(message: str) -> None:

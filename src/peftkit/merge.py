@@ -12,8 +12,6 @@ from .config import PeftConfig
 from .errors import AdapterFileError, PeftError
 from .quiet import no_gguf_progress_bar
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def resolve_base(base: str) -> tuple[str, dict[str, Any]]:
     """(folder, from_pretrained kwargs) of a base model: minilm, smollm2 or a transformers folder."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 from collections.abc import Callable
 
 _ENUM_NOTICE = "is an Enum subclass and is now natively supported"
@@ -63,3 +65,15 @@ def no_gguf_progress_bar() -> None:
         quiet = functools.partial(bar, disable=True)
         quiet.peftkit_quiet = True  # type: ignore[attr-defined]
         gguf_utils.tqdm = quiet
+
+
+def no_loading_bars() -> None:
+    """transformers draws a "Loading weights" tqdm bar for every model load, and huggingface_hub one per
+    download. Both read ``HF_HUB_DISABLE_PROGRESS_BARS`` when transformers is imported, so the command line
+    sets it (unless the user did) before that; where transformers is already imported (the CLI called from
+    Python, e.g. a test run), its switch is turned off directly, as long as the variable says so."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
