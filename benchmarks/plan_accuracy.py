@@ -103,7 +103,7 @@ def public_plans() -> list[dict]:
         arch = P.architecture_of(config, model)
         if (model, method) not in counted:
             counted[(model, method)] = P.count_parameters(config, arch, method, "bf16")
-        p = P.plan_memory(config, arch, counted[(model, method)], P.Setting(method, strategy, ckpt), gpus=gpus,
+        p = P.plan_memory(arch, counted[(model, method)], P.Setting(method, strategy, ckpt), gpus=gpus,
                           batch=1, seq=2048, capacity=P.parse_memory(memory), dtype="bf16")
         g = {k: v / 2**30 for k, v in p.parts.items()}
         other = sum(v for k, v in g.items() if k not in ("weights", "gradients", "optimizer", "activations"))
@@ -123,7 +123,7 @@ def plan_row(config: object, name: str, method: str, dtype: str, batch: int, seq
 
     arch = P.architecture_of(config, name)
     counts = P.count_parameters(config, arch, method, dtype, num_labels=5)
-    return P.plan_memory(config, arch, counts, P.Setting(method, "ddp", ckpt), gpus=1, batch=batch, seq=seq,
+    return P.plan_memory(arch, counts, P.Setting(method, "ddp", ckpt), gpus=1, batch=batch, seq=seq,
                          capacity=2**40, dtype=dtype, attention=attention, precision="pure")
 
 
@@ -189,7 +189,7 @@ def main() -> None:
         t0 = time.perf_counter()
         arch = P.architecture_of(config, name)
         counts = P.count_parameters(config, arch, method, dtype, num_labels=5)
-        planned = P.plan_memory(config, arch, counts, P.Setting(method, "ddp", ckpt), gpus=1, batch=batch, seq=seq,
+        planned = P.plan_memory(arch, counts, P.Setting(method, "ddp", ckpt), gpus=1, batch=batch, seq=seq,
                                 capacity=2**40, dtype=dtype, attention=attention,
                                 precision="pure")
         measured = P.measure_step(copy.deepcopy(config), method, batch=batch, seq=seq, dtype=dtype, pad=pad,

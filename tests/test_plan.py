@@ -77,7 +77,7 @@ def test_components_of_a_tiny_llama_by_hand():
     # LoRA r=8 on q (32→32), k, v (32→16), o (32→32), gate, up (32→64), down (64→32), 2 blocks
     assert c.trainable == 2 * 8 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 3 * (32 + 64))
     b, s = 2, 16
-    p = P.plan_memory(config, arch, c, P.Setting("lora", "ddp", False), gpus=1, batch=b, seq=s, capacity=2**30,
+    p = P.plan_memory(arch, c, P.Setting("lora", "ddp", False), gpus=1, batch=b, seq=s, capacity=2**30,
                       dtype="fp32")
     # per token and block, fp32: RMSNorms 2·(4h+4), SDPA q,k,v,out 4·(2·32+2·16) + lse 4·H,
     # MLP 3·4·I, linear inputs once per group 4·(h+h+I), A·x 4·r·7
@@ -86,20 +86,20 @@ def test_components_of_a_tiny_llama_by_hand():
     assert sum(p.activation_terms.values()) == layer == 2168
     assert p.parts == {"weights": c.weight_bytes, "gradients": 4 * c.trainable, "optimizer": 8 * c.trainable,
                        "activations": b * s * (2 * layer + head), "overhead": P.OVERHEAD_BYTES}
-    ckpt = P.plan_memory(config, arch, c, P.Setting("lora", "ddp", True), gpus=1, batch=b, seq=s, capacity=2**30,
+    ckpt = P.plan_memory(arch, c, P.Setting("lora", "ddp", True), gpus=1, batch=b, seq=s, capacity=2**30,
                          dtype="fp32")
     # layer inputs, then the larger of the loss head's peak and one recomputed layer with the logits held
     assert ckpt.parts["activations"] == b * s * (2 * 4 * 32 + max(head, layer + 4 * 128)) == b * s * (256 + 2680)
-    fsdp = P.plan_memory(config, arch, c, P.Setting("lora", "fsdp", False), gpus=4, batch=b, seq=s, capacity=2**30,
+    fsdp = P.plan_memory(arch, c, P.Setting("lora", "fsdp", False), gpus=4, batch=b, seq=s, capacity=2**30,
                          dtype="fp32")
     assert fsdp.parts["weights"] == -(-c.weight_bytes // 4) and fsdp.parts["optimizer"] == 8 * c.trainable // 4
     assert fsdp.parts["gathered block"] == c.block_weight_bytes + 4 * c.block_trainable
     assert c.block_trainable == c.trainable // 2
-    ddp = P.plan_memory(config, arch, c, P.Setting("lora", "ddp", False), gpus=4, batch=b, seq=s, capacity=2**30,
+    ddp = P.plan_memory(arch, c, P.Setting("lora", "ddp", False), gpus=4, batch=b, seq=s, capacity=2**30,
                         dtype="fp32")
     assert ddp.parts["weights"] == c.weight_bytes and ddp.parts["comm buffers"] == 4 * c.trainable
     full = P.count_parameters(config, arch, "full", "bf16")
-    mixed = P.plan_memory(config, arch, full, P.Setting("full", "ddp", False), gpus=1, batch=b, seq=s,
+    mixed = P.plan_memory(arch, full, P.Setting("full", "ddp", False), gpus=1, batch=b, seq=s,
                           capacity=2**30, dtype="bf16")
     assert mixed.parts["optimizer"] == (8 + 4) * full.trainable  # AdamW's two moments + the fp32 master copy
     # bf16 weights, and the rotary embedding's fp32 inv_freq and original_inv_freq buffers (head_dim 8: 4 each)
@@ -114,7 +114,7 @@ def test_plan_is_within_15_percent_of_measured_peak_memory(method):
                          num_key_value_heads=4, vocab_size=1000)
     arch = P.architecture_of(config)
     c = P.count_parameters(config, arch, method, "fp32")
-    planned = P.plan_memory(config, arch, c, P.Setting(method, "ddp", False), gpus=1, batch=2, seq=64,
+    planned = P.plan_memory(arch, c, P.Setting(method, "ddp", False), gpus=1, batch=2, seq=64,
                             capacity=2**40, dtype="fp32", precision="pure")
     measured = P.measure_step(config, method, batch=2, seq=64, dtype="fp32")
     assert measured["trainable"] == c.trainable

@@ -438,7 +438,7 @@ class PlanReport:
     tried: list[MemoryPlan]
 
 
-def plan_memory(config: Any, arch: Architecture, counts: Counts, setting: Setting, *, gpus: int, batch: int,
+def plan_memory(arch: Architecture, counts: Counts, setting: Setting, *, gpus: int, batch: int,
                 seq: int, capacity: int, dtype: str = "bf16", attention: str = "fused",
                 precision: str = "mixed") -> MemoryPlan:
     """Per-device memory of ``setting`` (the module docstring lists the components). ``precision``: "mixed"
@@ -519,7 +519,7 @@ def plan(model: str | dict[str, Any], method: str = "lora", *, gpus: int = 1, gp
     def one(setting: Setting) -> MemoryPlan:
         if setting.method not in counted:
             counted[setting.method] = count_parameters(config, arch, setting.method, dtype, options)
-        return plan_memory(config, arch, counted[setting.method], setting, gpus=gpus, batch=batch, seq=seq,
+        return plan_memory(arch, counted[setting.method], setting, gpus=gpus, batch=batch, seq=seq,
                            capacity=capacity, dtype=dtype, attention=attention, precision=precision)
 
     asked = one(Setting(method, strategy, checkpointing))
