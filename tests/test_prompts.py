@@ -613,7 +613,6 @@ def test_prefix_from_text_repeats_a_short_text_and_refuses_what_it_cannot_do():
         peftkit.PrefixTuningConfig(**cfg, init_weights="zero")
     for model, bad, error, match in (
         (tiny_llama(), {"prefix_projection": True, "encoder_hidden_size": 4}, PeftConfigError, "raise encoder_hidden_size"),
-        (tiny_bert_cls(), {"task_type": "SEQ_CLS"}, PeftError, "key/value cache"),
     ):
         with pytest.raises(error, match=match):
             get_peft_model(model, peftkit.PrefixTuningConfig(**{**cfg, **bad}))
@@ -621,8 +620,28 @@ def test_prefix_from_text_repeats_a_short_text_and_refuses_what_it_cannot_do():
         assert not hasattr(model, "prompt_encoder") and not any(m._forward_pre_hooks for m in model.modules())
 
 
+def test_prefix_from_text_on_an_encoder_is_its_own_key_and_value_projections():
+    """BERT returns no cache, but writes into one it is given: the prefix starts at the outputs of every layer's
+    key and value Linear for the text (read here by hooks, independently of any cache)."""
+    base = tiny_bert_cls()
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = [getattr(layer.attention.self, name).register_forward_hook(
+        lambda mod, args, out, key=(i, name): seen.__setitem__(key, out.detach()))
+        for i, layer in enumerate(base.bert.encoder.layer) for name in ("key", "value")]
+    with torch.no_grad():
+        base(input_ids=torch.tensor([[7, 8, 7, 8, 7]]))
+    for hook in hooks:
+        hook.remove()
+    model = get_peft_model(base, peftkit.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5,
+                                                            prefix_init_text="7 8", tokenizer=id_tokenizer))
+    table = store(model)["default"].embedding.weight.view(5, 2, 2, 2, 16)  # (n, layer, k/v, heads, d_h)
+    for (layer, name), out in seen.items():
+        torch.testing.assert_close(table[:, layer, ("key", "value").index(name)], out[0].view(5, 2, 16),
+                                   atol=1e-6, rtol=0)
+
+
 def test_prefix_preset_is_the_papers_projected_form():
-    from peftkit.train.methods import PREFIX_INIT_TEXT, method_entry
+    from peftkit.train.methods import PREFIX_INIT_TEXT, PREFIX_INIT_TEXT_CLASSIFY, method_entry
 
     entry = method_entry("prefix")
     cfg = entry.make_config("causal_lm", {}, tiny_llama(), tokenizer=id_tokenizer)
@@ -632,4 +651,4 @@ def test_prefix_preset_is_the_papers_projected_form():
     zero = entry.make_config("causal_lm", {"init_weights": "zero"}, tiny_llama(), tokenizer=id_tokenizer)
     assert zero.prefix_init_text is None  # the run's own start wins
     encoder = entry.make_config("classification", {}, tiny_bert_cls(), tokenizer=id_tokenizer)
-    assert encoder.prefix_projection is True and encoder.prefix_init_text is None  # an encoder keeps no cache
+    assert (encoder.prefix_projection, encoder.prefix_init_text) == (True, PREFIX_INIT_TEXT_CLASSIFY)

@@ -127,7 +127,12 @@ def test_prompt_methods_train_a_causal_lm(root, tmp_path, method):
     result = runner.train()
     assert result.metrics["loss"] != before["loss"]  # (a random tiny LM barely responds to 4 virtual tokens)
     assert all(not torch.equal(p, start[n]) for n, p in runner.model.named_parameters() if p.requires_grad)
-    assert (tmp_path / method / "adapter" / "adapter_model.safetensors").is_file()
+    folder = tmp_path / method / "adapter"
+    assert (folder / "adapter_model.safetensors").is_file()
+    # the size reported is the adapter as deployed: the encoder kept beside it for resuming is not counted
+    deployed = {"adapter_model.safetensors", "adapter_config.json", "peftkit_run.json"}
+    assert set(os.listdir(folder)) == deployed | ({"prompt_encoder.safetensors"} if method != "prompt" else set())
+    assert result.adapter_bytes == sum((folder / f).stat().st_size for f in deployed)
     again = evaluate_adapter(parse_spec(cfg), str(tmp_path / method / "adapter"))
     assert again["loss"] == pytest.approx(result.metrics["loss"], abs=1e-5)
 

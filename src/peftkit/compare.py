@@ -513,7 +513,9 @@ def write_report(report: dict[str, Any], out: str) -> None:
           f"Config: {meta['config']}. Same examples in the same order, same seed and the same number of "
           f"optimizer steps for every method{' (quick mode)' if meta['quick'] else ''}. "
           "Forgetting: the model's quality on its original domain with the adapter active, before → after "
-          "(" + (report["rows"][0].get("forgetting", {}).get("probe", "") if report["rows"] else "") + ").", "",
+          "(" + (report["rows"][0].get("forgetting", {}).get("probe", "") if report["rows"] else "") + "). "
+          "Adapter KiB: the folder as deployed (a P-tuning or projected-prefix encoder, kept beside it to resume "
+          "training, is not counted; inference and HF PEFT read the virtual tokens it made).", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(row) + " |" for row in body]
     pngs = _plots(report)

@@ -317,19 +317,25 @@ class PromptAdapters(ModelAdapters):
         target = self.hook_target(model)
         n = config.num_virtual_tokens
         ids = _init_text_ids(config.tokenizer, None, config.prefix_init_text, n, "prefix_init_text")
+        from transformers import DynamicCache
+
+        # an empty cache handed in is filled by every attention layer, an encoder's too (BERT returns none of
+        # its own but writes into the one it is given: the same path the prefix itself takes)
+        cache = DynamicCache(config=getattr(target, "config", None))
         was_disabled, was_training = self.disable_adapters, target.training
         self.disable_adapters = True
         target.eval()
         try:
-            out = target(input_ids=ids[None].to(target.get_input_embeddings().weight.device), use_cache=True)
+            target(input_ids=ids[None].to(target.get_input_embeddings().weight.device), use_cache=True,
+                   **{_cache_key(target): cache})
         finally:
             self.disable_adapters = was_disabled
             target.train(was_training)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if cache is None or not hasattr(cache, "layers") or len(cache.layers) != config.num_layers:
+        if len(cache.layers) != config.num_layers or any(layer.keys is None for layer in cache.layers):
             raise PeftError(
-                f"prefix_init_text needs the model's key/value cache, and {type(target).__name__} returned none "
-                "(an encoder model keeps no cache); leave prefix_init_text unset for this model"
+                f"prefix_init_text needs the model's keys and values, and {type(target).__name__} wrote "
+                f"{len(cache.layers)} of {config.num_layers} layers into the cache; leave prefix_init_text unset "
+                "for this model"
             )
         per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # (2, kv, n, d_h)
         return torch.stack(per_layer).permute(3, 0, 1, 2, 4).reshape(n, -1)  # (n, L, 2, kv, d_h) flat

@@ -102,10 +102,25 @@ def _world() -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
+TRAINING_ONLY_FILES = ("prompt_encoder.safetensors",)
+"""Files of an adapter folder that only resuming training reads: a P-tuning or projected-prefix encoder (HF PEFT
+and inference load the virtual tokens it made, in adapter_model.safetensors)."""
+
+
 def _folder_bytes(path: str) -> int:
+    """The adapter as deployed: every file but the training-only ones (a 20-token projected prefix on MiniLM
+    is 368 KiB of virtual tokens and 7.5 MiB of MLP that made them)."""
     if os.path.isfile(path):
         return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
+               if f not in TRAINING_ONLY_FILES)
+
+
+def _training_only_bytes(path: str | None) -> int:
+    if not path or not os.path.isdir(path):
+        return 0
+    return sum(os.path.getsize(os.path.join(path, f)) for f in TRAINING_ONLY_FILES
+               if os.path.isfile(os.path.join(path, f)))
 
 
 def _macro_f1(preds: list[int], gold: list[int], n: int) -> float:
@@ -617,7 +632,9 @@ class Runner(Scorer):
                                                      f"{result.base_param_bytes / 2**20:,.2f} MiB (sharded)"))
         rows += [(f"eval {k}", f"{v:.4f}") for k, v in result.metrics.items()]
         rows += [("trainable parameters", f"{result.trainable:,} of {result.total:,} ({100 * result.trainable / result.total:.3f}%)"),
-                 ("adapter size", f"{result.adapter_bytes / 1024:,.1f} KiB ({result.adapter_dir})"),
+                 ("adapter size", f"{result.adapter_bytes / 1024:,.1f} KiB ({result.adapter_dir})" + (
+                     f"; + {extra / 1024:,.1f} KiB prompt encoder, kept to resume training"
+                     if (extra := _training_only_bytes(result.adapter_dir)) else "")),
                  ("step time", f"{result.step_s * 1000:,.0f} ms ({result.tokens_per_s:,.0f} tokens/s)"),
                  ("wall time", f"{result.wall_s:.1f} s"),
                  ("metrics / plot", f"{self.metrics_path} / {os.path.join(self.out, 'plot.png')}")]

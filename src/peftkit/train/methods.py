@@ -97,15 +97,19 @@ _LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules
 PREFIX_INIT_TEXT = "Read the following text and continue it in the same style."
 """Li & Liang start the prefix from the activations of real words (task words such as "summarize"); the
 preset's causal-LM prefix starts from the frozen model's own keys and values for this neutral instruction."""
+PREFIX_INIT_TEXT_CLASSIFY = "Classify the following text."
+"""The classification preset's start (an encoder's keys and values for it). A random N(0, 1) start, HF PEFT's
+default, makes every token of a frozen encoder attend to noise: on MiniLM / BBC News the head's baseline
+accuracy 0.91 fell to 0.25 at step 0 and a 25-step run at 5e-5 reached 0.27."""
 
 
 def _prefix_configure(model: nn.Module, run: RunContext) -> dict[str, Any]:
-    """The run's tokenizer for ``prefix_init_text``; on a causal LM (which keeps a key/value cache to read the
-    text's keys and values from) the preset's init text too. An encoder keeps HF PEFT's N(0, 1) start."""
+    """The run's tokenizer for ``prefix_init_text``, and the preset's init text (the run's own start wins)."""
     if run.tokenizer is None:
         return {}
     own_start = run.options.get("init_weights") is not None or run.options.get("inference_mode")
-    text = {"prefix_init_text": PREFIX_INIT_TEXT} if run.task == "causal_lm" and not own_start else {}
+    default = PREFIX_INIT_TEXT if run.task == "causal_lm" else PREFIX_INIT_TEXT_CLASSIFY
+    text = {} if own_start else {"prefix_init_text": default}
     return {"tokenizer": run.tokenizer, **text}
 
 DELTA_LORA_PAPER_START, DELTA_LORA_PAPER_STEPS = 500, 26_290
