@@ -69,6 +69,8 @@ def test_report_rows_errors_and_resume(config, tmp_path):
     md = (out / "compare.md").read_text()
     assert "| ia3 |" in md and "error:" in md and "| lora |" in md
     assert f"macro-F1 {rows['lora']['metrics']['f1']:.4f}" in md
+    # the report says what the command changed from the config (a table made with --option says so)
+    assert "with --option ia3.target_modules=['no_such_module']." in md
     # resume: finished methods are skipped; the failed one runs again (and now succeeds)
     logs.clear()
     report = run_compare(str(config), ["full", "lora", "head", "ia3"], out=str(out), echo=logs.append, resume=True)

@@ -328,7 +328,8 @@ def run_compare(config: str | None = None, methods: list[str] | None = None, tas
             rows = {r["method"]: r for r in json.load(fh).get("rows", [])}
     meta = {"config": config or f"default ({task})", "model": spec.model.name, "task": model_kind,
             "data": spec.data.train, "quick": quick, "sweep": sweep, "methods": chosen,
-            "steps": spec.training.max_steps, "seed": spec.training.seed}
+            "steps": spec.training.max_steps, "seed": spec.training.seed, "overrides": list(overrides or []),
+            "options": {m: dict(o) for m, o in (options or {}).items()}, "lrs": dict(lrs or {})}
     probe_n = 32 if quick else PROBE_PAIRS
     for method in chosen:
         if method in rows and rows[method].get("status") == "ok":
@@ -506,11 +507,19 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
     return pngs
 
 
+def _changes_text(meta: dict[str, Any]) -> str:
+    """What the command changed from the config: a table made with --set/--option/--lr says so."""
+    parts = [f"--set {o}" for o in meta.get("overrides", [])]
+    parts += [f"--option {m}.{k}={v}" for m, opts in meta.get("options", {}).items() for k, v in opts.items()]
+    parts += [f"--lr {m}={v:g}" for m, v in meta.get("lrs", {}).items()]
+    return f" with {' '.join(parts)}" if parts else ""
+
+
 def write_report(report: dict[str, Any], out: str) -> None:
     head, body = table_rows(report)
     meta = report["meta"]
     md = [f"# peftkit compare: {meta['model']} ({meta['task']}) on {meta['data']}", "",
-          f"Config: {meta['config']}. Same examples in the same order, same seed and the same number of "
+          f"Config: {meta['config']}{_changes_text(meta)}. Same examples in the same order, same seed and the same number of "
           f"optimizer steps for every method{' (quick mode)' if meta['quick'] else ''}. "
           "Forgetting: the model's quality on its original domain with the adapter active, before → after "
           "(" + (report["rows"][0].get("forgetting", {}).get("probe", "") if report["rows"] else "") + "). "
