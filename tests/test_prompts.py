@@ -641,7 +641,7 @@ def test_prefix_from_text_on_an_encoder_is_its_own_key_and_value_projections():
 
 
 def test_prefix_preset_is_the_papers_projected_form():
-    from peftkit.train.methods import PREFIX_INIT_TEXT, PREFIX_INIT_TEXT_CLASSIFY, method_entry
+    from peftkit.train.methods import PREFIX_INIT_TEXT, method_entry
 
     entry = method_entry("prefix")
     cfg = entry.make_config("causal_lm", {}, tiny_llama(), tokenizer=id_tokenizer)
@@ -651,4 +651,8 @@ def test_prefix_preset_is_the_papers_projected_form():
     zero = entry.make_config("causal_lm", {"init_weights": "zero"}, tiny_llama(), tokenizer=id_tokenizer)
     assert zero.prefix_init_text is None  # the run's own start wins
     encoder = entry.make_config("classification", {}, tiny_bert_cls(), tokenizer=id_tokenizer)
-    assert (encoder.prefix_projection, encoder.prefix_init_text) == (True, PREFIX_INIT_TEXT_CLASSIFY)
+    # an encoder starts from zero keys and values (real words disturb its features: see _prefix_configure)
+    assert (encoder.prefix_projection, encoder.prefix_init_text, encoder.init_weights) == (True, None, "zero")
+    assert entry.make_config("classification", {}, tiny_bert_cls()).init_weights == "zero"  # no tokenizer needed
+    own = entry.make_config("classification", {"prefix_init_text": "1 2"}, tiny_bert_cls(), tokenizer=id_tokenizer)
+    assert (own.prefix_init_text, own.init_weights) == ("1 2", None)
