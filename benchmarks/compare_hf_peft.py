@@ -29,6 +29,7 @@ Jobs (``CASES`` lists the methods — a case is a name and a config builder per 
     python benchmarks/compare_hf_peft.py --quick    # smoke run (~2 minutes): tiny model, 1 round
     python benchmarks/compare_hf_peft.py --jobs train --cases lora,lora_p05   # a subset
     python benchmarks/compare_hf_peft.py --jobs train --measure time --shape wide1024 --cases lora,lora_p05
+    python benchmarks/compare_hf_peft.py --jobs train --measure saved --dtype bf16 --cases lora,lora_p05
 
 ``--shape`` picks a preset model (``SHAPES``: narrow256, narrow512 = the default, wide1024); ``--measure``
 ``time`` or ``memory`` runs one part of the train job. In the timing turns of a case other than LoRA,
@@ -115,7 +116,8 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
                       max_position_embeddings=max(args.seq, 128) + 64)  # room for virtual tokens
-    return LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
+    return model.to(torch.bfloat16) if args.dtype == "bf16" else model  # adapters stay fp32 in both libraries
 
 
 def library(lib: str) -> Any:
@@ -542,6 +544,8 @@ def main() -> None:
     parser.add_argument("--io-repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="the base model's dtype (bf16: the adapters stay fp32, both libraries' default)")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor and full fine-tuning rows")
     parser.add_argument("--measure", default="time,memory",
                         help="train job parts: time (step turns), memory (saved bytes and peak RSS, fresh processes), "
@@ -572,7 +576,7 @@ def main() -> None:
 
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
         "hidden", "intermediate", "layers", "batch", "seq", "mixed_batch", "mixed_seq", "warmup", "steps",
-        "infer_repeat", "io_repeat", "threads", "seed", "jobs", "cases")] + ([] if args.vs_lora else ["--no-vs-lora"])
+        "infer_repeat", "io_repeat", "threads", "seed", "dtype", "jobs", "cases")] + ([] if args.vs_lora else ["--no-vs-lora"])
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(CASES)}")
@@ -613,7 +617,8 @@ def main() -> None:
     total = time.perf_counter() - t_start
     summary = summarize(rounds, args.cases.split(","))
     text = table(summary)
-    print(f"\nLlama-style LM hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab {VOCAB};"
+    print(f"\nLlama-style LM hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab {VOCAB}, "
+          f"{args.dtype};"
           f" train batch {args.batch}×{args.seq}, mixed batch {args.mixed_batch}×{args.mixed_seq}; {args.threads} "
           f"thread(s); median of {args.rounds} round(s) (infer/mixed/io: {min(args.eval_rounds, args.rounds)})\n")
     print(text)

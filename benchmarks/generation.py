@@ -2,8 +2,8 @@
 ``torch.compile`` against eager for the fused LoRA training step and the per-row forward.
 
 The model is built from a config (random weights, seeded, nothing downloaded): a Llama-style LlamaForCausalLM
-with SmolLM2-135M's layer shape (hidden 576, intermediate 1536, 9 heads, 3 key/value heads) but 8 layers and a
-16k vocabulary. Batch 16, prompts of 16 tokens, 64 new tokens, greedy, KV cache (``generate(do_sample=False,
+with SmolLM2-135M's layer shape (hidden 576, intermediate 1536, 9 heads, 3 key/value heads) but 8 layers
+(``--layers``) and a 16k vocabulary. Batch 16, prompts of 16 tokens, 64 new tokens, greedy, KV cache (``generate(do_sample=False,
 min_new_tokens=max_new_tokens)``, so every row makes all 64). Rows, each one ``generate`` call:
 
 * ``base``            the plain transformers model, no adapter wrapper
@@ -26,6 +26,7 @@ by tests/test_compile.py), then alternated with eager; outputs are compared.
 
     python benchmarks/generation.py                 # ~6 min on 1 busy core
     python benchmarks/generation.py --compile       # + compile rows (~5 more minutes, mostly compiling)
+    python benchmarks/generation.py --compile-only --layers 2    # the compile rows alone, on a 2-layer model
     python benchmarks/generation.py --quick         # smoke run: tiny model, 1 round, temp file
 
 Writes benchmarks/results/generation.json (``--quick``: a temp file) and prints the table that
@@ -68,7 +69,7 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     else:
-        cfg = LlamaConfig(vocab_size=16384, hidden_size=576, intermediate_size=1536, num_hidden_layers=8,
+        cfg = LlamaConfig(vocab_size=16384, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                           num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=512)
     cfg.pad_token_id = 0
     return LlamaForCausalLM(cfg).eval()
@@ -266,6 +267,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers of the model (not --quick)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile rows")
     parser.add_argument("--compile-only", action="store_true", help="only the torch.compile rows")
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round, result to a temp file")

@@ -76,8 +76,8 @@ def test_fused_function_gradcheck() -> None:
     p, seed = 0.4, 1234
     dropped = x.detach() * dropout_keep(x.shape, p, seed, x.device) / keep_probability(p)
 
-    def routed(x, b, A, B):  # x̃ must follow x for finite differences: rebuild it from the same mask
-        xd = x.detach() * dropout_keep(x.shape, p, seed, x.device) / keep_probability(p)
+    def routed(x, b, A, B):  # x̄ = x ⊙ keep must follow x for finite differences: rebuild it from the same mask
+        xd = x.detach() * dropout_keep(x.shape, p, seed, x.device)  # the function folds 1/(1 − p) into s
         return LoraFunction.apply(x, xd, None, W, b, A, B, 1.5, p, seed, False)
 
     assert torch.autograd.gradcheck(routed, (x, b, A, B))
@@ -142,17 +142,60 @@ def test_fused_saves_less_than_reference(p: float) -> None:
     assert fused < reference if p > 0 else fused <= reference
 
 
+_ELEMENTWISE = {"ge", "lt", "mul", "mul_", "add", "add_", "addcmul", "addcmul_", "where", "masked_fill",
+                "masked_fill_", "_to_copy", "div", "div_", "sub", "sub_"}
+
+
+def _input_sized_passes(layer: nn.Module, x: torch.Tensor) -> list[str]:
+    """The elementwise ATen ops writing an x-sized tensor in one forward + backward of ``layer`` on x."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in _ELEMENTWISE and isinstance(out, torch.Tensor) and out.numel() == x.numel():
+                self.ops.append(name)
+            return out
+
+    params = [p for p in layer.parameters() if p.requires_grad]
+    with Recorder() as recorder:
+        torch.autograd.grad(layer(x).sum(), [x, *params])
+    return recorder.ops
+
+
+def test_dropout_costs_the_fewest_passes_over_the_input() -> None:
+    """Dropout's elementwise passes over input-sized tensors in one forward + backward of a target: the mask
+    compared and x ⊙ keep applied once each way, and one multiply-add (addcmul_) into g W per target; the
+    1/(1 − p) rides on the scalar s (before: 8 passes, 2 of them for the scale and one more per target)."""
+    tokens, d_in = 64, 96
+    layer = LoraLinear(nn.Linear(d_in, 80).requires_grad_(False))
+    layer.update_layer("default", LoraConfig(r=4, lora_dropout=0.1, init_lora_weights=False), "m")
+    layer.set_adapter(["default"])
+    layer.train()
+    x = torch.randn(tokens, d_in, requires_grad=True)
+    assert _input_sized_passes(layer, x) == ["ge", "mul", "ge", "mul", "addcmul_"]
+    layer.eval()  # without dropout none at all: the LoRA term is added inside the matmuls (addmm_)
+    assert _input_sized_passes(layer, x) == []
+
+
 def test_dropout_keep_rate_and_determinism() -> None:
     keep = dropout_keep(torch.Size((400, 500)), 0.05, 7, torch.device("cpu"))
     assert abs(keep.float().mean().item() - keep_probability(0.05)) < 2e-3
     assert torch.equal(keep, dropout_keep(torch.Size((400, 500)), 0.05, 7, torch.device("cpu")))
     assert not torch.equal(keep, dropout_keep(torch.Size((400, 500)), 0.05, 8, torch.device("cpu")))
+    as_float = dropout_keep(torch.Size((400, 500)), 0.05, 7, torch.device("cpu"), torch.float32)
+    assert as_float.dtype == torch.float32 and torch.equal(as_float, keep.float())  # the same mask as 0/1
     assert abs(keep_probability(0.05) - 0.95) < 2**-16
 
 
 def test_other_methods_and_bf16_still_take_their_paths(ids) -> None:
     """A VeRA adapter nested under LoRA: LoRA's function adds into the base output the VeRA layer gives;
-    a bf16 base with fp32 adapters runs the reference path (dtypes differ) with bf16 outputs."""
+    a bf16 base with fp32 adapters (GPT-2's transposed Conv1D weight) fuses too, with bf16 outputs."""
     pm = get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["q_proj"], init_weights=False))
     pm.add_adapter("lora", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     pm.set_adapter(["default", "lora"])
@@ -160,8 +203,108 @@ def test_other_methods_and_bf16_still_take_their_paths(ids) -> None:
     with use_fused(False):
         torch.testing.assert_close(fused, pm(ids).logits)
     model = tiny_gpt2().to(torch.bfloat16)
-    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
-    assert pm(ids).logits.dtype == torch.bfloat16
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)).train()
+    out = pm(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and _count_nodes(out.loss, "LoraFunction") == 2
+    pm.eval()  # GPT-2's own dropout off
+    fused = pm(ids).logits
+    with use_fused(False):
+        torch.testing.assert_close(pm(ids).logits, fused, rtol=0, atol=0)  # the reference's op order: same bits
+
+
+# ---- a bf16 base with fp32 adapters (autocast_adapter_dtype, the default) -------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bf16_base_saves_x_in_bf16_not_an_fp32_copy(p: float) -> None:
+    """One target: the fused path keeps x as it is (bf16) and h = A x̃ (fp32); the reference keeps x̃ in fp32
+    (and the bool mask with dropout), i.e. 2 more bytes per input element (3 with dropout)."""
+    tokens, d_in, r = 64, 96, 4
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(d_in, 80).to(torch.bfloat16).requires_grad_(False))
+    layer.update_layer("default", LoraConfig(r=r, lora_dropout=p, init_lora_weights=False), "m")
+    layer.set_adapter(["default"])
+    layer.train()
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
+    fused = _saved_bytes(layer, x)
+    with use_fused(False):
+        reference = _saved_bytes(layer, x)
+    assert fused == tokens * (2 * d_in + 4 * r)
+    assert reference == tokens * (4 * d_in + 4 * r + (d_in if p > 0 else 0))
+
+
+def _bf16_llama_targets() -> tuple[dict[str, int], dict[str, int]]:
+    """tiny_llama's LoRA targets per block: input width by target, and by group of targets reading one tensor."""
+    widths = {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 32, "gate_proj": 32, "up_proj": 32, "down_proj": 64}
+    groups = {"q/k/v": 32, "o": 32, "gate/up": 32, "down": 64}
+    return widths, groups
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bf16_llama_saved_bytes_drop_the_fp32_copies(p: float, ids) -> None:
+    """Whole model (tests/saved_bytes.py): fused keeps each sibling group's bf16 input once where the reference
+    keeps an fp32 copy per target (and, with dropout, a bool mask per target whose input needs a gradient: not
+    layer 0's q/k/v, whose input comes from the frozen embeddings). o_proj's input is the attention's output,
+    which SDPA keeps anyway, so only q/k/v, gate/up and down add an input. Dropout costs the fused path nothing."""
+    from saved_bytes import saved_bytes
+
+    pm = get_peft_model(tiny_llama().to(torch.bfloat16),
+                        LoraConfig(r=4, target_modules="all-linear", lora_dropout=p, init_lora_weights=False))
+    tokens, layers = ids.numel(), 2
+    fused = saved_bytes(pm, ids)
+    with use_fused(False):
+        reference = saved_bytes(pm, ids)
+    widths = {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 32, "gate_proj": 32, "up_proj": 32, "down_proj": 64}
+    groups = {"q/k/v": 32, "gate/up": 32, "down": 64}  # o's input is SDPA's saved output
+    fp32_copies = layers * 4 * sum(widths.values())
+    bf16_inputs = layers * 2 * sum(groups.values())
+    masks = (layers * sum(widths.values()) - 3 * 32) if p > 0 else 0
+    assert reference - fused == tokens * (fp32_copies - bf16_inputs + masks)
+    assert fused == 41_780  # the floor's tensors + x once per group (bf16) + A·x per target (fp32)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bf16_fused_equals_reference_and_hf_peft(p: float, ids) -> None:
+    """Logits and adapter gradients of the fused bf16 path against peftkit's reference path (same masks) and,
+    without dropout, HF PEFT 0.21 (which also casts x to fp32 per target) with the same adapter weights: equal
+    to bf16 rounding."""
+    import peft
+
+    import peftkit
+
+    def build(lib):
+        cfg = lib.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=p, init_lora_weights=False)
+        return lib.get_peft_model(tiny_llama().to(torch.bfloat16), cfg).train()
+
+    pm = build(peftkit)
+    runs = {"fused": (pm, True), "reference": (pm, False)}
+    if p == 0:
+        hf = build(peft)
+        trainable = {n: t for n, t in pm.named_parameters() if t.requires_grad}
+        hf_trainable = {n: t for n, t in hf.named_parameters() if t.requires_grad}
+        assert trainable.keys() == hf_trainable.keys()
+        with torch.no_grad():
+            for n, t in trainable.items():
+                hf_trainable[n].copy_(t)
+        runs["hf"] = (hf, True)
+    results = {}
+    for key, (model, fused) in runs.items():
+        with use_fused(fused):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(7)
+            out = model(ids, labels=ids)
+            assert (_count_nodes(out.loss, "LoraFunction") > 0) == (key == "fused")
+            out.loss.backward()
+            results[key] = (out.logits.float(), {n: t.grad.clone() for n, t in model.named_parameters()
+                                                 if t.grad is not None})
+    logits, grads = results["fused"]
+    assert len(grads) == 2 * 7 * 2
+    for key in runs.keys() - {"fused"}:
+        other_logits, other_grads = results[key]
+        torch.testing.assert_close(logits, other_logits, rtol=2e-2, atol=2e-2, msg=key)
+        assert grads.keys() == other_grads.keys()
+        for n, g in grads.items():
+            scale = other_grads[n].abs().max().item()
+            assert (g - other_grads[n]).abs().max().item() <= 5e-2 * scale, (key, n)  # bf16 through 2 blocks
 
 
 def test_autocast_and_inference_mode() -> None:

@@ -335,8 +335,9 @@ def layer_bytes_per_token(arch: Architecture, counts: Counts, method: str, act_b
     the GELU input/output (a·(10h + 2I)), the LayerNorms' fp32 statistics, and with ``attention="math"``
     (an attention mask on CPU: no fused kernel) the scores, their dropout mask and probabilities (3·a·H·S).
     Then by method: ``full`` keeps each distinct linear input (q/k/v share one, gate/up share one) and, its
-    norm weights training, the normalised inputs; LoRA keeps A·x (r per target) and x: once per input group
-    when adapter and activations share a dtype (peftkit's fused LoRA), else an fp32 copy per target; DoRA adds
+    norm weights training, the normalised inputs; LoRA keeps A·x (r per target) and x once per input group in
+    the activations' dtype (peftkit's fused LoRA, fp32 adapters on a bf16 base included); DoRA on bf16
+    activations keeps an fp32 copy of x per target instead (its reference path casts per target); DoRA adds
     two output-sized fp32 tensors per target (its norm and the base output); qlora's NF4 base is not a plain
     Linear, yet autograd keeps the same tensors as for LoRA (measured)."""
     h, inter, heads, kv, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
@@ -359,9 +360,9 @@ def layer_bytes_per_token(arch: Architecture, counts: Counts, method: str, act_b
         if arch.family == "decoder":
             terms["normalised inputs (norm weights train)"] = 2 * a * h
         return terms
-    if act_bytes == 4:  # adapters are fp32: peftkit's fused LoRA (x once per group; an NF4 base too)
+    if act_bytes == 4 or method != "dora":  # peftkit's fused LoRA, fp32 adapters on any base: x once per group
         terms["linear inputs (x, once per group)"] = a * sum(group_size[g] for g in groups if g in group_size)
-    else:  # bf16/fp16 activations, fp32 adapters: the reference path casts x to fp32 for each target
+    else:  # DoRA on bf16/fp16 activations with fp32 adapters: the reference path keeps an fp32 x per target
         terms["linear inputs (fp32 x per target)"] = sum(4 * t.in_features for t in counts.targets)
     terms["LoRA A·x (r per target)"] = 4 * r * len(counts.targets)
     if method == "dora":

@@ -129,7 +129,7 @@ class LoraVariant:
     def forward(self, layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """The plain-torch reference of ``lora_kernels.LoraFunction`` (same dropout masks, ordinary autograd)."""
         A = layer.lora_A[adapter_name]
-        xa = reference_dropped(x.to(A.weight.dtype), dropout_p(layer, adapter_name))
+        xa = reference_dropped(x, dropout_p(layer, adapter_name), A.weight.dtype)
         return result + (layer.lora_B[adapter_name](A(xa)) * layer.scaling[adapter_name]).to(result.dtype)
 
     def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,15 @@ Plain LoRA on a Linear (or GPT-2 Conv1D) computes, for x (..., d_in) and each ac
 :class:`LoraFunction` does that in one autograd node and saves only what backward needs:
 
     saved          x (one tensor for every sibling that reads the same input: q, k, v; gate, up) and
-                   h = A x̃ (tokens × r); the dropout mask is an integer seed: backward regenerates it and
-                   x̃ once per sibling group
-    forward        y = addmm(b, x, Wᵀ); y += s · h Bᵀ          (one add-matmul into the output)
-    backward       g_B = s · gᵀ h,   g_h = s · g B,   g_A = g_hᵀ x̃
-                   g_x = g W  +  (g_h A) ⊙ keep / (1 − p)      (the LoRA term added into g W in place)
+                   h = A x̄ (tokens × r); the dropout mask is an integer seed: backward regenerates it and
+                   x̄ once per sibling group
+    forward        y = addmm(b, x, Wᵀ); y += s̄ · h Bᵀ          (one add-matmul into the output)
+    backward       g_B = s̄ · gᵀ h,   g_h = s̄ · g B,   g_A = g_hᵀ x̄
+                   g_x = g W  +  (g_h A) ⊙ keep                (the LoRA term added into g W in place)
+
+with x̄ = x ⊙ keep and s̄ = s / (1 − p) (without dropout x̄ = x, s̄ = s): the dropout's 1/(1 − p) rides on the
+scalar instead of costing a pass over every input element (forward and backward) and one more over every input
+gradient (per target).
 
 A frozen W needs no saved input for its own backward (g W only). When the base is not a plain frozen
 Linear/Conv1D (nested adapter layers, a quantised base, a trainable W) or when another adapter came first,
@@ -25,9 +29,13 @@ version. HF PEFT draws an independent mask per target; in expectation the two ar
 
 The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
 plain torch ops under ordinary autograd, with the same seeds and masks, so outputs and gradients match the
-fused path (tested to 1e-6 in fp64). The fused path runs when input, base weight and adapter share a dtype
-and autocast is off (otherwise the reference runs, casting as HF PEFT does). Gradient checkpointing: seeds come
-from torch's default generator, whose state checkpointing restores, so a recomputed forward redraws the same masks.
+fused path (tested to 1e-6 in fp64). The fused path runs when autocast is off and input and base weight share a
+dtype; the adapter's may differ (fp32 adapters on a bf16/fp16 base, the default): then x is saved as it is (bf16,
+once per sibling group), x̄ and h = A x̄ are computed in the adapter's dtype from a transient cast, and s̄·h Bᵀ is
+cast to x's dtype and added, in the reference's order; the reference (and HF PEFT) keeps an fp32 copy of x per
+target instead. DoRA fuses only when all dtypes agree; otherwise the reference runs, casting as HF PEFT does.
+Gradient checkpointing: seeds come from torch's default generator, whose state checkpointing restores, so a
+recomputed forward redraws the same masks.
 """
 
 from __future__ import annotations
@@ -72,8 +80,10 @@ def keep_probability(p: float) -> float:
     return 1.0 - round(p * 2**_BITS) / 2**_BITS
 
 
-def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The keep-mask (bool, ``shape``) of dropout probability p that ``seed`` determines, on ``device``.
+def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device,
+                 dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """The keep-mask (``shape``) of dropout probability p that ``seed`` determines, on ``device``: bool, or 0/1 in
+    ``dtype`` (compared straight into it: no bool intermediate).
 
     Four 16-bit lanes per 64-bit random draw: ~5× faster than ``torch.rand`` on CPU, same on every call."""
     n = 1
@@ -83,7 +93,10 @@ def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device) -
     generator.manual_seed(seed)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64, device=device)
     lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= -(2 ** (_BITS - 1)) + round(p * 2**_BITS)
+    threshold = -(2 ** (_BITS - 1)) + round(p * 2**_BITS)
+    if dtype == torch.bool:
+        return lanes >= threshold
+    return torch.ge(lanes, threshold, out=torch.empty(shape, dtype=dtype, device=device))
 
 
 def draw_seed() -> int:
@@ -92,54 +105,68 @@ def draw_seed() -> int:
 
 
 class _SiblingCache(threading.local):
-    """Forward: the last dropped input, (input (weakly), its version, p) -> (seed, x̃); x̃ is held until another
-    input arrives (at most one input-sized tensor). Backward: the last regenerated (mask, x̃) by seed and input,
-    so siblings whose backwards run one after another regenerate once."""
+    """Forward: the last dropped input, (input (weakly), its version, p, x̃'s dtype) -> (seed, x̃); x̃ is held
+    until another input arrives (at most one input-sized tensor). Backward: the last regenerated (mask, x̃) by
+    seed, input and dtype, so siblings whose backwards run one after another regenerate once."""
 
     def __init__(self) -> None:
-        self.key: tuple[Any, int, float] | None = None
+        self.key: tuple[Any, int, float, torch.dtype] | None = None
         self.seed = 0
         self.dropped: torch.Tensor | None = None
-        self.backward: tuple[tuple[int, int, torch.Size], torch.Tensor, torch.Tensor] | None = None
+        self.backward: tuple[tuple[int, int, torch.Size, torch.dtype], torch.Tensor, torch.Tensor] | None = None
 
 
 _cache = _SiblingCache()
 
 
-def shared_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, int]:
-    """x̃ = x ⊙ keep / (1 − p) (no autograd graph: the caller's backward applies the mask) and its seed; a
-    sibling target calling with the same tensor (same version) gets the same seed and the same x̃."""
+def shared_dropout(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
+    """x̄ = x ⊙ keep in ``dtype`` (default x's; the adapter's where they differ, e.g. a bf16 x under fp32 adapters;
+    x̃ = x̄ / (1 − p), the caller folds the factor into its scaling) with no autograd graph (the caller's backward
+    applies the mask), and its seed; a sibling target calling with the same tensor (same version) gets the same
+    seed and the same x̄."""
+    dtype = x.dtype if dtype is None else dtype
     key = _cache.key
     version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
-    if key is not None and key[0]() is x and key[1] == version and key[2] == p:
+    if key is not None and key[0]() is x and key[1:] == (version, p, dtype):
         return _cache.dropped, _cache.seed
     seed = draw_seed()
     _cache.dropped = None  # free the previous input's x̃ first
-    dropped = apply_keep(x, p, seed)
-    _cache.key, _cache.seed, _cache.dropped = (weakref.ref(x), version, p), seed, dropped
+    dropped = apply_keep(x, p, seed, dtype)
+    _cache.key, _cache.seed, _cache.dropped = (weakref.ref(x), version, p, dtype), seed, dropped
     return dropped, seed
 
 
-def shared_seed(x: torch.Tensor, p: float) -> int:
+def shared_seed(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> int:
     """The seed :func:`shared_dropout` gives this input (the reference path builds x̃ with autograd from it)."""
-    return shared_dropout(x, p)[1]
+    return shared_dropout(x, p, dtype)[1]
 
 
-def apply_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    with torch.no_grad():
-        keep = dropout_keep(x.shape, p, seed, x.device)
-        return x.detach().mul(keep).mul_(1.0 / keep_probability(p))
+def apply_keep(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x̄ = x ⊙ keep in ``dtype`` (x cast first, as the reference casts x to the adapter's dtype; exact: the mask
+    only zeroes)."""
+    dtype = x.dtype if dtype is None else dtype
+    with torch.no_grad():  # a 0/1 mask in x̄'s dtype: multiplying by a bool mask costs ~5× more on CPU
+        return _masked(x.detach(), dropout_keep(x.shape, p, seed, x.device, dtype), dtype)
 
 
-def _dropped_for_backward(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep, x̃) of ``seed`` for the saved input x, regenerated once for siblings whose backwards run in a row."""
-    key = (seed, x.data_ptr(), x.shape)
+def _masked(x: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x ⊙ keep in ``dtype``, a new tensor (x itself is never written)."""
+    cast = x.to(dtype)  # x itself when it already has the dtype
+    return cast.mul(keep) if cast is x else cast.mul_(keep)
+
+
+def _dropped_for_backward(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype,
+                          need_dropped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(keep as 0/1 in ``dtype``, x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the saved input x, regenerated
+    once for siblings whose backwards run in a row. A 0/1 mask of the gradient's dtype lets every target fold it
+    into one in-place add (``addcmul_``) where a bool mask costs a multiply and an add (~6× the time on CPU)."""
+    key = (seed, x.data_ptr(), x.shape, dtype)
     cached = _cache.backward
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key and (cached[2] is not None or not need_dropped):
         return cached[1], cached[2]
     _cache.backward = None
-    keep = dropout_keep(x.shape, p, seed, x.device)
-    dropped = x.mul(keep).mul_(1.0 / keep_probability(p))
+    keep = dropout_keep(x.shape, p, seed, x.device, dtype)
+    dropped = _masked(x, keep, dtype) if need_dropped else None
     _cache.backward = (key, keep, dropped)
     return keep, dropped
 
@@ -151,32 +178,40 @@ def clear_caches() -> None:
 
 # ---- the fused function ----------------------------------------------------------------------------------
 class LoraFunction(torch.autograd.Function):
-    """y = (result, or x Wᵀ + b) + s · (x̃ Aᵀ) Bᵀ in one node; saves x, h = x̃ Aᵀ and the parameters.
+    """y = (result, or x Wᵀ + b) + s · (x̃ Aᵀ) Bᵀ in one node; saves x, h = x̄ Aᵀ and the parameters.
 
-    x, x̃ (..., d_in); result (..., d_out) or None; weight (d_out, d_in), or (d_in, d_out) when
-    ``fan_in_fan_out``, or None (then ``result`` is given); A (r, d_in); B (d_out, r). x̃ is x itself
-    without dropout (then ``dropped`` is None), else ``shared_dropout(x, p)`` of seed ``seed``. W must be frozen
-    (no gradient for it)."""
+    x, x̄ (..., d_in); result (..., d_out) or None; weight (d_out, d_in), or (d_in, d_out) when
+    ``fan_in_fan_out``, or None (then ``result`` is given); A (r, d_in); B (d_out, r). ``dropped`` is None
+    without dropout, else x̄ = x ⊙ keep in A's dtype (``shared_dropout(x, p, A.dtype)``, mask of seed ``seed``;
+    the function folds 1/(1 − p) into ``scaling``). W must be frozen (no gradient for it)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
                 scaling: float, p: float, seed: int, fan_in_fan_out: bool) -> torch.Tensor:
         d_in, d_out = A.shape[1], B.shape[0]
-        h = (x if dropped is None else dropped).reshape(-1, d_in) @ A.T  # (tokens, r)
+        if p > 0:
+            scaling = scaling / keep_probability(p)  # s̄: (x̃ Aᵀ) Bᵀ s = (x̄ Aᵀ) Bᵀ s̄
+        x2 = x.reshape(-1, d_in)
+        # the adapter's dtype may be wider than x's (fp32 adapters on a bf16 base): x̄ and h are in A's dtype, the
+        # output in x's; x is cast here and in backward, never kept cast
+        h = (x2.to(A.dtype) if dropped is None else dropped.reshape(-1, d_in)) @ A.T  # (tokens, r)
         if result is None:
             w_t = weight if fan_in_fan_out else weight.T  # (d_in, d_out)
-            x2 = x.reshape(-1, d_in)
             y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
-            y.addmm_(h, B.T, alpha=scaling)
         else:
-            y = torch.addmm(result.reshape(-1, d_out), h, B.T, alpha=scaling)
+            y = result.reshape(-1, d_out)
+        if A.dtype == y.dtype:
+            y = y.addmm_(h, B.T, alpha=scaling) if result is None else torch.addmm(y, h, B.T, alpha=scaling)
+        else:  # the reference's order: (h Bᵀ)·s in A's dtype, cast, added to the output
+            delta = (h @ B.T).mul_(scaling).to(y.dtype)
+            y = y.add_(delta) if result is None else y + delta
         need = ctx.needs_input_grad
-        # x, not x̃: x is shared with the siblings and often kept anyway (o_proj's input is the attention's saved
-        # output); backward rebuilds x̃ from the seed, once per sibling group
+        # x, not x̄: x is shared with the siblings and often kept anyway (o_proj's input is the attention's saved
+        # output); backward rebuilds x̄ from the seed, once per sibling group
         ctx.save_for_backward(x if need[5] else None, h if need[6] else None, A, B, weight if need[0] else None)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
-        ctx.x_shape, ctx.has_result = x.shape, result is not None
+        ctx.x_shape, ctx.x_dtype, ctx.has_result = x.shape, x.dtype, result is not None
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
@@ -185,34 +220,46 @@ class LoraFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, B.shape[0])
+        ga = g.to(A.dtype)  # g itself when the adapter shares its dtype
         keep = dropped = None
         if p > 0 and (need[0] or need[5]):
-            keep, dropped = _dropped_for_backward(x, p, ctx.seed) if x is not None else \
-                (dropout_keep(ctx.x_shape, p, ctx.seed, g.device), None)
+            keep, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5]) if x is not None else \
+                (dropout_keep(ctx.x_shape, p, ctx.seed, g.device, A.dtype), None)
         elif need[5]:
-            dropped = x
+            dropped = x.to(A.dtype)
         grad_x = grad_result = grad_bias = grad_A = grad_B = None
         if need[6]:
-            grad_B = (g.T @ h).mul_(s)
+            grad_B = (ga.T @ h).mul_(s)
         if need[0] or need[5]:
-            grad_h = (g @ B).mul_(s)  # (tokens, r)
+            grad_h = (ga @ B).mul_(s)  # (tokens, r)
             if need[5]:
                 grad_A = grad_h.T @ dropped.reshape(-1, A.shape[1])
             if need[0]:
                 base = None if weight is None else g @ (weight.T if ctx.fan_in_fan_out else weight)  # g W
-                if p > 0:
-                    lora = grad_h @ A
-                    lora.mul_(keep.view(lora.shape))
-                    scale = 1.0 / keep_probability(p)
-                    grad_x = lora.mul_(scale) if base is None else base.add_(lora, alpha=scale)
-                else:
-                    grad_x = grad_h @ A if base is None else base.addmm_(grad_h, A)
-                grad_x = grad_x.view(ctx.x_shape)
+                grad_x = _input_grad(base, grad_h, A, keep, ctx.x_dtype).view(ctx.x_shape)
         if ctx.has_result and need[2]:
             grad_result = grad_out
         if need[4]:
             grad_bias = g.sum(0)
         return grad_x, None, grad_result, None, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def _input_grad(base: torch.Tensor | None, grad_h: torch.Tensor, A: torch.Tensor, keep: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """g W (``base``, or nothing) + (g_h A) ⊙ keep, in x's ``dtype`` (``keep``: 0/1 in A's dtype, or None without
+    dropout): the LoRA term is added into g W in place; with an adapter wider than x it is computed in the
+    adapter's dtype and cast, as autograd does for the reference's cast of x."""
+    if keep is None:
+        if A.dtype != dtype:
+            lora = (grad_h @ A).to(dtype)
+            return lora if base is None else base.add_(lora)
+        return grad_h @ A if base is None else base.addmm_(grad_h, A)
+    lora = grad_h @ A
+    keep = keep.view(lora.shape)
+    if A.dtype != dtype:
+        lora = lora.mul_(keep).to(dtype)
+        return lora if base is None else base.add_(lora)
+    return lora.mul_(keep) if base is None else base.addcmul_(lora, keep)
 
 
 # Variants other than plain LoRA with a fused training path (DoRA: methods/dora.py), by exact variant type:
@@ -246,12 +293,16 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
         result = base(x)
     for name in names:
         A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        if not (A.dtype == B.dtype == x.dtype and (result is None or result.dtype == x.dtype)):
+        fused = FUSED_VARIANTS.get(type(layer.variant[name]))
+        # plain LoRA also fuses with an adapter dtype other than x's (fp32 adapters on a bf16 base): it keeps x as
+        # it is, where the reference keeps a cast copy per target; the variants need x's dtype throughout
+        dtypes_fit = (A.dtype == B.dtype and (result is None or result.dtype == x.dtype)
+                      and (A.dtype == x.dtype or (fused is None and A.is_floating_point() and x.is_floating_point())))
+        if not dtypes_fit:
             if result is None:
                 result = base(x)
             result = layer.variant[name].forward(layer, name, x, result)  # casts, as HF PEFT
             continue
-        fused = FUSED_VARIANTS.get(type(layer.variant[name]))
         if fused is not None:
             out = fused(layer, name, x, result, weight if result is None else None, bias if result is None else None)
             if out is None:  # not for this call (e.g. dropout): the variant's reference forward
@@ -260,7 +311,7 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
             continue
         p = dropout_p(layer, name)
         # without dropout x̃ is x: passed as None, since torch.compile cannot trace one tensor given twice
-        dropped, seed = shared_dropout(x, p) if p > 0 else (None, 0)
+        dropped, seed = shared_dropout(x, p, A.dtype) if p > 0 else (None, 0)
         result = LoraFunction.apply(x, dropped, result, weight if result is None else None,
                                     bias if result is None else None, A, B, layer.scaling[name], p, seed,
                                     layer.fan_in_fan_out)
@@ -273,12 +324,14 @@ def dropout_p(layer: Any, name: str) -> float:
     return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
-def reference_dropped(x: torch.Tensor, p: float) -> torch.Tensor:
-    """x̃ with the fused path's mask (same seed, shared by siblings), as ordinary autograd ops."""
+def reference_dropped(x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """x̃ = x cast to ``dtype`` (the adapter's), then masked with the fused path's mask (same seed, shared by the
+    siblings that read x), as ordinary autograd ops."""
+    xa = x.to(dtype)
     if p == 0:
-        return x
-    keep = dropout_keep(x.shape, p, shared_seed(x, p), x.device)
-    return x * keep * (1.0 / keep_probability(p))
+        return xa
+    keep = dropout_keep(x.shape, p, shared_seed(x, p, dtype), x.device)
+    return xa * keep * (1.0 / keep_probability(p))
 
 
 # ---- many adapters in one batch (S-LoRA / Punica): stacked weights, gathered per row -------------------------

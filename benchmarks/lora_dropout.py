@@ -1,0 +1,234 @@
+"""Where LoRA's dropout costs time on a narrow Llama-style model, and what the fused path's changes bought.
+
+Three parts, one process, ``--threads`` torch threads:
+
+* ``steps``: the floor (the frozen model with input gradients and no adapter), LoRA at dropout 0, LoRA at 0.05
+  with the LoRA kernels of ``--baseline`` (a git revision: its ``methods/lora_kernels.py`` is loaded beside the
+  current one and swapped in for that row's steps) and LoRA at 0.05 with the current kernels. The rows step in
+  turn (floor, p0, baseline, current, floor, ...), ``--turns`` turns after one warm-up each; ratios to the floor
+  are taken per turn, medians reported (a busy machine slows neighbouring steps alike).
+* ``profile``: self CPU time by ATen op over one step at 0.05 and one at 0 (torch.profiler), so the ops the
+  dropout adds — the random draw, the mask compare, the masked multiplies — show with their share of the step.
+* ``ops``: the mask's operations alone on the model's input shapes (tokens × hidden, tokens × intermediate),
+  median of repeats, in ms and ns per element.
+
+    PYTHONPATH=src python benchmarks/lora_dropout.py                    # hidden 512, 8 layers, batch 8 × 256
+    PYTHONPATH=src python benchmarks/lora_dropout.py --parts ops,profile --layers 2
+
+Writes benchmarks/results/lora_dropout.json (``--out``) and prints the tables benchmarks/RESULTS.md shows.
+"""
+
+# ruff: noqa: E402  (HF_HUB_OFFLINE must be set before transformers is imported)
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+import types
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import compare_hf_peft as bench  # noqa: I001  (the shared model, cases and step of the side-by-side benchmark)
+
+from peftkit.methods import lora as lora_module
+from peftkit.methods import lora_kernels
+
+
+def baseline_kernels(revision: str) -> types.ModuleType:
+    """``methods/lora_kernels.py`` as it was at ``revision``, loaded as a sibling module of the current one."""
+    source = subprocess.run(["git", "show", f"{revision}:src/peftkit/methods/lora_kernels.py"], cwd=HERE.parent,
+                            capture_output=True, text=True, check=True).stdout
+    name = "peftkit.methods._lora_kernels_baseline"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "peftkit.methods"
+    exec(compile(source, f"{revision}:lora_kernels.py", "exec"), module.__dict__)  # noqa: S102
+    return module
+
+
+def with_forward(step: Callable[[], float], forward: Callable[..., Any]) -> Callable[[], float]:
+    """``step`` with LoraLinear's fused forward swapped for ``forward`` while it runs (backward follows the graph)."""
+    def run() -> float:
+        before = lora_module.lora_linear_forward
+        lora_module.lora_linear_forward = forward
+        try:
+            return step()
+        finally:
+            lora_module.lora_linear_forward = before
+    return run
+
+
+def part_steps(args: argparse.Namespace) -> dict[str, Any]:
+    baseline = baseline_kernels(args.baseline)
+    rows: dict[str, Callable[[], float]] = {
+        "floor": bench.train_setup("floor", "-", args)[1],
+        "lora_p0": bench.train_setup("peftkit", "lora", args)[1],
+        f"lora_p05_{args.baseline}": with_forward(bench.train_setup("peftkit", "lora_p05", args)[1],
+                                                  baseline.lora_linear_forward),
+        "lora_p05": bench.train_setup("peftkit", "lora_p05", args)[1],
+    }
+    for step in rows.values():
+        step()
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    for turn in range(args.turns):
+        for name, step in rows.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+        print(f"turn {turn + 1}/{args.turns}: " + ", ".join(f"{k} {1000 * v[-1]:.0f} ms" for k, v in times.items()),
+              flush=True)
+    floor = times["floor"]
+    return {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
+            "vs_floor": {k: statistics.median(a / b for a, b in zip(v, floor, strict=True)) for k, v in times.items()},
+            "vs_lora_p0": {k: statistics.median(a / b for a, b in zip(v, times["lora_p0"], strict=True))
+                           for k, v in times.items()}}
+
+
+def part_profile(args: argparse.Namespace) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, Any] = {}
+    for case in ("lora_p05", "lora"):
+        step = bench.train_setup("peftkit", case, args)[1]
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            step()
+            wall = time.perf_counter() - t0
+        ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+        total = sum(ops.values())
+        top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:args.top])
+        out[case] = {"wall_s": wall, "self_total_s": total, "top_self_s": top, "all_self_s": ops}
+    return out
+
+
+def part_ops(args: argparse.Namespace) -> dict[str, Any]:
+    """The mask's operations on (tokens, width) fp32 inputs, for the model's two input widths."""
+    tokens = args.batch * args.seq
+    return {f"{tokens}x{width}": mask_ops(torch.Size((tokens, width)), args.repeat)
+            for width in (args.hidden, args.intermediate)}
+
+
+def mask_ops(shape: torch.Size, repeat: int, p: float = 0.05, seed: int = 1234) -> dict[str, dict[str, float]]:
+    """Before (bool mask; x ⊙ keep / (1 − p) in two passes; per target a bool multiply and an add) and now (1/(1 − p)
+    in the scalar; a 0/1 float mask in backward; one addcmul_ per target), each op's median time."""
+    scale = 1.0 / lora_kernels.keep_probability(p)
+    x, lora, base = (torch.randn(shape) for _ in range(3))
+    keep = lora_kernels.dropout_keep(shape, p, seed, x.device)
+    keep_f, drop = keep.to(x.dtype), ~keep
+    words = (shape.numel() + 3) // 4
+    lanes = torch.randint(-(2**63), 2**63 - 1, (words,)).view(torch.int16)[:shape.numel()].view(shape)
+    threshold, keep_out = -(2**15) + round(p * 2**16), torch.empty(shape)
+    ops: dict[str, Callable[[], Any]] = {
+        "randint (16-bit lanes, 4 per draw)": lambda: torch.randint(
+            -(2**63), 2**63 - 1, (words,), generator=torch.Generator().manual_seed(seed)),
+        "dropout_keep (randint + compare)": lambda: lora_kernels.dropout_keep(shape, p, seed, x.device),
+        "compare alone (16-bit lanes to a bool mask)": lambda: lanes >= threshold,
+        "compare straight into a 0/1 float mask (ge, out=)": lambda: torch.ge(lanes, threshold, out=keep_out),
+        "bool mask to 0/1 float": lambda: keep.to(x.dtype),
+        "x ⊙ keep (bool mask)": lambda: x.mul(keep),
+        "x ⊙ keep (0/1 float mask)": lambda: x.mul(keep_f),
+        "x ⊙ keep (where)": lambda: torch.where(keep, x, 0.0),
+        "x ⊙ keep (masked_fill of the drop mask)": lambda: x.masked_fill(drop, 0.0),
+        "x ⊙ keep / (1 − p) (before: two passes)": lambda: x.mul(keep).mul_(scale),
+        "per target before: base += (lora ⊙ keep) / (1 − p)": lambda: base.add_(lora.mul_(keep), alpha=scale),
+        "per target now: base.addcmul_(lora, keep) (float mask)": lambda: base.addcmul_(lora, keep_f),
+        "per target, bool: base += lora ⊙ keep (no 1/(1 − p))": lambda: base.add_(lora.mul_(keep)),
+        "one plain elementwise pass: x.mul(2.0)": lambda: x.mul(2.0),
+    }
+    row = {}
+    for name, fn in ops.items():
+        try:
+            fn()
+        except RuntimeError as exc:  # an op this torch does not offer (e.g. a dtype combination)
+            row[name] = {"error": str(exc).splitlines()[0][:120]}
+            continue
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        row[name] = {"ms": 1000 * med, "ns_per_element": 1e9 * med / shape.numel()}
+    return row
+
+
+PARTS = {"ops": part_ops, "profile": part_profile, "steps": part_steps}
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [f"Llama-style hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
+             f"{bench.VOCAB}, {args.dtype}; batch {args.batch}×{args.seq}; LoRA r {bench.RANK} all-linear; {args.threads} "
+             "thread(s)"]
+    if "ops" in results:
+        for shape, row in results["ops"].items():
+            lines += ["", f"| mask op on {shape} fp32 | ms | ns / element |", "|---|---|---|"]
+            lines += [f"| {k} | {v['ms']:.2f} | {v['ns_per_element']:.2f} |" if "ms" in v else
+                      f"| {k} | {v['error']} | - |" for k, v in row.items()]
+    if "profile" in results:
+        p05, p0 = results["profile"]["lora_p05"], results["profile"]["lora"]
+        lines += ["", "| op (self CPU, one step under the profiler) | p 0.05 ms | share | p 0 ms |", "|---|---|---|---|"]
+        for op, sec in p05["top_self_s"].items():
+            lines.append(f"| {op} | {1000 * sec:.0f} | {100 * sec / p05['self_total_s']:.1f} % | "
+                         f"{1000 * p0['all_self_s'].get(op, 0.0):.0f} |")
+        lines.append(f"| total | {1000 * p05['self_total_s']:.0f} | 100 % | {1000 * p0['self_total_s']:.0f} |")
+    if "steps" in results:
+        s = results["steps"]
+        lines += ["", f"| row ({args.turns} turns, interleaved) | step ms (median) | × floor | × LoRA p 0 |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {1000 * v:.0f} | {s['vs_floor'][k]:.3f} | {s['vs_lora_p0'][k]:.3f} |"
+                  for k, v in s["step_s"].items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="ops,profile,steps")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1376)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=20, help="repeats of each mask op (ops)")
+    parser.add_argument("--top", type=int, default=14, help="ops shown in the profile table")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the base model's dtype")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", default="169930e",
+                        help="git revision whose lora_kernels.py is the 'before' row (default: before issue 20's "
+                             "dropout work)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "lora_dropout.json")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for part in args.parts.split(","):
+        results[part] = PARTS[part](args)
+    text = report(results, args)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.out.write_text(json.dumps({"settings": settings, "results": results, "table": text,
+                                    "wall_s": time.perf_counter() - t0, "torch": torch.__version__}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
