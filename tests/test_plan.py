@@ -190,3 +190,17 @@ def test_a_folder_without_a_config_is_one_line(tmp_path):
 def test_a_family_the_activation_model_does_not_cover_is_refused():
     with pytest.raises(PeftError, match=r"peftkit plan models Llama-style .* not model_type 'gpt2'; measure it"):
         P.architecture_of(P.load_config({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2}))
+
+
+def test_apply_method_takes_the_method_and_the_base_model_id_explicitly():
+    """No duck-typed run spec: plan's config-only model passes no base model, a run passes its id."""
+    from conftest import tiny_llama
+
+    from peftkit.train.modeling import apply_method
+    from peftkit.train.spec import MethodSpec
+
+    recorded = apply_method(tiny_llama(), MethodSpec(name="lora"), "causal_lm", base_model="org/tiny-llama")
+    assert recorded.peft_config["default"].base_model_name_or_path == "org/tiny-llama"
+    unnamed = apply_method(tiny_llama(), MethodSpec(name="lora", options={"r": 2}), "causal_lm")
+    assert unnamed.peft_config["default"].base_model_name_or_path is None
+    assert unnamed.peft_config["default"].r == 2

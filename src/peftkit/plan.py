@@ -218,17 +218,9 @@ def meta_model(config: Any, arch: Architecture, method: str, dtype: str = "bf16"
     from .train.modeling import apply_method
     from .train.spec import MethodSpec
 
-    spec = _MethodOnly(MethodSpec(name=method, options=dict(options or {})))
     with torch.device("meta"):
-        model = apply_method(model, spec, arch.task)  # type: ignore[arg-type]
+        model = apply_method(model, MethodSpec(name=method, options=dict(options or {})), arch.task)
     return model, nf4
-
-
-@dataclass
-class _MethodOnly:
-    """The part of a RunSpec that :func:`peftkit.train.modeling.apply_method` reads."""
-
-    method: Any
 
 
 def count_parameters(config: Any, arch: Architecture, method: str, dtype: str = "bf16",
@@ -557,7 +549,7 @@ def build_model(config: Any, method: str, *, dtype: str = "fp32", seed: int = 0,
         model.enable_input_require_grads()
     if method_entry(method).quantization:
         quantize_base(model, "nf4")
-    model = apply_method(model, _MethodOnly(MethodSpec(name=method, options=dict(options or {}))), arch.task)
+    model = apply_method(model, MethodSpec(name=method, options=dict(options or {})), arch.task)
     return model.train()
 
 
