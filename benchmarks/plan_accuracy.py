@@ -149,7 +149,7 @@ def plan_row(config: object, name: str, method: str, dtype: str, batch: int, seq
 
 def key(row: dict) -> tuple:
     return (row["model"], row["method"], row["dtype"], row.get("checkpointing", False), row.get("strategy", "ddp"),
-            row.get("adamw", "loop"))
+            row.get("adamw", "loop"), row.get("processes", 1))
 
 
 def replan(files: list[str], out: str) -> None:
