@@ -384,7 +384,15 @@ def plan_lines(report: Any, memory_text: str) -> list[str]:
              f"memory per device {memory_text} = {_gib(p.capacity)}",
              "", f"{'per device':<16}{'GiB':>10}"]
     lines += [f"{name:<16}{value / 2**30:>10.2f}" for name, value in p.parts.items()]
-    lines += [f"{'total':<16}{p.total / 2**30:>10.2f}", "", p.verdict()]
+    lines += [f"{'total':<16}{p.total / 2**30:>10.2f}", ""]
+    held = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in p.resident.items())
+    if p.phase == "backward":
+        lines.append("at the start of backward, the step's peak (every activation; gradients are allocated as "
+                     f"backward frees them); held throughout, GiB: {held}")
+    else:
+        lines.append("at the optimizer step, the step's peak (every gradient and AdamW's temporaries; the "
+                     f"activations are freed); held throughout, GiB: {held}")
+    lines.append(p.verdict())
     if report.cheapest is None:
         lines.append(f"nothing tried fits ({', '.join(str(t.setting) for t in report.tried)}); "
                      "use more or larger devices, a smaller batch or a shorter seq")
@@ -428,7 +436,8 @@ def plan_(
                        checkpointing=checkpointing, dtype=dtype, precision=precision)
     if as_json:
         def one(p: Any) -> dict[str, Any]:
-            return {"setting": str(p.setting), "parts_bytes": p.parts, "total_bytes": p.total, "fits": p.fits}
+            return {"setting": str(p.setting), "parts_bytes": p.parts, "total_bytes": p.total, "fits": p.fits,
+                    "peak_phase": p.phase, "phases_bytes": p.phases, "resident_bytes": p.resident}
 
         typer.echo(json.dumps({"model": report.asked.model, "parameters": report.asked.counts.total,
                                "trainable": report.asked.counts.trainable, "capacity_bytes": report.asked.capacity,

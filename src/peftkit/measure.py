@@ -49,21 +49,30 @@ class TorchMemoryTracker:
 
     ``TorchMemoryTracker(tensors)`` counts the storages of ``tensors`` (parameters, buffers, optimizer state:
     what exists before the step) from the start. Storages are weighed by their bytes (a view counts its whole
-    storage once). Not seen: memory a tensor subclass allocates inside its own ops (torchao's NF4 weight
-    dequantised for one matmul) and allocator rounding or caching."""
+    storage once); a storage resized in place (FSDP2 frees and re-allocates its all-gather buffers with
+    ``UntypedStorage.resize_``, which is no op a dispatch mode sees) is re-weighed. :meth:`phase` closes a
+    phase of the step (forward, backward, ...) and records its own peak in :attr:`phases`. Not seen: memory a
+    tensor subclass allocates inside its own ops (torchao's NF4 weight dequantised for one matmul), buffers
+    inside collectives and allocator rounding or caching."""
 
     def __init__(self, tensors: list[Any] | None = None) -> None:
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
+        self.phases: dict[str, int] = {}
+        self._phase_peak = 0
         self._mode: Any = None
+        self._resize: Any = None
         for t in tensors or []:
             self._add(t)
         self.start = self.current
 
-    def _add(self, t: Any) -> None:
-        import weakref
+    def _count(self, delta: int) -> None:
+        self.current += delta
+        self.peak = max(self.peak, self.current)
+        self._phase_peak = max(self._phase_peak, self.current)
 
+    def _add(self, t: Any) -> None:
         import torch
 
         if not isinstance(t, torch.Tensor):
@@ -76,6 +85,14 @@ class TorchMemoryTracker:
             return
         try:
             storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        self._add_storage(storage)
+
+    def _add_storage(self, storage: Any) -> None:
+        import weakref
+
+        try:
             key = storage._cdata
             nbytes = storage.nbytes()
         except (RuntimeError, NotImplementedError):
@@ -83,12 +100,26 @@ class TorchMemoryTracker:
         if key in self.live or storage.device.type == "meta":
             return
         self.live[key] = nbytes
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
+        self._count(nbytes)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
+
+    def _resized(self, storage: Any) -> None:
+        key = storage._cdata
+        if key not in self.live:  # e.g. a buffer made before the tracker and freed by resizing, now re-allocated
+            self._add_storage(storage)
+            return
+        nbytes = storage.nbytes()
+        delta, self.live[key] = nbytes - self.live[key], nbytes
+        self._count(delta)
+
+    def phase(self, name: str) -> int:
+        """Close the phase that ends now: its peak (bytes) is recorded under ``name`` and returned."""
+        self.phases[name] = self._phase_peak
+        self._phase_peak = self.current
+        return self.phases[name]
 
     def __enter__(self) -> TorchMemoryTracker:
         import torch
@@ -105,10 +136,25 @@ class TorchMemoryTracker:
                         tracker._add(t)
                 return out
 
-        self.peak = self.current
+        resize = torch.UntypedStorage.resize_
+
+        def resized(storage: Any, size: int) -> Any:
+            out = resize(storage, size)
+            tracker._resized(storage)
+            return out
+
+        self.peak = self._phase_peak = self.current
+        self._resize = torch.UntypedStorage.__dict__.get("resize_")  # usually inherited from the C base
+        torch.UntypedStorage.resize_ = resized
         self._mode = _Mode()
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        import torch
+
         self._mode.__exit__(*exc)
+        if self._resize is None:
+            del torch.UntypedStorage.resize_
+        else:
+            torch.UntypedStorage.resize_ = self._resize

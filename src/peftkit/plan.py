@@ -13,17 +13,23 @@ put on it exactly as training would, so the parameter counts are exact. Memory p
                   :func:`layer_bytes_per_token`), plus the loss head's logits, at the per-device batch × seq;
                   with activation checkpointing, one layer input per layer plus the larger of the loss head's
                   peak and one recomputed layer (the logits are held through backward)
-    gathered      fsdp only: one transformer block unsharded (its weights, and fp32 gradients if it trains)
+    gathered      fsdp only, in backward: the root group (embeddings, final norm, head) whole, the running block
+                  and the prefetched one whole, and the running block's gradients before their reduce-scatter
     comm buffers  ddp with more than one device: the reducer's flat gradient buckets (a copy of the gradients)
+    optimizer step  AdamW's temporaries: CUDA's default (foreach) AdamW makes sqrt(v) of every tensor at once,
+                  one array the size of the moments
     overhead      fixed, per device: CUDA context, cuBLAS workspace and NCCL buffers (:data:`OVERHEAD_BYTES`)
 
-ddp: every device holds all of it; fsdp: weights, gradients and optimizer state divided by N, plus one gathered
-block. Validation against measured torch memory: ``benchmarks/plan_accuracy.py``.
+Activations and gradients do not peak together: backward frees a layer's activations as it allocates its
+gradients. The plan is the larger of the start of backward (weights, optimizer state, activations, the head's
+gradient, gathered groups) and the optimizer step (weights, optimizer state, every gradient, the step's
+temporaries, the logits still held). ddp: every device holds all of it; fsdp: each parameter's dim 0 is cut
+into N chunks (:class:`Stored`), so weights, gradients and optimizer state are about 1/N, exactly as FSDP2
+stores them. Validation against measured torch memory: ``benchmarks/plan_accuracy.py``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -169,13 +175,55 @@ class Counts:
     """The LM head / classifier trains (full fine-tuning, or a classification head)."""
     largest_quantized: int = 0
     """Elements of the largest NF4 weight (dequantised, whole, for each of its matmuls)."""
+    stored: tuple[Stored, ...] = ()
+    """Every parameter and buffer (once), as FSDP2 splits it across processes."""
+    head_trainable_elements: int = 0
+    """Trainable elements of the output head (its gradient is allocated first in backward)."""
+    root_weight_bytes: int = 0
+    """Parameters outside the transformer blocks as stored (embeddings, final norm, head: fsdp's root group)."""
+
+    def weights_on(self, processes: int) -> int:
+        """Bytes of parameters and buffers each of ``processes`` holds under fsdp (the first, the largest)."""
+        return sum(t.bytes_on(processes) for t in self.stored)
+
+    def trainable_on(self, processes: int) -> int:
+        """Trainable elements each of ``processes`` holds under fsdp (so its gradients and optimizer state)."""
+        return sum(t.trainable_on(processes) for t in self.stored)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One parameter or buffer as FSDP2 keeps it on each of N processes: a parameter's dim 0 is cut into chunks
+    of ceil(rows / N) rows (torch.chunk; the first process holds a full chunk, and every process's storage is
+    padded to one), a buffer stays whole on each. An NF4 weight splits its packed codes, block scales and
+    scaler factors by rows (torchao's all-gather hooks) and keeps its scaler mean and lookup table whole."""
+
+    rows: int
+    """Size of dim 0; 0 for a buffer (not sharded)."""
+    split_bytes: int
+    whole_bytes: int = 0
+    trainable_elements: int = 0
+
+    def bytes_on(self, processes: int) -> int:
+        split = -(-self.rows // processes) * self.split_bytes // self.rows if self.rows else 0
+        return split + self.whole_bytes
+
+    def trainable_on(self, processes: int) -> int:
+        return -(-self.rows // processes) * self.trainable_elements // self.rows if self.rows else 0
 
 
 def nf4_bytes(numel: int, element_bytes: int, block_size: int = 64, scaler_block_size: int = 256) -> int:
     """Bytes of one NF4 weight as torchao's NF4Tensor stores it: 4-bit codes, an int8 scale per block, a factor
     per scaler block and the scalers' mean (both in the weight's dtype), and its 16-entry lookup table."""
+    return sum(nf4_split_whole(numel, element_bytes, block_size, scaler_block_size))
+
+
+def nf4_split_whole(numel: int, element_bytes: int, block_size: int = 64,
+                    scaler_block_size: int = 256) -> tuple[int, int]:
+    """(bytes fsdp splits across processes: codes, block scales, scaler factors; bytes each keeps whole: the
+    scalers' mean and the lookup table) of one NF4 weight."""
     blocks = numel // block_size
-    return numel // 2 + blocks + (blocks // scaler_block_size) * element_bytes + element_bytes + 16 * element_bytes
+    return numel // 2 + blocks + (blocks // scaler_block_size) * element_bytes, element_bytes + 16 * element_bytes
 
 
 def _torch_dtype(dtype: str) -> Any:
@@ -218,17 +266,9 @@ def meta_model(config: Any, arch: Architecture, method: str, dtype: str = "bf16"
     from .train.modeling import apply_method
     from .train.spec import MethodSpec
 
-    spec = _MethodOnly(MethodSpec(name=method, options=dict(options or {})))
     with torch.device("meta"):
-        model = apply_method(model, spec, arch.task)  # type: ignore[arg-type]
+        model = apply_method(model, MethodSpec(name=method, options=dict(options or {})), arch.task)
     return model, nf4
-
-
-@dataclass
-class _MethodOnly:
-    """The part of a RunSpec that :func:`peftkit.train.modeling.apply_method` reads."""
-
-    method: Any
 
 
 def count_parameters(config: Any, arch: Architecture, method: str, dtype: str = "bf16",
@@ -243,28 +283,38 @@ def count_parameters(config: Any, arch: Architecture, method: str, dtype: str = 
         if key is not None and weight is not None:
             owners[id(weight)] = key
     block_prefix = _first_block(model)
+    blocks_prefix = block_prefix[:-2].rsplit(".", 1)[0] + "." if block_prefix else ""  # "model.layers."
     seen: set[int] = set()
-    total = trainable = weight_bytes = block_bytes = block_trainable = quantized = 0
+    total = trainable = weight_bytes = block_bytes = block_trainable = quantized = root_bytes = 0
     trainable_bytes = 4
     largest = 0
     head_trainable = False
+    stored: list[Stored] = []
     tensors = [(n, p, True) for n, p in model.named_parameters()] + [(n, b, False) for n, b in model.named_buffers()]
     for name, p, is_param in tensors:
         if id(p) in seen:
             continue
         seen.add(id(p))
         nbytes = p.numel() * p.element_size()
+        split, whole = nbytes, 0
         if id(p) in owners:
-            nbytes = nf4_bytes(p.numel(), p.element_size(), 64, nf4[owners[id(p)]])
+            split, whole = nf4_split_whole(p.numel(), p.element_size(), 64, nf4[owners[id(p)]])
+            nbytes = split + whole
             quantized += p.numel()
             largest = max(largest, p.numel())
         weight_bytes += nbytes
         if is_param:
             total += p.numel()
+            rows = int(p.shape[0]) if p.ndim else 1
+            stored.append(Stored(rows, split, whole, p.numel() if p.requires_grad else 0))
             if p.requires_grad:
                 trainable += p.numel()
                 trainable_bytes = min(trainable_bytes, p.element_size())
                 head_trainable |= _is_head(name)
+            if not (blocks_prefix and name.startswith(blocks_prefix)):
+                root_bytes += nbytes
+        else:
+            stored.append(Stored(0, 0, nbytes))
         if block_prefix and name.startswith(block_prefix):
             block_bytes += nbytes
             if is_param and p.requires_grad:
@@ -273,7 +323,16 @@ def count_parameters(config: Any, arch: Architecture, method: str, dtype: str = 
     return Counts(total=total, trainable=trainable, weight_bytes=weight_bytes, trainable_dtype_bytes=trainable_bytes,
                   block_weight_bytes=block_bytes, block_trainable=block_trainable, quantized=quantized,
                   targets=targets, rank=rank, head_trainable=head_trainable,
-                  largest_quantized=largest)
+                  largest_quantized=largest, stored=tuple(stored), head_trainable_elements=_head_trainable(model),
+                  root_weight_bytes=root_bytes)
+
+
+def _head_trainable(model: Any) -> int:
+    """Trainable elements of the output head modules (a weight tied to the embeddings counts here too)."""
+    heads = [m for name, m in model.named_modules() if re.search(r"(^|\.)(lm_head|classifier|score)$", name)]
+    inner = {id(sub) for m in heads for sub in list(m.modules())[1:]}
+    params = {id(p): p for m in heads if id(m) not in inner for p in m.parameters() if p.requires_grad}
+    return sum(p.numel() for p in params.values())
 
 
 def _is_head(name: str) -> bool:
@@ -411,7 +470,18 @@ class MemoryPlan:
     capacity: int
     counts: Counts
     parts: dict[str, int]
+    """What is allocated at the step's peak, by component (the larger phase of :attr:`phases`)."""
     activation_terms: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Both candidate peaks: "backward" (its start: every activation, the head's gradient, fsdp's gathered
+    groups) and "optimizer step" (every gradient, AdamW's temporaries, the logits the caller still holds)."""
+    resident: dict[str, int] = field(default_factory=dict)
+    """Weights, gradients and optimizer state per device once they exist (fsdp: this process's shards)."""
+
+    @property
+    def phase(self) -> str:
+        """Which phase of the step :attr:`parts` (the peak) is."""
+        return max(self.phases, key=lambda k: sum(self.phases[k].values())) if self.phases else ""
 
     @property
     def total(self) -> int:
@@ -445,15 +515,23 @@ def plan_memory(arch: Architecture, counts: Counts, setting: Setting, *, gpus: i
     """Per-device memory of ``setting`` (the module docstring lists the components). ``precision``: "mixed"
     (the usual recipe: trainable parameters held in bf16 get an fp32 master copy, fp32 gradients and fp32
     AdamW state) or "pure" (what ``peftkit train`` does with ``model.dtype: bfloat16``: gradients and AdamW
-    state in each parameter's own dtype; the same for fp32 and for LoRA, whose adapters are fp32)."""
+    state in each parameter's own dtype; the same for fp32 and for LoRA, whose adapters are fp32).
+
+    Activations and gradients are never all alive together: backward frees each layer's activations as it
+    allocates that layer's gradients, so the peak is the larger of two moments (see :attr:`MemoryPlan.phases`):
+    the start of backward (all activations; of the gradients only the head's) and AdamW's step (all gradients
+    and, as CUDA's default foreach AdamW computes sqrt(v) for every tensor at once, one more array of the
+    moments' size; the logits the caller still holds)."""
     act = DTYPES[dtype]
     n = gpus if setting.strategy == "fsdp" else 1
+    trainable = counts.trainable_on(n) if counts.stored else -(-counts.trainable // n)
+    grad_element = counts.trainable_dtype_bytes if precision == "pure" else 4
+    grads = grad_element * trainable
     if precision == "pure":
-        grads = counts.trainable_dtype_bytes * counts.trainable
-        optim = 2 * counts.trainable_dtype_bytes * counts.trainable
+        optim = 2 * counts.trainable_dtype_bytes * trainable
     else:
-        grads = 4 * counts.trainable
-        optim = 8 * counts.trainable + (4 * counts.trainable if counts.trainable_dtype_bytes < 4 else 0)
+        optim = 8 * trainable + (4 * trainable if counts.trainable_dtype_bytes < 4 else 0)
+    weights = counts.weights_on(n) if counts.stored else -(-counts.weight_bytes // n)
     layer = layer_bytes_per_token(arch, counts, setting.method, act, seq, attention)
     per_layer = sum(layer.values())
     head_terms = head_bytes_per_token(arch, counts, act)
@@ -468,15 +546,25 @@ def plan_memory(arch: Architecture, counts: Counts, setting: Setting, *, gpus: i
     else:
         activations = tokens * (arch.layers * per_layer + head)
     activations += transient
-    parts = {"weights": math.ceil(counts.weight_bytes / n), "gradients": math.ceil(grads / n),
-             "optimizer": math.ceil(optim / n), "activations": int(activations)}
+    backward = {"weights": weights, "gradients": grad_element * counts.head_trainable_elements,
+                "optimizer": optim, "activations": int(activations)}
+    step = {"weights": weights, "gradients": grads, "optimizer": optim,
+            "optimizer step": grad_element * trainable,  # foreach AdamW: sqrt(v) of every trainable tensor
+            "logits (held)": int(tokens * head_terms.get("logits", 0))}
     if setting.strategy == "fsdp" and gpus > 1:
-        parts["gathered block"] = counts.block_weight_bytes + 4 * counts.block_trainable
+        # the root group (embeddings, final norm, head) stays gathered from its pre-backward to the end of backward;
+        # a block is gathered while it runs and the next one is prefetched; the running block's gradients are
+        # whole until their reduce-scatter
+        backward["gathered"] = (counts.root_weight_bytes + 2 * counts.block_weight_bytes
+                                + grad_element * counts.block_trainable)
     if setting.strategy == "ddp" and gpus > 1:
-        parts["comm buffers"] = grads
-    parts["overhead"] = OVERHEAD_BYTES
+        backward["comm buffers"] = step["comm buffers"] = grads
+    phases = {"backward": backward, "optimizer step": step}
+    peak = max(phases.values(), key=lambda part: sum(part.values()))
+    parts = {**peak, "overhead": OVERHEAD_BYTES}
     return MemoryPlan(model=arch.name, setting=setting, gpus=gpus, batch=batch, seq=seq, dtype=dtype,
-                      capacity=capacity, counts=counts, parts=parts, activation_terms=layer)
+                      capacity=capacity, counts=counts, parts=parts, activation_terms=layer, phases=phases,
+                      resident={"weights": weights, "gradients": grads, "optimizer": optim})
 
 
 def candidates(method: str, gpus: int) -> list[Setting]:
@@ -558,46 +646,31 @@ def build_model(config: Any, method: str, *, dtype: str = "fp32", seed: int = 0,
         model.enable_input_require_grads()
     if method_entry(method).quantization:
         quantize_base(model, "nf4")
-    model = apply_method(model, _MethodOnly(MethodSpec(name=method, options=dict(options or {}))), arch.task)
+    model = apply_method(model, MethodSpec(name=method, options=dict(options or {})), arch.task)
     return model.train()
 
 
 def measure_step(config: Any, method: str, *, batch: int, seq: int, dtype: str = "fp32", seed: int = 0,
                  num_labels: int = 5, pad: int = 0, options: dict[str, Any] | None = None,
-                 checkpointing: bool = False) -> dict[str, Any]:
+                 checkpointing: bool = False, foreach: bool = True) -> dict[str, Any]:
     """Build ``config`` with random weights, put ``method`` on it as ``peftkit train`` does (qlora: an NF4 base
     first), take one AdamW step (so its state exists), then measure the second step with
-    :class:`~peftkit.measure.TorchMemoryTracker`: peak live tensor bytes from the forward to ``zero_grad``.
+    :class:`~peftkit.measure.TorchMemoryTracker`: peak live tensor bytes from the forward to ``zero_grad``, and
+    the peak of each phase (forward, backward, optimizer step). ``foreach``: AdamW's implementation; True is
+    what torch picks on CUDA (sqrt(v) of every tensor at once), False its CPU default (one tensor at a time).
     Also returns ``peftkit compare``'s accounting: weights + gradients + optimizer state + the bytes autograd
     saves (distinct storages that are not parameters). ``pad``: padded positions in the first sequence
     (encoders: an attention mask, as classification batches have)."""
     import torch
 
-    from .measure import TorchMemoryTracker
     from .quantize import model_weight_bytes, tensor_nbytes
 
     arch = architecture_of(config)
     model = build_model(config, method, dtype=dtype, seed=seed, num_labels=num_labels, options=options,
                         checkpointing=checkpointing)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    ids = torch.randint(0, arch.vocab, (batch, seq))
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if pad:
-        mask[0, seq - pad:] = 0
-    labels = ids if arch.task == "causal_lm" else torch.randint(0, num_labels, (batch,))
-
-    def step() -> None:
-        out = model(input_ids=ids, attention_mask=mask if pad else None, labels=labels)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
+    ids, mask, labels = _batch(arch, batch, seq, num_labels, pad, torch.Generator().manual_seed(seed))
+    measured = _measured_steps(model, ids, mask if pad else None, labels, foreach)
     params = [*model.parameters(), *model.buffers()]
-    state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
-    with TorchMemoryTracker([*params, *state, ids, mask, labels]) as tracker:
-        step()
     keys = set()
     for p in params:
         try:
@@ -620,8 +693,112 @@ def measure_step(config: Any, method: str, *, batch: int, seq: int, dtype: str =
     saved_bytes = sum(saved.values())
     del out
     weights = model_weight_bytes(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in trainable)
-    optim = sum(tensor_nbytes(t) for t in state)
-    return {"peak_bytes": tracker.peak, "start_bytes": tracker.start, "weights": weights, "gradients": grads,
-            "optimizer": optim, "saved_activations": saved_bytes, "compare_accounting": weights + grads + optim
-            + saved_bytes, "trainable": sum(p.numel() for p in trainable)}
+    optim = sum(tensor_nbytes(t) for t in measured.pop("state"))
+    return {**measured, "weights": weights, "gradients": grads, "optimizer": optim,
+            "saved_activations": saved_bytes, "compare_accounting": weights + grads + optim + saved_bytes,
+            "trainable": sum(p.numel() for p in trainable)}
+
+
+def _batch(arch: Architecture, batch: int, seq: int, num_labels: int, pad: int, generator: Any) -> tuple[Any, ...]:
+    """(input ids, attention mask with ``pad`` padded positions in the first sequence, labels)."""
+    import torch
+
+    ids = torch.randint(0, arch.vocab, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad:
+        mask[0, seq - pad:] = 0
+    labels = ids if arch.task == "causal_lm" else torch.randint(0, num_labels, (batch,), generator=generator)
+    return ids, mask, labels
+
+
+def _measured_steps(model: Any, ids: Any, mask: Any, labels: Any, foreach: bool, warmup: int = 1) -> dict[str, Any]:
+    """``warmup`` AdamW steps of ``model``, then one more measured by phase. Returns the peaks, the bytes of the
+    gradients this process holds after backward (fsdp: its shards), AdamW's moments and step counters, and the
+    optimizer state."""
+    import torch
+
+    from .distributed import local_tensor
+    from .measure import TorchMemoryTracker
+    from .quantize import tensor_nbytes
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=foreach)
+    grads: list[int] = []
+
+    def step(tracker: TorchMemoryTracker | None = None) -> None:
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        if tracker is not None:
+            tracker.phase("forward")
+        out.loss.backward()
+        if tracker is not None:
+            tracker.phase("backward")
+        grads.append(sum(tensor_nbytes(local_tensor(p.grad)) for p in trainable if p.grad is not None))
+        optimizer.step()
+        if tracker is not None:
+            tracker.phase("optimizer step")
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    params = {id(p): p for p in [*model.parameters(), *model.buffers()]}
+    state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    with TorchMemoryTracker([*params.values(), *state, ids, labels, *([] if mask is None else [mask])]) as tracker:
+        step(tracker)
+    moments = sum(tensor_nbytes(local_tensor(t)) for st in optimizer.state.values()
+                  for k, t in st.items() if k in ("exp_avg", "exp_avg_sq"))
+    return {"peak_bytes": tracker.peak, "start_bytes": tracker.start, "phases": dict(tracker.phases),
+            "gradients_local": grads[-1], "optimizer_moments_local": moments,
+            "optimizer_steps_local": sum(tensor_nbytes(st["step"]) for st in optimizer.state.values()),
+            "foreach": foreach, "state": state}
+
+
+def measure_sharded_step(config: Any, method: str, *, batch: int, seq: int, dtype: str = "fp32", seed: int = 0,
+                         options: dict[str, Any] | None = None, checkpointing: bool = False,
+                         foreach: bool = True, strategy: str = "fsdp") -> dict[str, Any]:
+    """:func:`measure_step` on several processes: every process of the default process group calls it
+    (torchrun). The model is built the same on each (seeded), then sharded with
+    :func:`peftkit.distributed.shard` (strategy "fsdp"; activation checkpointing per block if asked) or wrapped
+    in DistributedDataParallel ("ddp"); each process takes its own ``batch`` (the plan's per-device batch).
+    Returns this process's numbers: the bytes it holds of parameters and buffers (fsdp: its local shards, a
+    DTensor's ``to_local()``; buffers are whole), of gradients after backward and of AdamW's moments, its peak
+    torch memory by phase, and for ddp the bytes of the reducer's gradient buckets (allocated before the
+    measured step and alive throughout, so they are added to its peaks)."""
+    import torch
+    import torch.distributed as dist
+
+    from .distributed import local_tensor, shard
+    from .quantize import tensor_nbytes
+
+    arch = architecture_of(config)
+    if arch.task != "causal_lm":
+        raise PeftError("measure_sharded_step measures causal LMs; classifiers are measured with measure_step")
+    if strategy not in STRATEGIES:
+        raise PeftError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    model = build_model(config, method, dtype=dtype, seed=seed, options=options,
+                        checkpointing=checkpointing and strategy == "ddp")
+    if strategy == "fsdp":
+        shard(model, activation_checkpointing=checkpointing)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    rank = dist.get_rank()
+    ids, _, labels = _batch(arch, batch, seq, 0, 0, torch.Generator().manual_seed(seed + 1 + rank))
+    # ddp rebuilds its buckets in the second step's forward: measure the third
+    measured = _measured_steps(model, ids, None, labels, foreach, warmup=1 if strategy == "fsdp" else 2)
+    del measured["state"]
+    buckets = 0
+    if strategy == "ddp":
+        logged = model._get_ddp_logging_data()
+        sizes = str(logged.get("rebuilt_bucket_sizes") or logged.get("bucket_sizes") or "")
+        buckets = sum(int(x) for x in sizes.split(",") if x.strip())
+        measured["peak_bytes"] += buckets
+        measured["start_bytes"] += buckets
+        measured["phases"] = {k: v + buckets for k, v in measured["phases"].items()}
+    params = {id(p): p for p in model.parameters()}
+    buffers = {id(b): b for b in model.buffers()}
+    local = sum(tensor_nbytes(local_tensor(p)) for p in params.values())
+    return {**measured, "rank": rank, "processes": dist.get_world_size(), "strategy": strategy,
+            "parameters_local": local, "buffers": sum(tensor_nbytes(b) for b in buffers.values()),
+            "comm_buffers": buckets,
+            "trainable_local": sum(local_tensor(p).numel() for p in params.values() if p.requires_grad)}

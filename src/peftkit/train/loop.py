@@ -33,7 +33,15 @@ from ..errors import NoTrainableParametersError, PeftError
 from ..io import atomic_folder, atomic_write_bytes
 from .data import Dataset, Order, build_dataset, collate, data_fingerprint
 from .methods import method_entry
-from .modeling import apply_method, classifier_module, load_base, load_tokenizer, model_task, quantize
+from .modeling import (
+    apply_method,
+    base_model_id,
+    classifier_module,
+    load_base,
+    load_tokenizer,
+    model_task,
+    quantize,
+)
 from .outputs import (
     RUN_INFO,
     NonFiniteError,
@@ -234,7 +242,8 @@ class Runner(Scorer):
         self.global_batch = t.batch_size * t.grad_accum * self.world
         n = len(self.data.train)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * n / self.global_batch))
-        self.model = apply_method(base, spec, self.task, self.total_steps, self.tokenizer).to(self.device)
+        self.model = apply_method(base, spec.method, self.task, base_model=base_model_id(spec),
+                                  total_steps=self.total_steps, tokenizer=self.tokenizer).to(self.device)
         self.base_param_bytes = fsdp.local_parameter_bytes(self.model, trainable=False)
         d = t.distributed
         if self.sharded:  # before the optimizer: the parameters become DTensors
@@ -292,8 +301,6 @@ class Runner(Scorer):
 
     def run_info(self) -> dict[str, Any]:
         """What ``peftkit_run.json`` records (see peftkit.train.outputs)."""
-        from .modeling import base_model_id
-
         m = self.spec.model
         info: dict[str, Any] = {"task": self.task, "method": self.entry.name,
                                 "base_model": m.name if m.name in ("minilm", "smollm2") else base_model_id(self.spec),

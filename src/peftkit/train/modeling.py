@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..errors import PeftError
 from ..quiet import no_gguf_progress_bar
 from .methods import method_entry
-from .spec import RunSpec
+from .spec import MethodSpec, RunSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
 
@@ -266,14 +266,16 @@ def classifier_module(model: nn.Module) -> nn.Module:
     raise PeftError("method 'head' needs a classification model with a 'classifier' or 'score' head")
 
 
-def apply_method(model: nn.Module, spec: RunSpec, task: str, total_steps: int | None = None,
-                 tokenizer: Any = None) -> nn.Module:
-    """Put the run's method on ``model``: a PeftModel, or the model itself for ``full`` / ``head``.
-    ``total_steps`` (the run's optimizer steps) scales step-counted defaults such as Delta-LoRA's start;
-    ``tokenizer`` serves defaults that read text (prefix tuning's init text)."""
+def apply_method(model: nn.Module, method: MethodSpec, task: str, *, base_model: str | None = None,
+                 total_steps: int | None = None, tokenizer: Any = None) -> nn.Module:
+    """Put ``method`` on ``model``: a PeftModel, or the model itself for ``full`` / ``head``.
+    ``base_model``: what the adapter records as ``base_model_name_or_path`` (a run passes
+    :func:`base_model_id`; ``peftkit plan``'s config-only models have none). ``total_steps`` (the run's optimizer
+    steps) scales step-counted defaults such as Delta-LoRA's start; ``tokenizer`` serves defaults that read text
+    (prefix tuning's init text)."""
     from ..model import get_peft_model
 
-    entry = method_entry(spec.method.name)
+    entry = method_entry(method.name)
     if task not in entry.tasks:
         raise PeftError(f"method {entry.name!r} does not apply to a {task} model; use e.g. lora")
     if entry.name == "full":
@@ -286,9 +288,9 @@ def apply_method(model: nn.Module, spec: RunSpec, task: str, total_steps: int | 
         for p in classifier_module(model).parameters():
             p.requires_grad_(True)
         return model
-    config = entry.make_config(task, spec.method.options, model, total_steps, tokenizer)
-    if config is not None and config.base_model_name_or_path is None and getattr(spec, "model", None) is not None:
-        config = config.copy(base_model_name_or_path=base_model_id(spec))  # what `peftkit inspect` shows
+    config = entry.make_config(task, method.options, model, total_steps, tokenizer)
+    if config is not None and config.base_model_name_or_path is None and base_model is not None:
+        config = config.copy(base_model_name_or_path=base_model)  # what `peftkit inspect` shows
     return get_peft_model(model, config)
 
 
