@@ -9,10 +9,12 @@ The check below makes that exact, position by position, with both engines teache
 * ``noise_ranges``: the noise ε, per position: the spread (max − min) of the engines' logit differences
   over the k tokens ranked highest. Any gap between two of those tokens differs between the engines by at
   most this much, so it is the scale at which argmax can flip.
-* ``disagreements``: every position where the two engines' argmax differ, with each engine's top-2 gap and
-  whether the two picks are each other's runner-up (a swap of the top 2).
-* ``near_tie_violations``: the disagreements that are NOT near ties: not a top-2 swap, or a gap in either
-  engine of at least ε. A correct adapter has none; a wrong one (alpha doubled, q/k rows unpermuted) does.
+* ``disagreements``: every position where the two engines' argmax differ, with each engine's top-2 gap,
+  whether the two picks are each other's runner-up (a swap of the top 2), and each engine's deficit: how far
+  below its own pick it ranks the other engine's pick (for a swap, the deficits are the top-2 gaps).
+* ``near_tie_violations``: the disagreements that are NOT near ties: a deficit of at least ε in either engine.
+  (A near tie may take three tokens: two engines may pick the first and the third of three tokens within ε.)
+  A correct adapter has none; a wrong one (ΔW doubled, or no adapter at all) does.
 """
 
 from __future__ import annotations
@@ -123,13 +125,13 @@ def disagreements(ours: np.ndarray, theirs: np.ndarray) -> list[dict]:
         t1, t2, t_gap = top2(theirs[p])
         if o1 != t1:
             rows.append({"position": p, "ours": o1, "theirs": t1, "ours_gap": o_gap, "theirs_gap": t_gap,
-                         "swap": o2 == t1 and t2 == o1,
+                         "swap": o2 == t1 and t2 == o1, "ours_deficit": float(ours[p, o1] - ours[p, t1]),
+                         "theirs_deficit": float(theirs[p, t1] - theirs[p, o1]),
                          "pair_noise": float((theirs[p, t1] - ours[p, t1]) - (theirs[p, o1] - ours[p, o1]))})
     return rows
 
 
 def near_tie_violations(ours: np.ndarray, theirs: np.ndarray, epsilon: float) -> list[dict]:
-    """The disagreements that are not near ties: not a swap of the top 2, or a top-2 gap ≥ ``epsilon`` in
-    either engine."""
-    return [d for d in disagreements(ours, theirs)
-            if not (d["swap"] and d["ours_gap"] < epsilon and d["theirs_gap"] < epsilon)]
+    """The disagreements that are not near ties: either engine ranks the other's pick ``epsilon`` or more
+    below its own."""
+    return [d for d in disagreements(ours, theirs) if not (d["ours_deficit"] < epsilon and d["theirs_deficit"] < epsilon)]

@@ -495,22 +495,28 @@ def test_merged_gguf_refuses_a_base_gguf_of_another_architecture(tmp_path) -> No
 
 # ---- greedy generations: llama.cpp against peftkit, adapters trained on chatterbot-corpus -------------
 def test_near_tie_check_flags_every_disagreement_that_is_not_a_near_tie() -> None:
-    """``engines.near_tie_violations`` on hand-made logits: a top-2 swap with gaps below ε passes; a pick of
-    the third token, or a swap with a gap of 1 logit, fails; ``noise_ranges`` is the spread of the differences."""
+    """``engines.near_tie_violations`` on hand-made logits: a top-2 swap, or a pick of the third of three
+    tokens, with deficits below ε passes; a pick of a token 2 logits down, or a swap across a gap of 1 logit,
+    fails; ``noise_ranges`` is the spread of the engines' differences over the top 5."""
     from engines import disagreements, near_tie_violations, noise_ranges
 
-    ours = np.tile(np.arange(10.0), (4, 1))  # token 9 best, by 1 logit, at every position
+    ours = np.tile(np.arange(10.0), (5, 1))  # token 9 best, by 1 logit, at every position
     theirs = ours.copy()
     ours[1, 8], theirs[1, 8] = 8.995, 9.004  # a near tie, flipped: gaps 0.005 (ours) and 0.004 (theirs)
-    theirs[2, 7] = 9.5                        # llama.cpp picks ours' third token
+    theirs[2, 7] = 9.5                        # llama.cpp picks ours' third token, 2 logits down
     theirs[3, 8] = 9.6                        # a swap of the top 2, but ours' gap is 1 logit
-    np.testing.assert_allclose(noise_ranges(ours, theirs, ours), [0.0, 0.009, 2.5, 1.6], atol=1e-12)
+    ours[4, 8], ours[4, 7] = 8.99, 8.98       # three tokens within 0.02; llama.cpp picks the third
+    theirs[4, 8], theirs[4, 7] = 8.99, 9.01
+    np.testing.assert_allclose(noise_ranges(ours, theirs, ours), [0.0, 0.009, 2.5, 1.6, 0.03], atol=1e-12)
     found = disagreements(ours, theirs)
-    assert [d["position"] for d in found] == [1, 2, 3] and [d["swap"] for d in found] == [True, False, True]
+    assert [d["position"] for d in found] == [1, 2, 3, 4] and [d["swap"] for d in found] == [True, False, True, False]
     assert found[0]["ours_gap"] == pytest.approx(0.005) and found[0]["theirs_gap"] == pytest.approx(0.004)
-    assert found[0]["pair_noise"] == pytest.approx(0.009)  # the two gaps add up to it, for a swap
-    assert [d["position"] for d in near_tie_violations(ours, theirs, 0.01)] == [2, 3]
-    assert [d["position"] for d in near_tie_violations(ours, theirs, 0.0045)] == [1, 2, 3]
+    assert found[0]["pair_noise"] == pytest.approx(0.009)  # the two deficits add up to it
+    assert found[3]["ours_deficit"] == pytest.approx(0.02) and found[3]["theirs_deficit"] == pytest.approx(0.01)
+    assert found[3]["ours_gap"] == pytest.approx(0.01)
+    assert [d["position"] for d in near_tie_violations(ours, theirs, 0.025)] == [2, 3]
+    assert [d["position"] for d in near_tie_violations(ours, theirs, 0.01)] == [2, 3, 4]
+    assert [d["position"] for d in near_tie_violations(ours, theirs, 0.0045)] == [1, 2, 3, 4]
     assert near_tie_violations(ours, ours, 0.0) == []
 
 
@@ -538,10 +544,11 @@ def test_greedy_generations_of_trained_adapters_in_llama_cpp_and_peftkit(tmp_pat
     teacher-forced along peftkit's greedy continuation (up to the first disagreement these are the very logits
     both greedy runs decided on, asserted). A question's noise ε is measured on the bare base models, teacher-
     forced along that same continuation: the largest spread of their logit differences over the adapted
-    model's top 5 tokens (``engines.noise_ranges``), so ε does not depend on the adapter. Asserted: every
-    position where the adapted engines' argmax differ is a swap of the top 2 with the top-2 gap below ε in
-    both engines (``engines.near_tie_violations`` is empty); the same for the bare bases along their own
-    continuations. The same check fails for the LoRA exported with ΔW doubled (alpha × 2).
+    model's top 5 tokens (``engines.noise_ranges``), so ε does not depend on the adapter. Asserted: at every
+    position where the adapted engines' argmax differ, each engine ranks the other's pick less than ε below
+    its own (``engines.near_tie_violations`` is empty); the same for the bare bases along their own
+    continuations. The same check fails for the LoRA exported with ΔW doubled (alpha × 2), and for llama.cpp
+    without the adapter.
 
     n_merged: the merged f16 GGUF is built from the de-quantised base, i.e. from exactly peftkit's merged
     weights, so its reference is peftkit's merged model: 16 of 16 on all 8 (adapter, question) pairs,
@@ -641,3 +648,5 @@ def test_greedy_generations_of_trained_adapters_in_llama_cpp_and_peftkit(tmp_pat
         mine = [r for r in rows if r["method"] == method]
         assert any(r["adapter_changes_at"] < GREEDY_TOKENS for r in mine), f"{method}: the adapter changed no generation"
     assert sum(r.get("doubled_violations", 0) for r in rows) > 0, "the check let ΔW × 2 through"
+    for method in ("lora", "vera"):
+        assert sum(r["no_adapter_violations"] for r in rows if r["method"] == method) > 0, f"{method}: no adapter passed"
