@@ -534,6 +534,13 @@ def _in_llama_cpp(llama_cpp, model_path, lora, prompts, eos, along=()) -> tuple[
         llm.close()
 
 
+NOISE_MARGIN = 1.5
+"""ε is the bare bases' largest cross-engine spread times this: an adapter moves the logits, and the engines'
+spread grows with it (adapted 0.58 against the bases' 0.37 on VeRA "My mouse", 0.60 against 0.38 on "Real
+Madrid"); at ε × 1 one real near tie passed by 3e-4. At × 1.5 the wrong adapters still fail on the dumped
+logits of that run: ΔW × 2 gives 0, 2, 1, 5 violations, no adapter 2, 6, 1, 4 (× 1: 0, 3, 1, 5 and the same)."""
+
+
 @pytest.mark.slow
 def test_greedy_generations_of_trained_adapters_in_llama_cpp_and_peftkit(tmp_path) -> None:
     """A LoRA and a VeRA adapter trained briefly on chatterbot-corpus (SmolLM2), exported to GGUF, on 4 held-out
@@ -544,7 +551,7 @@ def test_greedy_generations_of_trained_adapters_in_llama_cpp_and_peftkit(tmp_pat
     teacher-forced along peftkit's greedy continuation (up to the first disagreement these are the very logits
     both greedy runs decided on, asserted). A question's noise ε is measured on the bare base models, teacher-
     forced along that same continuation: the largest spread of their logit differences over the adapted
-    model's top 5 tokens (``engines.noise_ranges``), so ε does not depend on the adapter. Asserted: at every
+    model's top 5 tokens (``engines.noise_ranges``), times ``NOISE_MARGIN``, so ε does not depend on the adapter. Asserted: at every
     position where the adapted engines' argmax differ, each engine ranks the other's pick less than ε below
     its own (``engines.near_tie_violations`` is empty); the same for the bare bases along their own
     continuations. The same check fails for the LoRA exported with ΔW doubled (alpha × 2), and for llama.cpp
@@ -619,7 +626,7 @@ def test_greedy_generations_of_trained_adapters_in_llama_cpp_and_peftkit(tmp_pat
         doubled_forced = (_in_llama_cpp(llama_cpp, folder / name, tmp_path / "lora-doubled.gguf", prompts, eos,
                                         along=(ours,))[1][0] if method == "lora" else [None] * len(prompts))
         for k, q in enumerate(questions):
-            epsilon = float(noise_ranges(base_forced[k], theirs_base_forced[k], ours_forced[k]).max())
+            epsilon = NOISE_MARGIN * float(noise_ranges(base_forced[k], theirs_base_forced[k], ours_forced[k]).max())
             found = disagreements(ours_forced[k], theirs_forced[k])
             at = {d["position"] for d in found}
             adapter_noise = [r for p, r in enumerate(noise_ranges(ours_forced[k], theirs_forced[k], ours_forced[k]))
