@@ -1,9 +1,12 @@
-"""peftkit compare on a tiny model and tiny data: report files, complete and consistent rows, error rows, resume."""
+"""peftkit compare on a tiny model and tiny data: report files, complete and consistent rows, error rows, resume,
+and a Hub id as the model (fetched once by the parent, read from the cache by every worker)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,104 @@ def test_plots_integer_steps_and_a_legend_that_hides_no_bar():
     assert not [b for b in bars if b.overlaps(legend)]
     assert not legend.overlaps(memory.get_window_extent(renderer))  # below the panel, not over it
     plt.close(fig)
+
+
+# ---- a Hub id as the model: fetched once by the parent, read offline by every worker ----------------------------
+# No hub can be reached here: the cache is built in huggingface_hub's own layout (models--org--name/snapshots/
+# <commit>, refs/main) in a temporary folder, and the one test of an online fetch captures the download call.
+COMMIT = "3" * 40
+
+
+def _hub_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """(run.yaml naming the model ``name``, the cache folder), with tiny-bert cached as org/tiny-bert."""
+    import shutil
+
+    source = tiny_run.model_folder(tmp_path / "src", "bert")
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny-bert"
+    shutil.copytree(source, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    tiny_run.classification_data(tmp_path / "cls.jsonl", n=48)
+    cfg = {"model": {"name": name, "max_length": 32, "pooling": "mean"},
+           "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+           "data": {"train": str(tmp_path / "cls.jsonl")},
+           "training": {"max_steps": 2, "batch_size": 8, "eval_every": 2, "log_every": 1,
+                        "output_dir": str(tmp_path / "out")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "run.yaml", cache
+
+
+def _compare_cli(config: Path, cache: Path, out: Path, methods: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "peftkit", "compare", str(config), "--methods", methods, "--quick",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_compare_runs_a_cached_hub_model_offline(tmp_path) -> None:
+    config, cache = _hub_config(tmp_path, "org/tiny-bert")
+    out = tmp_path / "report"
+    proc = _compare_cli(config, cache, out, "lora")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "compare.json").read_text())
+    assert report["meta"]["model"] == "org/tiny-bert" and report["meta"]["task"] == "classification"
+    (row,) = report["rows"]
+    assert row["status"] == "ok", row.get("error")
+    assert row["trainable"] == 2 * 2 * (4 * 32 + 32 * 4) + 32 * 2 + 2  # q, v LoRA on 2 layers + the 2-class head
+    adapter = json.loads((out / "runs" / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "org/tiny-bert"  # the id, as HF PEFT records it
+
+
+def test_compare_of_an_uncached_hub_model_offline_fails_once_before_any_worker(tmp_path) -> None:
+    config, cache = _hub_config(tmp_path, "org/absent")
+    out = tmp_path / "report"
+    proc = _compare_cli(config, cache, out, "lora,ia3,head")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model 'org/absent' "), proc.stderr
+    assert "Hugging Face cache" in lines[0] and lines[0].endswith("fetch it once with: hf download org/absent")
+    assert "training at lr" not in proc.stdout  # no method started: the old code ran 3 workers, 3 failures
+    assert not (out / "work").exists() and not (out / "compare.json").exists()
+
+
+def test_compare_fetches_an_uncached_hub_model_once_then_workers_run_offline(tmp_path, monkeypatch) -> None:
+    """Online (no HF_HUB_OFFLINE): the parent calls huggingface_hub's snapshot_download once, for the model's
+    config, tokenizer and safetensors files only; each worker starts with HF_HUB_OFFLINE=1. No hub can be
+    reached, so the download is captured: it puts the files where huggingface_hub would. The workers are
+    captured too (test_compare_runs_a_cached_hub_model_offline runs a real one on such a cache)."""
+    import shutil
+
+    import huggingface_hub
+
+    from peftkit import compare
+    from peftkit.hub import MODEL_FILES
+
+    config, cache = _hub_config(tmp_path, "org/tiny-bert")
+    snapshot = cache / "models--org--tiny-bert" / "snapshots" / COMMIT
+    shutil.move(snapshot, tmp_path / "remote")  # on the Hub, not in the cache
+    downloads, workers = [], []
+
+    def snapshot_download(repo_id, **kwargs):
+        downloads.append((repo_id, kwargs))
+        shutil.copytree(tmp_path / "remote", snapshot)
+        return str(snapshot)
+
+    real_run = subprocess.run
+
+    def run(argv, **kwargs):
+        if "--worker" not in argv:  # subprocess is one module for the whole process: capture the workers only
+            return real_run(argv, **kwargs)
+        workers.append(kwargs["env"].get("HF_HUB_OFFLINE"))
+        return subprocess.CompletedProcess(argv, 1, "", "worker captured by the test\n")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(compare.subprocess, "run", run)
+    report = run_compare(str(config), ["lora", "ia3", "head"], out=str(tmp_path / "report"), quick=True,
+                         echo=lambda line: None)
+    assert [repo for repo, _ in downloads] == ["org/tiny-bert"]  # once, for three methods
+    kwargs = downloads[0][1]
+    assert kwargs["allow_patterns"] == list(MODEL_FILES) and "*.bin" not in kwargs["allow_patterns"]
+    assert not kwargs.get("local_files_only")
+    assert workers == ["1", "1", "1"]
+    assert [r["error"] for r in report["rows"]] == ["worker captured by the test"] * 3

@@ -3,6 +3,8 @@
 The public names load on first use (PEP 562): ``import peftkit`` costs nothing, so the command line's
 ``--help`` and ``inspect`` start in well under a second, while ``from peftkit import LoraConfig`` and
 ``peftkit.get_peft_model`` work as they always did. A submodule (``peftkit.optim``) also loads on first access.
+The configs come from ``peftkit.configs``, which needs no torch: ``from peftkit import LoraConfig`` and reading
+an adapter_config.json load no tensor library; the model, layers and files load torch when first used.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ _EXPORTS: dict[str, str] = {
     "PeftConfig": "config", "TaskType": "config",
     **dict.fromkeys(["AdapterFileError", "AdapterNameError", "BaseModelMismatchError", "NoTrainableParametersError", "PeftConfigError",
                      "PeftError", "TargetModulesError"], "errors"),
-    "BottleneckConfig": "methods.adapters",
-    "BeftConfig": "methods.bitfit", "BitFitConfig": "methods.bitfit",
-    "DeltaLoraConfig": "methods.delta_lora",
-    "IA3Config": "methods.ia3",
-    "LoraConfig": "methods.lora",
-    "LoraFAConfig": "methods.lora_fa", "create_lorafa_optimizer": "methods.lora_fa",
+    "BottleneckConfig": "configs.adapters",
+    "BeftConfig": "configs.bitfit", "BitFitConfig": "configs.bitfit",
+    "DeltaLoraConfig": "configs.delta_lora",
+    "IA3Config": "configs.ia3",
+    "LoraConfig": "configs.lora",
+    "LoraFAConfig": "configs.lora_fa", "create_lorafa_optimizer": "methods.lora_fa",
     **dict.fromkeys(["PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
-                     "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit"], "methods.prompts"),
-    "VeraConfig": "methods.vera",
+                     "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit"], "configs.prompts"),
+    "VeraConfig": "configs.vera",
     **dict.fromkeys(["PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForSeq2SeqLM",
                      "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "get_peft_model",
                      "get_peft_model_state_dict", "inject_adapter_in_model", "set_peft_model_state_dict"], "model"),
@@ -97,6 +99,21 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and editors see: the same names, imported eagerly
     from .adapterhub import save_adapterhub
     from .config import PeftConfig, TaskType
+    from .configs.adapters import BottleneckConfig
+    from .configs.bitfit import BeftConfig, BitFitConfig
+    from .configs.delta_lora import DeltaLoraConfig
+    from .configs.ia3 import IA3Config
+    from .configs.lora import LoraConfig
+    from .configs.lora_fa import LoraFAConfig
+    from .configs.prompts import (
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptEncoderReparameterizationType,
+        PromptLearningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+    )
+    from .configs.vera import VeraConfig
     from .errors import (
         AdapterFileError,
         AdapterNameError,
@@ -106,21 +123,7 @@ if TYPE_CHECKING:  # what type checkers and editors see: the same names, importe
         PeftError,
         TargetModulesError,
     )
-    from .methods.adapters import BottleneckConfig
-    from .methods.bitfit import BeftConfig, BitFitConfig
-    from .methods.delta_lora import DeltaLoraConfig
-    from .methods.ia3 import IA3Config
-    from .methods.lora import LoraConfig
-    from .methods.lora_fa import LoraFAConfig, create_lorafa_optimizer
-    from .methods.prompts import (
-        PrefixTuningConfig,
-        PromptEncoderConfig,
-        PromptEncoderReparameterizationType,
-        PromptLearningConfig,
-        PromptTuningConfig,
-        PromptTuningInit,
-    )
-    from .methods.vera import VeraConfig
+    from .methods.lora_fa import create_lorafa_optimizer
     from .model import (
         PeftModel,
         PeftModelForCausalLM,

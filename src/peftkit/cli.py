@@ -50,10 +50,33 @@ def _readable_metavars(params: list) -> None:
             param.metavar = {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")
 
 
+def _plain_values_pass_through(params: list) -> None:
+    """typer (0.29) coerces each value with a pydantic TypeAdapter it builds on first use, and importing pydantic
+    costs more than the rest of ``peftkit inspect`` (0.5 s of an idle machine's second). The values of a plain
+    ``str`` parameter and of a flag are a str, a bool or None already, which such an adapter returns unchanged, so
+    they take typer's own pass-through instead: the same values, without pydantic. Other types (ints, lists,
+    parsers, a flag read from an environment variable) keep typer's coercion; so does every parameter under a
+    typer without these internals."""
+    try:
+        from typer._coercion import PassThroughRuntimeParam
+    except ImportError:  # pragma: no cover - another typer
+        return
+    for param in params:
+        desc = getattr(param, "type_descriptor", None)
+        if desc is None or getattr(param, "_runtime_param", False) is not None or desc.file_annotation is not None:
+            continue
+        plain_str = desc.annotation is str and getattr(desc.parameter_info, "parser", None) is None
+        flag = desc.annotation is bool and getattr(param, "is_flag", False) and not getattr(param, "envvar", None)
+        if (plain_str or flag) and not param.multiple and param.nargs == 1:
+            param._runtime_param = PassThroughRuntimeParam(annotation=desc.annotation,
+                                                           parameter_info=desc.parameter_info)
+
+
 class _Command(TyperCommand):
     def get_params(self, ctx: Any) -> list:
         params = super().get_params(ctx)
         _readable_metavars(params)
+        _plain_values_pass_through(params)
         return params
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
@@ -68,6 +91,7 @@ class _Group(TyperGroup):
     def get_params(self, ctx: Any) -> list:
         params = super().get_params(ctx)
         _readable_metavars(params)
+        _plain_values_pass_through(params)
         return params
 
 

@@ -244,7 +244,7 @@ def _worker_row(cfg: dict[str, Any], base_dir: str, work: str, name: str, probe_
                                               "probe_n": probe_n, "threads": threads,
                                               "lr_source": lr_source}).encode())
     t0 = time.perf_counter()
-    try:
+    try:  # offline: a Hub model was fetched once by the parent (fetch_hub_model); every worker reads the cache
         proc = subprocess.run([sys.executable, "-m", "peftkit.compare", "--worker", task_file],
                               capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     except subprocess.TimeoutExpired:
@@ -258,6 +258,20 @@ def _worker_row(cfg: dict[str, Any], base_dir: str, work: str, name: str, probe_
         lines = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
         why = lines[-1] if lines else f"exit status {proc.returncode}"
     return {"status": "error", "error": why[-500:], "wall_s": time.perf_counter() - t0}
+
+
+def fetch_hub_model(spec: Any) -> str | None:
+    """A Hub id as ``model.name``: its files fetched into huggingface_hub's cache here, once, before any worker
+    starts (``HF_HUB_OFFLINE=1`` set by the user: the cache alone, and a model missing from it is one error line
+    naming the id and the command that fetches it). The workers run with ``HF_HUB_OFFLINE=1`` and load the model
+    by its id from that cache, so N methods never mean N downloads, nor N identical failures. Returns the
+    snapshot folder, or None for a local folder or an embedded model."""
+    from .hub import fetch_model, is_hub_id
+
+    name = spec.model.name
+    if os.path.isdir(spec.resolve(name)) or not is_hub_id(name):
+        return None  # a local folder (transformers never reaches the network for one) or minilm / smollm2
+    return fetch_model(name, gguf_file=spec.model.gguf_file)
 
 
 def report_folder(spec: Any, default_config_used: bool) -> str:
@@ -311,6 +325,7 @@ def run_compare(config: str | None = None, methods: list[str] | None = None, tas
     if quick:
         _apply_quick(base)
     spec = parse_spec(base, base_dir, config or f"default {task} config")  # every problem, before any work
+    fetch_hub_model(spec)  # a Hub id: fetched (or found in the cache) once, here; the workers stay offline
     from .train.modeling import model_task
 
     model_kind = model_task(spec)

@@ -233,31 +233,34 @@ def check_patterns(config: PeftConfig) -> None:
 
 
 _REGISTRY: dict[str, type[PeftConfig]] = {}
+_C = typing.TypeVar("_C", bound="type[PeftConfig]")
 
 
-def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
+def register_config(cls: _C) -> _C:
     """Class decorator: make a config loadable by its ``peft_type``."""
     _REGISTRY[cls.PEFT_TYPE] = cls
     return cls
 
 
-def _load_methods() -> None:
-    """Fill the registry: each method module registers its configs when imported. ``import peftkit`` loads
-    nothing (so the command line starts fast), hence the first lookup imports them all."""
+def _load_configs() -> None:
+    """Fill the registry: each config module registers its classes when imported. ``import peftkit`` loads
+    nothing (so the command line starts fast), hence the first lookup imports them all: ``peftkit.configs``,
+    which needs no torch (``peftkit inspect`` reads a file's config without it; the layers register the same
+    classes again when ``peftkit.methods`` loads)."""
     import importlib
 
-    importlib.import_module("peftkit.methods")
+    importlib.import_module("peftkit.configs")
 
 
 def known_peft_types() -> list[str]:
-    _load_methods()
+    _load_configs()
     return sorted(_REGISTRY)
 
 
 def config_class_for(peft_type: str) -> type[PeftConfig]:
     key = str(peft_type).upper()
     if key not in _REGISTRY:
-        _load_methods()
+        _load_configs()
     if key not in _REGISTRY:
         raise PeftConfigError(
             f"unknown peft_type {peft_type!r}; peftkit knows: {', '.join(known_peft_types())}. "

@@ -10,6 +10,7 @@ model's weights that share the repository) and reusing the cache; ``HF_HUB_OFFLI
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -75,6 +76,76 @@ def resolve_adapter(model_id: str | os.PathLike, subfolder: str | None = None, *
         raise AdapterFileError(f"Hub repository {where} holds no adapter_config.json"
                                + ("" if subfolder else "; is the adapter in a subfolder? pass subfolder=..."))
     return folder
+
+
+# ---- base models: fetched once, then read from the cache by processes that stay offline -------------------
+# what loading a transformers model needs (config, tokenizer, safetensors weights): never a pickle (*.bin, *.pt),
+# never another framework's copy (*.h5, *.msgpack, *.onnx), never every quantisation of a GGUF repository
+MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+
+
+def _missing_model_files(folder: str, gguf_file: str | None) -> list[str]:
+    """What a model folder lacks to load: config.json and the safetensors weights (every shard an index
+    names), or the named GGUF file."""
+    if gguf_file:
+        return [] if os.path.isfile(os.path.join(folder, gguf_file)) else [gguf_file]
+    missing = [] if os.path.isfile(os.path.join(folder, "config.json")) else ["config.json"]
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as fh:
+                shards = sorted(set(json.load(fh)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return [*missing, "a readable model.safetensors.index.json"]
+        return missing + [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+    if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+        missing.append("*.safetensors weights")
+    return missing
+
+
+def fetch_model(name: str, *, gguf_file: str | None = None, revision: str | None = None,
+                token: str | bool | None = None, cache_dir: str | os.PathLike | None = None) -> str:
+    """A base model given as a Hub id, in huggingface_hub's cache: fetched once (only ``MODEL_FILES``, or the one
+    GGUF file and the tokenizer's files), the cache reused, ``HF_HUB_OFFLINE=1`` honoured (the cache alone). Then
+    processes started with ``HF_HUB_OFFLINE=1`` (``peftkit compare``'s workers) load it by its id from the cache.
+    Returns the snapshot folder; anything missing is one error line with the command that fetches it."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:
+        raise PeftError(f"model {name!r} is not a local folder; to load it from the Hugging Face Hub install "
+                        "huggingface_hub (pip install \"peftkit[hf]\")") from None
+    fetch = f"hf download {name}" + (f" --revision {revision}" if revision else "") + (
+        f" {gguf_file}" if gguf_file else "")
+    patterns = [gguf_file, *(p for p in MODEL_FILES if p != "*.safetensors")] if gguf_file else list(MODEL_FILES)
+    try:
+        snapshot = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                     allow_patterns=patterns)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        held = "only partly" if type(exc).__name__ == "IncompleteSnapshotError" else "not"
+        raise PeftError(f"model {name!r} (revision {revision or 'main'}) is {held} in the Hugging Face cache and the "
+                        f"Hub could not be reached (HF_HUB_OFFLINE=1, or no connection); fetch it once with: {fetch}"
+                        ) from None
+    except RepositoryNotFoundError:
+        raise PeftError(f"model {name!r} is not a local folder, and the Hub has no repository {name!r} (or it is "
+                        "private: log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise PeftError(f"Hub repository {name!r} has no revision {revision!r}; give a branch, tag or commit it "
+                        "has") from None
+    except (HfHubHTTPError, OSError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise PeftError(f"cannot fetch model {name!r} from the Hub: {why}") from None
+    missing = _missing_model_files(snapshot, gguf_file)
+    if missing:
+        raise PeftError(f"model {name!r}: {snapshot} lacks {', '.join(missing)} (the cache holds only part of it, "
+                        f"or the repository has no such files); fetch it with: {fetch}")
+    return snapshot
 
 
 # ---- upload ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from .errors import AdapterFileError
+from .tensorfile import read_header, require_regular_file
 
 # Path components that start an adapter's own tensors inside a module (HF PEFT's and peftkit's names).
 _MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -52,10 +53,8 @@ def _run_base_model(folder: str) -> str | None:
 
 
 def describe_one(name: str, folder: str) -> dict[str, Any]:
-    from safetensors import SafetensorError, safe_open
-
-    from .io import require_regular_file
-
+    """One adapter folder, from its files alone and without torch: the config through the checks loading makes,
+    the tensors' names, shapes and dtypes from the safetensors header (:mod:`peftkit.tensorfile`)."""
     for file_name in (CONFIG_NAME, WEIGHTS_NAME):
         require_regular_file(os.path.join(folder, file_name))  # a FIFO would block the read forever
     path = os.path.join(folder, CONFIG_NAME)
@@ -72,22 +71,14 @@ def describe_one(name: str, folder: str) -> dict[str, Any]:
     stored = frozen = 0
     dtypes: set[str] = set()
     if os.path.isfile(weights):
-        try:
-            with safe_open(weights, "pt") as fh:
-                for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    sl = fh.get_slice(key)
-                    shape = list(sl.get_shape())
-                    dtypes.add(str(sl.get_dtype()))
-                    n = 1
-                    for d in shape:
-                        n *= d
-                    stored += n
-                    if key.rsplit(".", 1)[-1] in _FROZEN or any(f".{f}" in key for f in _FROZEN):
-                        frozen += n
-                    module, tensor = _module_of(key)
-                    modules.setdefault(module, {})[tensor] = shape
-        except (SafetensorError, OSError) as exc:
-            raise AdapterFileError(f"{weights} is not a valid safetensors file ({exc}); the file is corrupt") from None
+        for key, info in read_header(weights).items():
+            n = info.numel
+            dtypes.add(info.dtype)
+            stored += n
+            if key.rsplit(".", 1)[-1] in _FROZEN or any(f".{f}" in key for f in _FROZEN):
+                frozen += n
+            module, tensor = _module_of(key)
+            modules.setdefault(module, {})[tensor] = info.shape
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
     keys = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora", "lora_dropout", "num_virtual_tokens",
             "placement", "reduction_factor", "projection_prng_key", "feedforward_modules", "task_type")

@@ -34,6 +34,7 @@ from .methods.base import (
     model_adapters,
     modules_to_save_wrappers,
 )
+from .tensorfile import require_regular_file  # torch-free, shared with peftkit inspect
 
 PEFT_PREFIX = "base_model.model."
 
@@ -131,13 +132,6 @@ def write_adapter_folder(
     """Write one adapter (``adapter_model.safetensors``, ``adapter_config.json`` and ``extra_files``) into
     ``folder``, replacing the folder as a whole (see ``write_adapter_folders``)."""
     write_adapter_folders(folder, {"": (config, tensors, extra_files or {})})
-
-
-def require_regular_file(path: str | os.PathLike) -> None:
-    """Refuse a FIFO, device or folder where a file should be: reading a FIFO would block forever."""
-    kind = fsutil.not_regular(path)
-    if kind is not None:
-        raise AdapterFileError(f"{os.fspath(path)!r} is {kind}, not a regular file; replace it with the saved file")
 
 
 # ---- reading ---------------------------------------------------------------------------------------

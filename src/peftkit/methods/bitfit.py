@@ -14,13 +14,13 @@ targets, default target_modules by model family) and reads and writes its files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..config import PeftConfig
+from ..configs.bitfit import BeftConfig, BitFitConfig
 from ..errors import PeftConfigError, TargetModulesError
 from ..targeting import candidate_modules, is_conv1d, is_excluded, output_head_names
 from ..targeting import model_type as family
@@ -46,34 +46,7 @@ def _has_bias(module: nn.Module) -> bool:
     return isinstance(getattr(module, "bias", None), torch.Tensor)
 
 
-@dataclass
-class BitFitConfig(PeftConfig):
-    """Only biases train. target_modules None = every module with a bias (all of them, as in the paper)."""
-
-    PEFT_TYPE: ClassVar[str] = "BITFIT"
-
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    modules_to_save: list[str] | None = None
-    add_missing_biases: bool = False
-    init_weights: bool = True
-
-
-@dataclass
-class BeftConfig(PeftConfig):
-    """HF PEFT 0.21's BEFT: an additive bias vector on Linear layers (``beft_bias``, shape (1, out))."""
-
-    PEFT_TYPE: ClassVar[str] = "BEFT"
-    DEFAULT_TARGETS: ClassVar[dict[str, list[str]]] = {
-        "bert": ["value"], "roberta": ["value"], "llama": ["v_proj"], "mistral": ["v_proj"],
-        "qwen2": ["v_proj"], "qwen3": ["v_proj"], "gemma": ["v_proj"], "t5": ["v"], "opt": ["v_proj"],
-    }
-
-    target_modules: list[str] | str | None = None
-    modules_to_save: list[str] | None = None
-    init_weights: bool = True
+# ---- the configs: BitFitConfig and BeftConfig live in peftkit.configs.bitfit (torch-free) ----
 
 
 class BiasLayer(AdapterLayer):

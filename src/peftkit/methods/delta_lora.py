@@ -38,41 +38,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from ..config import PeftConfig
-from ..errors import PeftConfigError, PeftError
+from ..configs.delta_lora import DeltaLoraConfig
+from ..errors import PeftError
 from ..targeting import is_linear_like
 from .base import MethodSpec, adapter_layers, logical_path, register_method
 from .lora import LoraConfig, LoraLayer, LoraLinear, LoraVariant, register_variant
 
-
-@dataclass
-class DeltaLoraConfig(LoraConfig):
-    """LoRA's fields plus ``delta_lambda`` (λ, the update ratio) and ``update_start`` (K, the start steps: W
-    first moves in iteration K + 1, counting from 0, i.e. with the delta of the (K + 2)-th optimizer step)."""
-
-    PEFT_TYPE: ClassVar[str] = "DELTA_LORA"
-
-    delta_lambda: float = 2.0  # the paper's experiments: λ = 2, K = 500
-    update_start: int = 500
-
-    def variant_name(self) -> str:
-        return "delta_lora"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lora_dropout:
-            raise PeftConfigError(
-                f"Delta-LoRA needs lora_dropout=0 (got {self.lora_dropout}): the paper removes dropout so that "
-                "the delta of A·B stands in for W's gradient; set lora_dropout=0.0"
-            )
-        if not isinstance(self.update_start, int) or self.update_start < 0:
-            raise PeftConfigError(f"update_start must be an integer ≥ 0, got {self.update_start!r}")
+# DeltaLoraConfig: peftkit.configs.delta_lora (torch-free: reading a file needs no tensors)
 
 
 class _Snapshot(nn.Module):

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .. import patterns
-from ..config import PeftConfig
+from ..configs.ia3 import IA3Config
 from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..quantize import dequantize_for_merge, restore_after_unmerge
 from ..targeting import describe_candidates, find_targets, is_conv1d
@@ -75,37 +74,7 @@ def is_feedforward_module(feedforward_modules: list[str] | str | None, module_na
     return any(module_name.endswith(f) for f in feedforward_modules or [])
 
 
-# ---- the config ----------------------------------------------------------------------------------
-@dataclass
-class IA3Config(PeftConfig):
-    """HF PEFT's IA3Config fields and defaults (it has no option that peftkit lacks)."""
-
-    PEFT_TYPE: ClassVar[str] = "IA3"
-    UNSUPPORTED_KEYS: ClassVar[frozenset[str]] = frozenset()
-
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    feedforward_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False
-    modules_to_save: list[str] | None = None
-    init_ia3_weights: bool = True
-    # HF PEFT passes this to get_peft_model, not to the config: it is never written to adapter_config.json
-    autocast_adapter_dtype: bool = field(default=True, metadata={"local": True})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
-            if isinstance(getattr(self, name), set | tuple | list):
-                setattr(self, name, sorted(getattr(self, name)))
-        if not isinstance(self.init_ia3_weights, bool):
-            raise PeftConfigError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
-        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
-            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
-            if extra:
-                raise PeftConfigError(
-                    f"feedforward_modules {extra} are not in target_modules {self.target_modules}; feedforward "
-                    "modules must be targeted too: add them to target_modules or drop them from feedforward_modules"
-                )
+# ---- the config: IA3Config lives in peftkit.configs.ia3 (torch-free: reading a file needs no tensors) ----
 
 
 def prepare_ia3_config(model: nn.Module, config: IA3Config) -> IA3Config:

@@ -17,7 +17,10 @@ from ..quiet import no_gguf_progress_bar
 from .methods import method_entry
 from .spec import MethodSpec, RunSpec
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+# no HF_HUB_OFFLINE default (it used to be set here on import, which also switched the Hub off for the
+# process that imported it: `peftkit compare` could not fetch a Hub model once for its workers, and `peftkit train`
+# never downloaded one). Local folders and the embedded models never reach the network; HF_HUB_OFFLINE=1 set
+# by the user reads the cache alone.
 
 
 class MeanPoolingClassifier(nn.Module):
