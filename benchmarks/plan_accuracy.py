@@ -169,7 +169,8 @@ def replan(files: list[str], out: str) -> None:
         config, batch, seq, attention = found
         planned = plan_row(config, row["model"], row["method"], row["dtype"], batch, seq, attention,
                            row.get("checkpointing", False), row.get("strategy", "ddp"), row.get("processes", 1))
-        row.update(plan_parts=planned.parts, plan_torch_bytes=planned.torch_bytes, plan_phase=planned.phase,
+        row.update(plan_parts=planned.parts, plan_phases=planned.phases, plan_torch_bytes=planned.torch_bytes,
+                   plan_phase=planned.phase,
                    plan_activation_terms_per_token_layer=planned.activation_terms,
                    ratio=planned.torch_bytes / row["measured"]["peak_bytes"])
         merged.append(row)

@@ -120,6 +120,44 @@ def test_components_of_a_tiny_llama_by_hand():
     assert mixed.parts["gradients"] == mixed.parts["optimizer step"] == 4 * full.trainable
 
 
+def test_dora_and_qlora_terms_follow_what_their_autograd_functions_save():
+    config = P.load_config(TINY_LLAMA)
+    arch = P.architecture_of(config)
+    lora = P.plan_memory(arch, P.count_parameters(config, arch, "lora", "fp32"), P.Setting("lora", "ddp", False),
+                         gpus=1, batch=2, seq=16, capacity=2**30, dtype="fp32")
+    layer = sum(lora.activation_terms.values())
+    # fused DoRA (fp32) saves LoRA's x and A·x plus its own output y; SDPA keeps v, the MLP keeps gate and up,
+    # so only q (H·d = 32), k before RoPE (KV·d = 16), o and down (h = 32 each) cost a·d_out more
+    dora = P.plan_memory(arch, P.count_parameters(config, arch, "dora", "fp32"), P.Setting("dora", "ddp", False),
+                         gpus=1, batch=2, seq=16, capacity=2**30, dtype="fp32")
+    assert dora.activation_terms["DoRA outputs (not kept downstream)"] == 4 * (32 + 16 + 32 + 32)
+    assert sum(dora.activation_terms.values()) == layer + 448
+    # BERT: SDPA's fused kernels keep q, k, v as given and GELU its input, so attention.output.dense and output.dense
+    # (h = 32 each) cost more; the math path (a mask, attention dropout on CPU) saves head-split copies of q, k, v
+    bert = P.load_config(TINY_BERT)
+    bert_arch = P.architecture_of(bert)
+    bert_dora = P.count_parameters(bert, bert_arch, "dora", "fp32", num_labels=5)
+    for attention, outputs in (("fused", 2 * 32), ("math", 5 * 32)):
+        terms = P.plan_memory(bert_arch, bert_dora, P.Setting("dora", "ddp", False), gpus=1, batch=2, seq=16,
+                              capacity=2**30, dtype="fp32", attention=attention).activation_terms
+        assert terms["DoRA outputs (not kept downstream)"] == 4 * outputs, attention
+    # bf16 activations take the reference path: the base output and B·A·x per target, fp32
+    dora16 = P.plan_memory(arch, P.count_parameters(config, arch, "dora", "bf16"), P.Setting("dora", "ddp", False),
+                           gpus=1, batch=2, seq=16, capacity=2**30, dtype="bf16")
+    assert dora16.activation_terms["DoRA (2 outputs per target, fp32)"] == 2 * 4 * (32 + 2 * 16 + 32 + 2 * 64 + 32)
+    # qlora saves what LoRA saves; the dequantised NF4 weight (gate/up/down: 64 × 32) lives inside one matmul, so
+    # the activations are the larger of the head's peak and the held logits plus 2 × its elements
+    c = P.count_parameters(config, arch, "qlora", "fp32")
+    assert c.largest_quantized == 64 * 32
+    head = (4 * 32 + 4) + 4 * 128 + 4 * 128 + 2 * 4 * 128
+    for b, s in ((2, 16), (1, 1)):
+        q = P.plan_memory(arch, c, P.Setting("qlora", "ddp", False), gpus=1, batch=b, seq=s, capacity=2**30,
+                          dtype="fp32")
+        assert q.activation_terms == lora.activation_terms
+        assert q.phases["backward"]["activations"] == b * s * 2 * layer + max(b * s * head, b * s * 4 * 128 + 2 * 64 * 32 * 4)
+    assert q.phases["backward"]["activations"] == 2 * layer + 4 * 128 + 16384  # one token: the dequantised weight dominates
+
+
 def test_fsdp_splits_each_dim_0_in_chunks_as_torch_chunk_does():
     embedding = P.Stored(rows=1001, split_bytes=1001 * 256 * 4, trainable_elements=1001 * 256)
     assert embedding.bytes_on(1) == 1001 * 256 * 4
@@ -130,7 +168,7 @@ def test_fsdp_splits_each_dim_0_in_chunks_as_torch_chunk_does():
     assert P.Stored(0, 0, 32).bytes_on(8) == 32  # a buffer is not sharded
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "dora", "qlora"])
 def test_plan_is_within_10_percent_of_measured_peak_memory_and_peaks_in_the_same_phase(method):
     from transformers import LlamaConfig
 
@@ -143,8 +181,8 @@ def test_plan_is_within_10_percent_of_measured_peak_memory_and_peaks_in_the_same
     measured = P.measure_step(config, method, batch=2, seq=64, dtype="fp32")
     assert measured["trainable"] == c.trainable and measured["foreach"]
     assert 0.9 <= planned.torch_bytes / measured["peak_bytes"] <= 1.1
-    phases = measured["phases"]  # LoRA peaks as backward starts, a full fine-tune in AdamW's (foreach) step
-    assert (phases["backward"] >= phases["optimizer step"]) == (planned.phase == "backward") == (method == "lora")
+    phases = measured["phases"]  # the LoRA family peaks as backward starts, a full fine-tune in AdamW's foreach step
+    assert (phases["backward"] >= phases["optimizer step"]) == (planned.phase == "backward") == (method != "full")
 
 
 def test_the_cheapest_setting_that_fits_is_found_in_order_of_cost():

@@ -12,7 +12,9 @@ put on it exactly as training would, so the parameter counts are exact. Memory p
     activations   what autograd saves for backward, per token and layer, from the architecture (see
                   :func:`layer_bytes_per_token`), plus the loss head's logits, at the per-device batch × seq;
                   with activation checkpointing, one layer input per layer plus the larger of the loss head's
-                  peak and one recomputed layer (the logits are held through backward)
+                  peak and one recomputed layer (the logits are held through backward); qlora: the larger of
+                  the head's peak and the held logits plus one dequantised NF4 weight (2 × its elements: it
+                  lives inside one layer's matmul, never at the start of backward)
     gathered      fsdp only, in backward: the root group (embeddings, final norm, head) whole, the running block
                   and the prefetched one whole, and the running block's gradients before their reduce-scatter
     comm buffers  ddp with more than one device: the reducer's flat gradient buckets (a copy of the gradients)
@@ -374,6 +376,14 @@ _GROUPS = {  # which block linears read the same input (their saved input is one
 }
 
 
+_KEPT_OUTPUTS = {  # linears whose output the next op saves anyway (counted in the block's terms above)
+    "decoder": ("v_proj", "gate_proj", "up_proj"),  # SDPA keeps v; SiLU keeps gate, the product keeps up
+    "encoder": ("query", "key", "value", "intermediate.dense"),  # SDPA keeps q, k, v; GELU its input
+    # the math path (a mask, or attention dropout, on CPU) saves head-split copies of q, k, v instead (measured)
+    "encoder, math attention": ("intermediate.dense",),
+}
+
+
 def _group(target: str) -> str:
     for group, names in _GROUPS.items():
         if any(target == n or target.endswith("." + n) for n in names):
@@ -396,9 +406,15 @@ def layer_bytes_per_token(arch: Architecture, counts: Counts, method: str, act_b
     Then by method: ``full`` keeps each distinct linear input (q/k/v share one, gate/up share one) and, its
     norm weights training, the normalised inputs; LoRA keeps A·x (r per target) and x once per input group in
     the activations' dtype (peftkit's fused LoRA, fp32 adapters on a bf16 base included); DoRA on bf16
-    activations keeps an fp32 copy of x per target instead (its reference path casts per target); DoRA adds
-    two output-sized fp32 tensors per target (its norm and the base output); qlora's NF4 base is not a plain
-    Linear, yet autograd keeps the same tensors as for LoRA (measured)."""
+    activations keeps an fp32 copy of x per target instead (its reference path casts per target). DoRA's
+    fused function (fp32: adapter and activations share a dtype) saves x and A·x as LoRA does, plus its own
+    output y (backward's magnitude gradient is Σ g ⊙ (y − b)/m): no extra bytes where the next op keeps y anyway
+    (:data:`_KEPT_OUTPUTS`: v, gate, up on Llama; q, k, v and the intermediate on BERT, but only the intermediate
+    on the math attention path), a·d_out for the others (Llama's q and k before RoPE, o, down); its
+    per-target m/n vectors are per layer, not per token, and left out. The reference path (bf16/fp16
+    activations) keeps two output-sized fp32 tensors per target (the base output and B·A·x). qlora's NF4 base
+    saves only its packed weight (torchao's linear), so its activations are LoRA's; the dequantised weight is a
+    temporary (:func:`plan_memory`)."""
     h, inter, heads, kv, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
     a = act_bytes
     terms: dict[str, float] = {}
@@ -424,7 +440,12 @@ def layer_bytes_per_token(arch: Architecture, counts: Counts, method: str, act_b
     else:  # DoRA on bf16/fp16 activations with fp32 adapters: the reference path keeps an fp32 x per target
         terms["linear inputs (fp32 x per target)"] = sum(4 * t.in_features for t in counts.targets)
     terms["LoRA A·x (r per target)"] = 4 * r * len(counts.targets)
-    if method == "dora":
+    if method == "dora" and act_bytes == 4:  # peftkit's fused DoRA: its own output, where nothing else keeps it
+        math = arch.family == "encoder" and attention == "math"
+        kept = _KEPT_OUTPUTS["encoder, math attention" if math else arch.family]
+        terms["DoRA outputs (not kept downstream)"] = a * sum(
+            t.out_features for t in counts.targets if not any(t.name == n or t.name.endswith("." + n) for n in kept))
+    elif method == "dora":  # the reference path: the base output and B·A·x, fp32, per target
         terms["DoRA (2 outputs per target, fp32)"] = 2 * 4 * sum(t.out_features for t in counts.targets)
     return terms
 
@@ -536,16 +557,17 @@ def plan_memory(arch: Architecture, counts: Counts, setting: Setting, *, gpus: i
     per_layer = sum(layer.values())
     head_terms = head_bytes_per_token(arch, counts, act)
     head = sum(head_terms.values())
-    if counts.largest_quantized:  # the NF4 weight torchao dequantises for each matmul, and its transpose
-        transient = 2 * counts.largest_quantized * act
-    else:
-        transient = 0
+    # an NF4 weight is dequantised for each of its matmuls (forward, and backward's g·W) and freed after it: the
+    # decoded values and the product, 2 × its elements at the compute dtype, alive only inside one layer, where the
+    # loss head's buffers are not (the logits are: the caller holds them); autograd saves only the packed weight
+    transient = 2 * counts.largest_quantized * act
     tokens = batch * seq
+    logits = tokens * head_terms.get("logits", 0)
     if setting.checkpointing:  # layer inputs, then the loss head's peak or one recomputed layer (logits still held)
-        activations = tokens * (arch.layers * act * arch.hidden + max(head, per_layer + head_terms.get("logits", 0)))
+        activations = tokens * arch.layers * act * arch.hidden + max(tokens * head,
+                                                                     tokens * per_layer + logits + transient)
     else:
-        activations = tokens * (arch.layers * per_layer + head)
-    activations += transient
+        activations = tokens * arch.layers * per_layer + max(tokens * head, logits + transient)
     backward = {"weights": weights, "gradients": grad_element * counts.head_trainable_elements,
                 "optimizer": optim, "activations": int(activations)}
     step = {"weights": weights, "gradients": grads, "optimizer": optim,
