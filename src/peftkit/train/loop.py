@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .. import distributed as fsdp
 from ..errors import NoTrainableParametersError, PeftError
 from ..io import atomic_folder, atomic_write_bytes
+from ..methods.prompts import ENCODER_FILE
 from .data import Dataset, Order, build_dataset, collate, data_fingerprint
 from .methods import method_entry
 from .modeling import (
@@ -110,7 +111,7 @@ def _world() -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
-TRAINING_ONLY_FILES = ("prompt_encoder.safetensors",)
+TRAINING_ONLY_FILES = (ENCODER_FILE,)
 """Files of an adapter folder that only resuming training reads: a P-tuning or projected-prefix encoder (HF PEFT
 and inference load the virtual tokens it made, in adapter_model.safetensors)."""
 
