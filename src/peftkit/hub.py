@@ -32,13 +32,12 @@ def is_hub_id(name: str) -> bool:
     return HUB_ID.fullmatch(name) is not None and ".." not in name and not os.path.exists(name)
 
 
-def resolve_adapter(model_id: str | os.PathLike, subfolder: str | None = None, *, revision: str | None = None,
-                    token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-                    local_files_only: bool = False) -> str:
-    """The local folder of an adapter given as a folder or a Hub id (see the module docstring)."""
-    name = os.fspath(model_id)
-    if os.path.exists(name) or not is_hub_id(name):
-        return os.path.join(name, subfolder) if subfolder else name
+def _snapshot(name: str, kind: str, *, where: str, fetch: str, patterns: list[str], revision: str | None,
+              token: str | bool | None, cache_dir: str | os.PathLike | None, local_files_only: bool = False,
+              error: type[PeftError] = PeftError) -> str:
+    """``snapshot_download`` of the files ``patterns`` name, with each of huggingface_hub's failures (missing
+    package, not cached while offline, no such repository or revision, the network) turned into one line that
+    names ``kind`` and ``where`` (the id, revision, subfolder) and, when the cache lacks it, the ``fetch`` command."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -50,27 +49,40 @@ def resolve_adapter(model_id: str | os.PathLike, subfolder: str | None = None, *
             RevisionNotFoundError,
         )
     except ImportError:
-        raise PeftError(f"{name!r} is not a local folder; to load it from the Hugging Face Hub install "
+        raise PeftError(f"{kind} {name!r} is not a local folder; to load it from the Hugging Face Hub install "
                         "huggingface_hub (pip install \"peftkit[hf]\")") from None
+    try:
+        return snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                 local_files_only=local_files_only, allow_patterns=patterns)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        held = "only partly" if type(exc).__name__ == "IncompleteSnapshotError" else "not"
+        raise error(f"{kind} {where} is not a local folder, and it is {held} in the Hugging Face cache while the Hub "
+                    "may not be reached (HF_HUB_OFFLINE=1, local_files_only, or no connection); "
+                    f"fetch it once with: {fetch}") from None
+    except RepositoryNotFoundError:
+        raise error(f"{kind} {name!r} is not a local folder, and the Hub has no repository {name!r} (or it is "
+                    "private: pass token=, or log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise error(f"Hub repository {name!r} has no revision {revision!r}; give a branch, tag or commit it "
+                    "has") from None
+    except (EntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise error(f"cannot fetch {kind} {where} from the Hub: {why}") from None
+
+
+def resolve_adapter(model_id: str | os.PathLike, subfolder: str | None = None, *, revision: str | None = None,
+                    token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                    local_files_only: bool = False) -> str:
+    """The local folder of an adapter given as a folder or a Hub id (see the module docstring)."""
+    name = os.fspath(model_id)
+    if os.path.exists(name) or not is_hub_id(name):
+        return os.path.join(name, subfolder) if subfolder else name
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     where = f"{name!r} (revision {revision or 'main'}{f', subfolder {subfolder!r}' if subfolder else ''})"
     fetch = f"hf download {name}" + (f" --revision {revision}" if revision else "")
-    try:
-        snapshot = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
-                                     local_files_only=local_files_only,
-                                     allow_patterns=[prefix + f for f in ADAPTER_FILES])
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise AdapterFileError(f"{name!r} is not a local folder, and as a Hub id {where} it is not in the Hugging "
-                               "Face cache while the Hub may not be reached (HF_HUB_OFFLINE=1 or local_files_only); "
-                               f"fetch it once with: {fetch}") from None
-    except RepositoryNotFoundError:
-        raise AdapterFileError(f"{name!r} is not a local folder, and the Hub has no repository {name!r} (or it is "
-                               "private: pass token=, or log in with `hf auth login`)") from None
-    except RevisionNotFoundError:
-        raise AdapterFileError(f"Hub repository {name!r} has no revision {revision!r}; give a branch, tag or "
-                               "commit it has") from None
-    except (EntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise AdapterFileError(f"cannot fetch adapter {where} from the Hub: {str(exc).splitlines()[0]}") from None
+    snapshot = _snapshot(name, "adapter", where=where, fetch=fetch, patterns=[prefix + f for f in ADAPTER_FILES],
+                         revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                         error=AdapterFileError)
     folder = os.path.join(snapshot, subfolder) if subfolder else snapshot
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise AdapterFileError(f"Hub repository {where} holds no adapter_config.json"
@@ -109,38 +121,11 @@ def fetch_model(name: str, *, gguf_file: str | None = None, revision: str | None
     GGUF file and the tokenizer's files), the cache reused, ``HF_HUB_OFFLINE=1`` honoured (the cache alone). Then
     processes started with ``HF_HUB_OFFLINE=1`` (``peftkit compare``'s workers) load it by its id from the cache.
     Returns the snapshot folder; anything missing is one error line with the command that fetches it."""
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-    except ImportError:
-        raise PeftError(f"model {name!r} is not a local folder; to load it from the Hugging Face Hub install "
-                        "huggingface_hub (pip install \"peftkit[hf]\")") from None
     fetch = f"hf download {name}" + (f" --revision {revision}" if revision else "") + (
         f" {gguf_file}" if gguf_file else "")
     patterns = [gguf_file, *(p for p in MODEL_FILES if p != "*.safetensors")] if gguf_file else list(MODEL_FILES)
-    try:
-        snapshot = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
-                                     allow_patterns=patterns)
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        held = "only partly" if type(exc).__name__ == "IncompleteSnapshotError" else "not"
-        raise PeftError(f"model {name!r} (revision {revision or 'main'}) is {held} in the Hugging Face cache and the "
-                        f"Hub could not be reached (HF_HUB_OFFLINE=1, or no connection); fetch it once with: {fetch}"
-                        ) from None
-    except RepositoryNotFoundError:
-        raise PeftError(f"model {name!r} is not a local folder, and the Hub has no repository {name!r} (or it is "
-                        "private: log in with `hf auth login`)") from None
-    except RevisionNotFoundError:
-        raise PeftError(f"Hub repository {name!r} has no revision {revision!r}; give a branch, tag or commit it "
-                        "has") from None
-    except (HfHubHTTPError, OSError) as exc:
-        why = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise PeftError(f"cannot fetch model {name!r} from the Hub: {why}") from None
+    snapshot = _snapshot(name, "model", where=f"{name!r} (revision {revision or 'main'})", fetch=fetch,
+                         patterns=patterns, revision=revision, token=token, cache_dir=cache_dir)
     missing = _missing_model_files(snapshot, gguf_file)
     if missing:
         raise PeftError(f"model {name!r}: {snapshot} lacks {', '.join(missing)} (the cache holds only part of it, "
