@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -380,3 +381,113 @@ def test_bf16_fused_takes_the_literal_norm_and_matches_the_reference() -> None:
     with peftkit.methods.lora_kernels.use_fused(False):
         ref = layer(x)
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2 * 2 ** -8 * ref.abs().max().item())
+
+
+# ---- fp32 adapters on a 16-bit base (the default: autocast_adapter_dtype) ------------------------------------
+@pytest.mark.parametrize("given", ["weight", "result"])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_fused_mixed_dtypes_equal_one_dtype(given: str, fan_in_fan_out: bool) -> None:
+    """DoraFunction with the adapter wider than x (here fp64 adapters on an fp32 base, so the check is tight):
+    output and every gradient equal the all-fp64 function's on the same values, to fp32 rounding; x, y and the
+    gradients of x, result and bias come back in x's dtype."""
+    from peftkit.methods.dora import DoraFunction
+
+    torch.manual_seed(0)
+    d64 = {"dtype": torch.float64}
+    x = torch.randn(3, 7, 10)
+    W = torch.randn(10, 6) if fan_in_fan_out else torch.randn(6, 10)
+    b, result = torch.randn(6), torch.randn(3, 7, 6)
+    A, B, m = torch.randn(4, 10, **d64), torch.randn(6, 4, **d64), torch.rand(6, **d64) + 0.5
+    n = torch.rand(6, **d64) + 1.0
+
+    def run(cast):
+        leaves = [cast(t).requires_grad_() for t in (x, b)] + [t.clone().requires_grad_() for t in (A, B, m)]
+        res = cast(result).requires_grad_() if given == "result" else None
+        out = DoraFunction.apply(leaves[0], res, cast(W) if given == "weight" else None, leaves[1], *leaves[2:], n,
+                                 1.3, fan_in_fan_out)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape))
+        return out, [t.grad for t in leaves + ([res] if res is not None else [])]
+
+    out32, grads32 = run(lambda t: t.clone())
+    out64, grads64 = run(lambda t: t.double())
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), out64, rtol=1e-6, atol=1e-6)
+    for name, g32, g64 in zip(["x", "b", "A", "B", "m", "result"], grads32, grads64, strict=False):
+        assert g32.dtype == (torch.float64 if name in "ABm" else torch.float32), name
+        torch.testing.assert_close(g32.double(), g64, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _peftkit_name(name: str) -> str:
+    """HF PEFT's parameter name in peftkit's spelling (HF's magnitude is a module: ``...default.weight``)."""
+    return name.removesuffix(".weight") if "lora_magnitude_vector" in name else name
+
+
+def _bf16_step(model, ids: torch.Tensor, fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    with peftkit.methods.lora_kernels.use_fused(fused):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+    grads = {_peftkit_name(n): t.grad.clone() for n, t in model.named_parameters() if t.grad is not None}
+    return out.logits.float(), grads, _count_nodes(out.loss, "DoraFunction")
+
+
+@pytest.mark.parametrize("cfg", [{"target_modules": "all-linear"},
+                                 {"target_modules": ["q_proj", "v_proj", "down_proj"], "bias": "all"}])
+def test_bf16_base_fp32_adapters_fuse_and_match_the_reference_and_hf_peft(cfg) -> None:
+    """A bf16 Llama with fp32 DoRA adapters (the default) takes the fused path; logits and every trained
+    gradient equal peftkit's reference path and HF PEFT 0.21's (same adapter weights), to bf16 rounding through
+    two blocks (each of the three differs from the others by as much)."""
+    ids = torch.randint(1, 128, (2, 12))
+
+    def build(lib):
+        config = lib.LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, **cfg)
+        torch.manual_seed(0)
+        return lib.get_peft_model(tiny_llama().to(torch.bfloat16), config).train()
+
+    pm, hf = build(peftkit), build(peft)
+    trainable = {n: t for n, t in pm.named_parameters() if t.requires_grad}
+    hf_trainable = {_peftkit_name(n): t for n, t in hf.named_parameters() if t.requires_grad}
+    assert trainable.keys() == hf_trainable.keys()
+    assert {t.dtype for n, t in trainable.items() if "lora" in n} == {torch.float32}
+    with torch.no_grad():
+        for n, t in trainable.items():
+            if "magnitude" in n:
+                t.mul_(torch.rand_like(t) + 0.5)
+            hf_trainable[n].copy_(t)
+    logits, grads, nodes = _bf16_step(pm, ids, True)
+    assert nodes == 2 * (7 if cfg["target_modules"] == "all-linear" else 3)
+    # the truth: the same (bf16-valued) model in fp64; the fused path is no further from it than the reference
+    _, exact, _ = _bf16_step(copy.deepcopy(pm).double(), ids, False)
+    _, reference, _ = _bf16_step(pm, ids, False)
+
+    def error(got: dict[str, torch.Tensor]) -> float:
+        return max(((got[n].double() - g).abs().max() / g.abs().max()).item() for n, g in exact.items())
+
+    assert error(grads) <= 1.1 * error(reference), (error(grads), error(reference))
+    for key, (other_logits, other, other_nodes) in {"reference": _bf16_step(pm, ids, False),
+                                                    "hf": _bf16_step(hf, ids, True)}.items():
+        assert other_nodes == 0
+        torch.testing.assert_close(logits, other_logits, rtol=2e-2, atol=2e-2, msg=key)
+        assert grads.keys() == other.keys() and any("magnitude" in n for n in grads)
+        for n, g in grads.items():
+            assert g.dtype == other[n].dtype, n
+            scale = other[n].abs().max().item()
+            assert (g - other[n]).abs().max().item() <= 5e-2 * scale, (key, n)
+
+
+def test_bf16_base_fused_saves_at_most_1_25x_lora() -> None:
+    """Saved activations on a bf16 Llama with fp32 adapters: fused DoRA ≤ 1.25× fused LoRA (both keep x in bf16
+    once per sibling group); the reference keeps fp32 copies of x, the base output and B A x per target."""
+    from saved_bytes import saved_bytes
+
+    ids = torch.randint(1, 128, (2, 24))
+    measured = {}
+    for kind in ("lora", "dora"):
+        pm = get_peft_model(tiny_llama().to(torch.bfloat16),
+                            LoraConfig(r=4, target_modules="all-linear", use_dora=kind == "dora"))
+        measured[kind] = saved_bytes(pm, ids)
+        if kind == "dora":
+            with peftkit.methods.lora_kernels.use_fused(False):
+                measured["dora_reference"] = saved_bytes(pm, ids)
+    assert measured["dora"] <= 1.25 * measured["lora"], measured
+    assert measured["dora_reference"] > 2 * measured["lora"], measured

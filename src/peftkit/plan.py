@@ -405,14 +405,12 @@ def layer_bytes_per_token(arch: Architecture, counts: Counts, method: str, act_b
     (an attention mask on CPU: no fused kernel) the scores, their dropout mask and probabilities (3·a·H·S).
     Then by method: ``full`` keeps each distinct linear input (q/k/v share one, gate/up share one) and, its
     norm weights training, the normalised inputs; LoRA keeps A·x (r per target) and x once per input group in
-    the activations' dtype (peftkit's fused LoRA, fp32 adapters on a bf16 base included); DoRA on bf16
-    activations keeps an fp32 copy of x per target instead (its reference path casts per target). DoRA's
-    fused function (fp32: adapter and activations share a dtype) saves x and A·x as LoRA does, plus its own
-    output y (backward's magnitude gradient is Σ g ⊙ (y − b)/m): no extra bytes where the next op keeps y anyway
+    the activations' dtype (peftkit's fused LoRA, fp32 adapters on a bf16 base included). DoRA's fused function
+    (fp32 adapters on a bf16 base included) saves x and A·x as LoRA does, plus its own output y in the
+    activations' dtype (backward's magnitude gradient is Σ g ⊙ (y − b)/m): no extra bytes where the next op keeps y anyway
     (:data:`_KEPT_OUTPUTS`: v, gate, up on Llama; q, k, v and the intermediate on BERT, but only the intermediate
     on the math attention path), a·d_out for the others (Llama's q and k before RoPE, o, down); its
-    per-target m/n vectors are per layer, not per token, and left out. The reference path (bf16/fp16
-    activations) keeps two output-sized fp32 tensors per target (the base output and B·A·x). qlora's NF4 base
+    per-target m/n vectors are per layer, not per token, and left out. qlora's NF4 base
     saves only its packed weight (torchao's linear), so its activations are LoRA's; the dequantised weight is a
     temporary (:func:`plan_memory`)."""
     h, inter, heads, kv, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
@@ -435,18 +433,14 @@ def layer_bytes_per_token(arch: Architecture, counts: Counts, method: str, act_b
         if arch.family == "decoder":
             terms["normalised inputs (norm weights train)"] = 2 * a * h
         return terms
-    if act_bytes == 4 or method != "dora":  # peftkit's fused LoRA, fp32 adapters on any base: x once per group
-        terms["linear inputs (x, once per group)"] = a * sum(group_size[g] for g in groups if g in group_size)
-    else:  # DoRA on bf16/fp16 activations with fp32 adapters: the reference path keeps an fp32 x per target
-        terms["linear inputs (fp32 x per target)"] = sum(4 * t.in_features for t in counts.targets)
+    # peftkit's fused LoRA and DoRA, fp32 adapters on any base: x once per group, in the activations' dtype
+    terms["linear inputs (x, once per group)"] = a * sum(group_size[g] for g in groups if g in group_size)
     terms["LoRA A·x (r per target)"] = 4 * r * len(counts.targets)
-    if method == "dora" and act_bytes == 4:  # peftkit's fused DoRA: its own output, where nothing else keeps it
+    if method == "dora":  # the fused DoRA's own output, where nothing else keeps it
         math = arch.family == "encoder" and attention == "math"
         kept = _KEPT_OUTPUTS["encoder, math attention" if math else arch.family]
         terms["DoRA outputs (not kept downstream)"] = a * sum(
             t.out_features for t in counts.targets if not any(t.name == n or t.name.endswith("." + n) for n in kept))
-    elif method == "dora":  # the reference path: the base output and B·A·x, fp32, per target
-        terms["DoRA (2 outputs per target, fp32)"] = 2 * 4 * sum(t.out_features for t in counts.targets)
     return terms
 
 

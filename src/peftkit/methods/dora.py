@@ -21,8 +21,10 @@ output y. Backward needs Σ_tokens g ⊙ (base + s B h) for m, which is (y − b
 (the reference keeps two per target: the base output and B A x), and where the next op saves y anyway (v_proj
 for attention, gate/up for the MLP) the output costs nothing extra. The norm comes from the identity
 ‖W_i + s B_i A‖² = ‖W_i‖² + 2s · B_i (A W_iᵀ) + s² · B_i (A Aᵀ) B_iᵀ (:func:`dora_weight_norm_lowrank`, ‖W_i‖²
-cached while W is unchanged): no (d_out, d_in) temporary. Dropout in training, a zero in m or mixed dtypes
-take the reference path (``variant.forward``), as does ``lora_kernels.use_fused(False)``.
+cached while W is unchanged): no (d_out, d_in) temporary. fp32 adapters on a bf16/fp16 base (the default) fuse too:
+x and y stay 16-bit, the rest is computed in fp32 from transient casts. Dropout in training, a zero in m or
+adapter tensors of mixed dtypes take the reference path (``variant.forward``), as does
+``lora_kernels.use_fused(False)``.
 """
 
 from __future__ import annotations
@@ -177,7 +179,13 @@ class DoraFunction(torch.autograd.Function):
     or None; bias (d_out,) or None; A (r, d_in); B (d_out, r); magnitude and norm (d_out,), m nowhere zero.
     Saves x, h, the parameters and y itself. Backward (g = ∂L/∂y, g_f = g ⊙ f):
     g_m = Σ g ⊙ (y − b) / m,  g_B = s · g_fᵀ h,  g_h = s · g_f B,  g_A = g_hᵀ x,
-    g_x = g_f W + g_h A (weight given), g_result = g_f,  g_b = Σ g (weight given) or Σ g ⊙ (1 − f)."""
+    g_x = g_f W + g_h A (weight given), g_result = g_f,  g_b = Σ g (weight given) or Σ g ⊙ (1 − f).
+
+    x, result, weight and bias share one dtype; A, B, m and n another, which may be wider (fp32 adapters on a
+    bf16 base, the default): then h, f and the sum f ⊙ (base + s · h Bᵀ) + b are computed in the adapter's dtype
+    from transient casts and y is cast to x's, as the reference (HF PEFT) sums in the adapter's dtype and casts;
+    x and y are kept as they are (16-bit), never as fp32 copies. g_m then reads y as stored: its rounding (one
+    16-bit ulp per element, 2⁻⁹ relative) is the output's own."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, result: torch.Tensor | None, weight: torch.Tensor | None,
@@ -185,17 +193,23 @@ class DoraFunction(torch.autograd.Function):
                 norm: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
         d_in, d_out = A.shape[1], B.shape[0]
         x2 = x.reshape(-1, d_in)
-        h = x2 @ A.T  # (tokens, r)
+        h = x2.to(A.dtype) @ A.T  # (tokens, r); x is cast transiently where the adapter is wider
         factor = magnitude / norm
         if result is None:
             y = x2 @ (weight if fan_in_fan_out else weight.T)
+            y = y.to(A.dtype)  # a no-op in one dtype
         else:
             y = result.reshape(-1, d_out)
-            y = y - bias if bias is not None else y.clone()
+            if y.dtype != A.dtype:
+                y = y.to(A.dtype)  # a new tensor: result is never written
+                if bias is not None:
+                    y.sub_(bias)
+            else:
+                y = y - bias if bias is not None else y.clone()
         y.addmm_(h, B.T, alpha=scaling).mul_(factor)
         if bias is not None:
             y.add_(bias)
-        out = y.view(*x.shape[:-1], d_out)
+        out = y.to(x.dtype).view(*x.shape[:-1], d_out)
         need = ctx.needs_input_grad
         ctx.save_for_backward(x if need[4] else None, h, A, B, weight if need[0] else None, magnitude, factor,
                               bias, out)
@@ -206,31 +220,34 @@ class DoraFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, h, A, B, weight, magnitude, factor, bias, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        s, d_out = ctx.scaling, B.shape[0]
-        g = grad_out.reshape(-1, d_out)
+        s, d_out, x_dtype = ctx.scaling, B.shape[0], out.dtype
+        g = grad_out.reshape(-1, d_out).to(A.dtype)  # g itself in one dtype
         g_f = g * factor
         grad_x = grad_result = grad_bias = grad_A = grad_B = grad_m = None
         if need[6]:  # Σ g ⊙ (y − b) / m, without a (tokens, d_out) copy of y − b
-            g_y = torch.linalg.vecdot(g.T, out.reshape(-1, d_out).T)
+            g_y = torch.linalg.vecdot(g.T, out.reshape(-1, d_out).to(A.dtype).T)
             if bias is not None:
-                g_y = g_y - bias * g.sum(0)
+                g_y = g_y - bias.to(A.dtype) * g.sum(0)
             grad_m = g_y / magnitude
         if need[5]:
             grad_B = (g_f.T @ h).mul_(s)
         if need[0] or need[4]:
             grad_h = (g_f @ B).mul_(s)
             if need[4]:
-                grad_A = grad_h.T @ x.reshape(-1, A.shape[1])
+                grad_A = grad_h.T @ x.reshape(-1, A.shape[1]).to(A.dtype)
             if need[0]:
-                if weight is not None:
-                    grad_x = (g_f @ (weight.T if ctx.fan_in_fan_out else weight)).addmm_(grad_h, A)
-                else:
-                    grad_x = grad_h @ A
+                w = None if weight is None else (weight.T if ctx.fan_in_fan_out else weight)
+                if x_dtype == A.dtype:
+                    grad_x = grad_h @ A if w is None else (g_f @ w).addmm_(grad_h, A)
+                else:  # each term in its own dtype, summed in x's: as autograd does for the reference's casts
+                    grad_x = (grad_h @ A).to(x_dtype)
+                    if w is not None:
+                        grad_x = (g_f.to(x_dtype) @ w).add_(grad_x)
                 grad_x = grad_x.view(*grad_out.shape[:-1], A.shape[1])
         if ctx.has_result and need[1]:
-            grad_result = g_f.view(grad_out.shape)
+            grad_result = g_f.to(x_dtype).view(grad_out.shape)
         if bias is not None and need[3]:
-            grad_bias = g.sum(0) if not ctx.has_result else (g * (1 - factor)).sum(0)
+            grad_bias = (g.sum(0) if not ctx.has_result else (g * (1 - factor)).sum(0)).to(bias.dtype)
         return grad_x, grad_result, None, grad_bias, grad_A, grad_B, grad_m, None, None, None
 
 
@@ -238,9 +255,13 @@ def dora_fused_forward(layer: LoraLinear, adapter_name: str, x: torch.Tensor, re
                        weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
     """One DoRA adapter through :class:`DoraFunction` (lora_kernels calls this), or None where the reference
     must run: dropout in training (its mask and W x̃ are the reference's), a zero in m (g_m divides by m),
-    or a dtype other than x's."""
+    adapter tensors of different dtypes, or an adapter narrower than x (a bf16 adapter on an fp32 base).
+    The norm is the reference's: of W in the adapter's dtype (a transient fp32 copy on a bf16 base)."""
     magnitude = layer.lora_magnitude_vector[adapter_name]
-    if dropout_p(layer, adapter_name) > 0 or magnitude.dtype != x.dtype or not bool(magnitude.ne(0).all()):
+    A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    if (dropout_p(layer, adapter_name) > 0 or not magnitude.dtype == A.dtype == B.dtype
+            or not (magnitude.dtype == x.dtype or torch.finfo(magnitude.dtype).bits > torch.finfo(x.dtype).bits)
+            or not bool(magnitude.ne(0).all())):
         return None
     if result is None:
         dense = weight
@@ -249,10 +270,9 @@ def dora_fused_forward(layer: LoraLinear, adapter_name: str, x: torch.Tensor, re
         bias = getattr(base_layer, "bias", None)
         if bias is not None and bias.dtype != x.dtype:
             return None
-        dense = dense_weight(base_layer.weight, x.dtype)
-    norm = layer.variant[adapter_name].fast_weight_norm(layer, adapter_name, dense)
-    return DoraFunction.apply(x, result, weight, bias, layer.lora_A[adapter_name].weight,
-                              layer.lora_B[adapter_name].weight, magnitude, norm, layer.scaling[adapter_name],
+        dense = base_layer.weight
+    norm = layer.variant[adapter_name].fast_weight_norm(layer, adapter_name, dense_weight(dense, A.dtype))
+    return DoraFunction.apply(x, result, weight, bias, A, B, magnitude, norm, layer.scaling[adapter_name],
                               layer.fan_in_fan_out)
 
 

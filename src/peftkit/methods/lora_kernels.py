@@ -33,7 +33,7 @@ fused path (tested to 1e-6 in fp64). The fused path runs when autocast is off an
 dtype; the adapter's may differ (fp32 adapters on a bf16/fp16 base, the default): then x is saved as it is (bf16,
 once per sibling group), x̄ and h = A x̄ are computed in the adapter's dtype from a transient cast, and s̄·h Bᵀ is
 cast to x's dtype and added, in the reference's order; the reference (and HF PEFT) keeps an fp32 copy of x per
-target instead. DoRA fuses only when all dtypes agree; otherwise the reference runs, casting as HF PEFT does.
+target instead. DoRA fuses there too (methods/dora.py).
 Gradient checkpointing: seeds come from torch's default generator, whose state checkpointing restores, so a
 recomputed forward redraws the same masks.
 """
@@ -294,10 +294,11 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
     for name in names:
         A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
         fused = FUSED_VARIANTS.get(type(layer.variant[name]))
-        # plain LoRA also fuses with an adapter dtype other than x's (fp32 adapters on a bf16 base): it keeps x as
-        # it is, where the reference keeps a cast copy per target; the variants need x's dtype throughout
+        # LoRA and DoRA also fuse with an adapter dtype other than x's (fp32 adapters on a bf16 base): they keep x
+        # as it is, where the reference keeps a cast copy per target (a variant's function returns None where it
+        # cannot)
         dtypes_fit = (A.dtype == B.dtype and (result is None or result.dtype == x.dtype)
-                      and (A.dtype == x.dtype or (fused is None and A.is_floating_point() and x.is_floating_point())))
+                      and (A.dtype == x.dtype or (A.is_floating_point() and x.is_floating_point())))
         if not dtypes_fit:
             if result is None:
                 result = base(x)
