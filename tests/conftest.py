@@ -90,3 +90,31 @@ def rows_match_alone(pm, names, ids, rtol=1e-4, atol=1e-5) -> torch.Tensor:
             expected = pm(ids[row:row + 1]).logits
         torch.testing.assert_close(mixed[row:row + 1], expected, rtol=rtol, atol=atol)
     return mixed
+
+
+# ---- the command line in a fresh interpreter, and which heavy libraries it imported -------------------------
+HEAVY_MODULES = ("torch", "safetensors", "transformers", "torchao", "numpy", "pydantic")  # pydantic: typer's coercion
+_PROBE = f"""
+import json, runpy, sys
+sys.argv = ["peftkit", *sys.argv[1:]]
+code = 0
+try:
+    runpy.run_module("peftkit", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code or 0
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY_MODULES!r}))
+sys.stderr.write("PROBE " + json.dumps({{"heavy": heavy, "code": code}}) + "\\n")
+"""
+
+
+def peftkit_probe(*argv: str) -> tuple[str, dict]:
+    """``peftkit ARGV`` in a fresh interpreter: (its stdout, {"heavy": the ``HEAVY_MODULES`` it imported, "code":
+    its exit status})."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=300)
+    probe = [ln for ln in proc.stderr.splitlines() if ln.startswith("PROBE ")]
+    assert probe, proc.stderr[-2000:]
+    return proc.stdout, json.loads(probe[-1].removeprefix("PROBE "))

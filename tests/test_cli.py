@@ -144,27 +144,12 @@ def test_inspect_a_run_folder(root, tmp_path):
 
 
 # ---- start-up: --help and inspect load neither torch nor transformers (benchmarks/cli_startup.py times them) ----
-HEAVY_PROBE = """
-import json, runpy, sys
-sys.argv = ["peftkit", *sys.argv[1:]]
-code = 0
-try:
-    runpy.run_module("peftkit", run_name="__main__")
-except SystemExit as exc:
-    code = exc.code or 0
-print("LOADED", json.dumps([sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "torchao"}),
-                            code]))
-"""
-
-
 def _loaded(*argv: str) -> tuple[list[str], int]:
-    import subprocess
-    import sys
+    """Which of torch, transformers and torchao ``peftkit ARGV`` imported, and its exit status."""
+    from conftest import peftkit_probe
 
-    proc = subprocess.run([sys.executable, "-c", HEAVY_PROBE, *argv], capture_output=True, text=True, timeout=300)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOADED")][-1]
-    loaded, code = json.loads(line.removeprefix("LOADED "))
-    return loaded, code
+    _, probe = peftkit_probe(*argv)
+    return [m for m in probe["heavy"] if m in ("torch", "transformers", "torchao")], probe["code"]
 
 
 def test_help_and_inspect_load_no_heavy_library(tmp_path):

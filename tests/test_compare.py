@@ -166,7 +166,8 @@ COMMIT = "3" * 40
 
 
 def _hub_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    """(run.yaml naming the model ``name``, the cache folder), with tiny-bert cached as org/tiny-bert."""
+    """(run.yaml naming the model ``name``, the cache folder), with tiny-bert cached as org/tiny-bert: a BERT built
+    from a transformers config (tiny_run), copied into huggingface_hub's cache layout; nothing is downloaded."""
     import shutil
 
     source = tiny_run.model_folder(tmp_path / "src", "bert")

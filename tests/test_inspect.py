@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from conftest import HEAVY_MODULES as HEAVY
+from conftest import peftkit_probe as _cli
 from conftest import tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -30,19 +32,6 @@ from peftkit.config import _REGISTRY, PeftConfig
 from peftkit.inspection import _module_of
 from peftkit.tensorfile import read_header
 
-HEAVY = ("torch", "safetensors", "transformers", "torchao", "numpy", "pydantic")  # pydantic: typer's coercion (cli.py)
-PROBE = f"""
-import json, runpy, sys
-sys.argv = ["peftkit", *sys.argv[1:]]
-code = 0
-try:
-    runpy.run_module("peftkit", run_name="__main__")
-except SystemExit as exc:
-    code = exc.code or 0
-heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
-sys.stderr.write("PROBE " + json.dumps({{"heavy": heavy, "code": code}}) + "\\n")
-"""
-
 METHODS = {  # sub-folder -> (config, peft_type)
     "lora": (lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "LORA"),
     "dora": (lambda: LoraConfig(r=2, target_modules=["o_proj"], use_dora=True), "LORA"),
@@ -51,13 +40,6 @@ METHODS = {  # sub-folder -> (config, peft_type)
     "ia3": (lambda: IA3Config(), "IA3"),  # llama's defaults: k_proj, v_proj, down_proj (feedforward)
     "houlsby": (lambda: BottleneckConfig(placement="houlsby"), "BOTTLENECK"),  # + the trained layer norms
 }
-
-
-def _cli(*argv: str) -> tuple[str, dict]:
-    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=300)
-    probe = [ln for ln in proc.stderr.splitlines() if ln.startswith("PROBE ")]
-    assert probe, proc.stderr[-2000:]
-    return proc.stdout, json.loads(probe[-1].removeprefix("PROBE "))
 
 
 @pytest.fixture(scope="module")
