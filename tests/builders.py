@@ -4,6 +4,9 @@ converter writes them. The tiny transformers models themselves live in conftest.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 
@@ -25,14 +28,35 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
-def smollm2_base():
-    """SmolLM2-135M-Instruct from its shipped Q4_1 GGUF, de-quantised to fp32 by transformers (peftkit's base)."""
+@functools.cache
+def _smollm2_loaded():
     from transformers import AutoModelForCausalLM
 
     from peftkit.embedded import smollm2_gguf
 
     folder, name = smollm2_gguf()
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+
+
+def smollm2_base():
+    """SmolLM2-135M-Instruct from its shipped Q4_1 GGUF, de-quantised to fp32 by transformers (peftkit's base):
+    a fresh copy of one read per test session (transformers' GGUF reader takes ~30 s for this file: it parses
+    the 49k-token vocabulary string by string, twice, and rebuilds gguf's tensor-name map per tensor)."""
+    return copy.deepcopy(_smollm2_loaded())
+
+
+@functools.cache
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer as transformers reads it from the GGUF (read once per session; callers only call it)."""
+    from transformers import AutoTokenizer
+
+    from peftkit.embedded import smollm2_gguf
+
+    folder, name = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if tok.pad_token_id is None:  # as peftkit's load_tokenizer sets it
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def tiny_for_gguf(model_type: str):
@@ -90,3 +114,29 @@ def write_base_gguf(model, path, arch: str) -> int:
     writer.write_tensors_to_file()
     writer.close()
     return count
+
+
+def use_cached_smollm2(monkeypatch) -> None:
+    """Make peftkit's trainer take SmolLM2 and its tokenizer from this session's one read (copies of
+    :func:`smollm2_base` and :func:`smollm2_tokenizer`) instead of reading the GGUF again, ~40 s per Runner.
+    Only the fp32 SmolLM2 is swapped; every other model (and the meta-device check) loads as usual.
+    test_demo's chat run keeps the real load path."""
+    import transformers
+
+    from peftkit.embedded import smollm2_gguf
+    from peftkit.train import loop, modeling
+
+    folder, name = smollm2_gguf()
+    real_base, real_tokenizer = modeling.pretrained_or_meta, loop.load_tokenizer
+
+    def base(auto, where, extra, meta, **config_kwargs):
+        if (auto is transformers.AutoModelForCausalLM and where == str(folder) and extra.get("gguf_file") == name
+                and extra.get("dtype") in (None, torch.float32) and not meta and not config_kwargs):
+            return smollm2_base()
+        return real_base(auto, where, extra, meta, **config_kwargs)
+
+    def tokenizer(spec):
+        return copy.deepcopy(smollm2_tokenizer()) if spec.model.name == "smollm2" else real_tokenizer(spec)
+
+    monkeypatch.setattr(modeling, "pretrained_or_meta", base)
+    monkeypatch.setattr(loop, "load_tokenizer", tokenizer)
