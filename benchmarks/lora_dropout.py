@@ -5,15 +5,19 @@ Three parts, one process, ``--threads`` torch threads:
 * ``steps``: the floor (the frozen model with input gradients and no adapter), LoRA at dropout 0, LoRA at 0.05
   with the LoRA kernels of ``--baseline`` (a git revision: its ``methods/lora_kernels.py`` is loaded beside the
   current one and swapped in for that row's steps) and LoRA at 0.05 with the current kernels. The rows step in
-  turn (floor, p0, baseline, current, floor, ...), ``--turns`` turns after one warm-up each; ratios to the floor
+  turn, the order rotating each turn, ``--turns`` turns after one warm-up each; ratios to the floor
   are taken per turn, medians reported (a busy machine slows neighbouring steps alike).
 * ``profile``: self CPU time by ATen op over one step at 0.05 and one at 0 (torch.profiler), so the ops the
   dropout adds — the random draw, the mask compare, the masked multiplies — show with their share of the step.
 * ``ops``: the mask's operations alone on the model's input shapes (tokens × hidden, tokens × intermediate),
   median of repeats, in ms and ns per element.
+* ``layers``: each sibling group of a block alone (q/k/v, o, gate/up, down; forward + backward) as frozen Linears
+  and as peftkit's LoRA layers at p 0 and 0.05 (and through ``--baseline``'s kernels), round-robin: what LoRA
+  adds to the matmuls it rides on, and the step ratio that implies.
 
     PYTHONPATH=src python benchmarks/lora_dropout.py                    # hidden 512, 8 layers, batch 8 × 256
     PYTHONPATH=src python benchmarks/lora_dropout.py --parts ops,profile --layers 2
+    PYTHONPATH=src python benchmarks/lora_dropout.py --parts layers,steps --baseline HEAD~1 --repeat 30 --turns 6
 
 Writes benchmarks/results/lora_dropout.json (``--out``) and prints the tables benchmarks/RESULTS.md shows.
 """
@@ -82,21 +86,28 @@ def part_steps(args: argparse.Namespace) -> dict[str, Any]:
                                                   baseline.lora_linear_forward),
         "lora_p05": bench.train_setup("peftkit", "lora_p05", args)[1],
     }
+    if args.rows:  # a subset, e.g. the two p 0.05 rows for a long A/B of kernels
+        rows = {k: v for k, v in rows.items() if k in args.rows.split(",")}
     for step in rows.values():
         step()
     times: dict[str, list[float]] = {k: [] for k in rows}
+    names = list(rows)
     for turn in range(args.turns):
-        for name, step in rows.items():
+        # the order rotates each turn: no row always runs after the same neighbour or in the same place
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
             t0 = time.perf_counter()
-            step()
+            rows[name]()
             times[name].append(time.perf_counter() - t0)
         print(f"turn {turn + 1}/{args.turns}: " + ", ".join(f"{k} {1000 * v[-1]:.0f} ms" for k, v in times.items()),
               flush=True)
-    floor = times["floor"]
+    first = next(iter(times))
+
+    def ratios(to: str) -> dict[str, float]:
+        return {k: statistics.median(a / b for a, b in zip(v, times[to], strict=True)) for k, v in times.items()}
     return {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
-            "vs_floor": {k: statistics.median(a / b for a, b in zip(v, floor, strict=True)) for k, v in times.items()},
-            "vs_lora_p0": {k: statistics.median(a / b for a, b in zip(v, times["lora_p0"], strict=True))
-                           for k, v in times.items()}}
+            "vs_floor": ratios("floor") if "floor" in times else {},
+            "vs_lora_p0": ratios("lora_p0") if "lora_p0" in times else {},
+            f"vs_{first}": ratios(first)}
 
 
 def part_profile(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +179,79 @@ def mask_ops(shape: torch.Size, repeat: int, p: float = 0.05, seed: int = 1234) 
     return row
 
 
-PARTS = {"ops": part_ops, "profile": part_profile, "steps": part_steps}
+def part_layers(args: argparse.Namespace) -> dict[str, Any]:
+    """Each sibling group of a block alone (q/k/v on one input, o, gate/up on one input, down), forward + backward
+    with input gradients, on the model's shapes: frozen Linears (the floor), peftkit's LoRA layers at p 0 and at
+    p 0.05, stepped round-robin ``--repeat`` rounds, medians of the per-round ratios. What LoRA and its dropout
+    add to the very matmuls they ride on, without the rest of the model; summed over the groups (× layers) and
+    divided by the floor's measured step (median of ``--turns``), the step ratios those layers imply."""
+    import torch.nn as nn
+
+    from peftkit import LoraConfig
+    from peftkit.methods.lora import LoraLinear
+
+    tokens, h, inter = args.batch * args.seq, args.hidden, args.intermediate
+    baseline = baseline_kernels(args.baseline) if args.baseline else None
+    groups = {"q/k/v": (h, [h, h, h]), "o": (h, [h]), "gate/up": (h, [inter, inter]), "down": (inter, [h])}
+    torch.manual_seed(args.seed)
+
+    def build(d_in: int, outs: list[int], p: float | None) -> Callable[[], None]:
+        layers = []
+        for d_out in outs:
+            linear = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
+            if p is None:
+                layers.append(linear)
+                continue
+            layer = LoraLinear(linear)
+            layer.update_layer("default", LoraConfig(r=bench.RANK, lora_alpha=bench.ALPHA, lora_dropout=p,
+                                                     init_lora_weights=False), "m")
+            layer.set_adapter(["default"])
+            layers.append(layer.train())
+        x = torch.randn(tokens, d_in, requires_grad=True)
+        grads = [torch.randn(tokens, d_out) for d_out in outs]
+
+        def step() -> None:
+            torch.autograd.backward([layer(x) for layer in layers], grads)
+            x.grad = None
+            for layer in layers:
+                for param in layer.parameters():
+                    param.grad = None
+        return step
+
+    out: dict[str, Any] = {}
+    for name, (d_in, outs) in groups.items():
+        rows = {"floor": build(d_in, outs, None), "lora_p0": build(d_in, outs, 0.0), "lora_p05": build(d_in, outs, 0.05)}
+        if baseline is not None:  # the same layers through ``--baseline``'s kernels
+            rows[f"lora_p0_{args.baseline}"] = with_forward(build(d_in, outs, 0.0), baseline.lora_linear_forward)
+            rows[f"lora_p05_{args.baseline}"] = with_forward(build(d_in, outs, 0.05), baseline.lora_linear_forward)
+        times: dict[str, list[float]] = {k: [] for k in rows}
+        for fn in rows.values():
+            fn()
+        for _ in range(args.repeat):
+            for row, fn in rows.items():
+                t0 = time.perf_counter()
+                fn()
+                times[row].append(time.perf_counter() - t0)
+        out[name] = {"ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+                     "vs_floor": {k: statistics.median(a / b for a, b in zip(v, times["floor"], strict=True))
+                                  for k, v in times.items()}}
+    floor_step = bench.train_setup("floor", "-", args)[1]
+    floor_step()
+    steps = []
+    for _ in range(args.turns):
+        t0 = time.perf_counter()
+        floor_step()
+        steps.append(time.perf_counter() - t0)
+    floor_ms = 1000 * statistics.median(steps)
+    extra = {row: args.layers * sum(g["ms"]["floor"] * (g["vs_floor"][row] - 1) for g in out.values())
+             for row in next(iter(out.values()))["vs_floor"] if row != "floor"}
+    linears = args.layers * sum(g["ms"]["floor"] for g in out.values())
+    return {"groups": out, "floor_step_ms": floor_ms, "floor_step_times_ms": [1000 * t for t in steps],
+            "block_linears_ms": linears, "extra_ms": extra,
+            "implied_vs_floor": {row: 1 + v / floor_ms for row, v in extra.items()}}
+
+
+PARTS = {"ops": part_ops, "profile": part_profile, "steps": part_steps, "layers": part_layers}
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -187,11 +270,26 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             lines.append(f"| {op} | {1000 * sec:.0f} | {100 * sec / p05['self_total_s']:.1f} % | "
                          f"{1000 * p0['all_self_s'].get(op, 0.0):.0f} |")
         lines.append(f"| total | {1000 * p05['self_total_s']:.0f} | 100 % | {1000 * p0['self_total_s']:.0f} |")
+    if "layers" in results:
+        a = results["layers"]
+        rows = list(a["implied_vs_floor"])
+        lines += ["", f"| sibling group alone, forward + backward ({args.repeat} rounds, round-robin) | floor ms | "
+                  + " | ".join(f"{r} × floor" for r in rows) + " |", "|---" * (2 + len(rows)) + "|"]
+        lines += [f"| {k} | {g['ms']['floor']:.1f} | " + " | ".join(f"{g['vs_floor'][r]:.3f}" for r in rows) + " |"
+                  for k, g in a["groups"].items()]
+        lines += [f"| the block linears of {args.layers} layers; the floor's measured step | {a['block_linears_ms']:.0f}; "
+                  f"{a['floor_step_ms']:.0f} |" + " - |" * len(rows),
+                  f"| implied step (floor step + the groups' extra × {args.layers}) | - | "
+                  + " | ".join(f"{a['implied_vs_floor'][r]:.3f}" for r in rows) + " |"]
     if "steps" in results:
         s = results["steps"]
-        lines += ["", f"| row ({args.turns} turns, interleaved) | step ms (median) | × floor | × LoRA p 0 |",
-                  "|---|---|---|---|"]
-        lines += [f"| {k} | {1000 * v:.0f} | {s['vs_floor'][k]:.3f} | {s['vs_lora_p0'][k]:.3f} |"
+        first = next(iter(s["step_s"]))
+        cols = [c for c in ("vs_floor", "vs_lora_p0", f"vs_{first}") if s.get(c)]
+        cols = list(dict.fromkeys(cols))
+        names = {"vs_floor": "× floor", "vs_lora_p0": "× LoRA p 0", f"vs_{first}": f"× {first}"}
+        lines += ["", f"| row ({args.turns} turns, order rotating) | step ms (median) | "
+                  + " | ".join(names[c] for c in cols) + " |", "|---" * (2 + len(cols)) + "|"]
+        lines += [f"| {k} | {1000 * v:.0f} | " + " | ".join(f"{s[c][k]:.3f}" for c in cols) + " |"
                   for k, v in s["step_s"].items()]
     return "\n".join(lines)
 
@@ -205,6 +303,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--rows", default="", help="steps: only these rows (comma-separated; default all)")
     parser.add_argument("--repeat", type=int, default=20, help="repeats of each mask op (ops)")
     parser.add_argument("--top", type=int, default=14, help="ops shown in the profile table")
     parser.add_argument("--threads", type=int, default=1)

@@ -170,15 +170,16 @@ def _input_sized_passes(layer: nn.Module, x: torch.Tensor) -> list[str]:
 
 def test_dropout_costs_the_fewest_passes_over_the_input() -> None:
     """Dropout's elementwise passes over input-sized tensors in one forward + backward of a target: the mask
-    compared and x ⊙ keep applied once each way, and one multiply-add (addcmul_) into g W per target; the
-    1/(1 − p) rides on the scalar s (before: 8 passes, 2 of them for the scale and one more per target)."""
+    compared and x ⊙ keep applied once each way, and per target the LoRA term g_h A masked in place (mul_), into
+    which the matmul then accumulates g W; the 1/(1 − p) rides on the scalar s (before: 8 passes, 2 of them for
+    the scale and one more per target; an addcmul_ of the term into g W until session 8)."""
     tokens, d_in = 64, 96
     layer = LoraLinear(nn.Linear(d_in, 80).requires_grad_(False))
     layer.update_layer("default", LoraConfig(r=4, lora_dropout=0.1, init_lora_weights=False), "m")
     layer.set_adapter(["default"])
     layer.train()
     x = torch.randn(tokens, d_in, requires_grad=True)
-    assert _input_sized_passes(layer, x) == ["ge", "mul", "ge", "mul", "addcmul_"]
+    assert _input_sized_passes(layer, x) == ["ge", "mul", "ge", "mul", "mul_"]
     layer.eval()  # without dropout none at all: the LoRA term is added inside the matmuls (addmm_)
     assert _input_sized_passes(layer, x) == []
 

@@ -11,7 +11,9 @@ Plain LoRA on a Linear (or GPT-2 Conv1D) computes, for x (..., d_in) and each ac
                    x̄ once per sibling group
     forward        y = addmm(b, x, Wᵀ); y += s̄ · h Bᵀ          (one add-matmul into the output)
     backward       g_B = s̄ · gᵀ h,   g_h = s̄ · g B,   g_A = g_hᵀ x̄
-                   g_x = g W  +  (g_h A) ⊙ keep                (the LoRA term added into g W in place)
+                   g_x = g W  +  (g_h A) ⊙ keep                (without dropout the LoRA term is added into g W
+                                                               in place; with it, g W is accumulated into the
+                                                               masked term by the matmul)
 
 with x̄ = x ⊙ keep and s̄ = s / (1 − p) (without dropout x̄ = x, s̄ = s): the dropout's 1/(1 − p) rides on the
 scalar instead of costing a pass over every input element (forward and backward) and one more over every input
@@ -158,8 +160,8 @@ def _masked(x: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Te
 def _dropped_for_backward(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype,
                           need_dropped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(keep as 0/1 in ``dtype``, x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the saved input x, regenerated
-    once for siblings whose backwards run in a row. A 0/1 mask of the gradient's dtype lets every target fold it
-    into one in-place add (``addcmul_``) where a bool mask costs a multiply and an add (~6× the time on CPU)."""
+    once for siblings whose backwards run in a row. A 0/1 mask of the gradient's dtype lets every target mask its
+    term with one in-place multiply (``mul_``) where a bool mask costs ~6× the time on CPU."""
     key = (seed, x.data_ptr(), x.shape, dtype)
     cached = _cache.backward
     if cached is not None and cached[0] == key and (cached[2] is not None or not need_dropped):
@@ -235,8 +237,8 @@ class LoraFunction(torch.autograd.Function):
             if need[5]:
                 grad_A = grad_h.T @ dropped.reshape(-1, A.shape[1])
             if need[0]:
-                base = None if weight is None else g @ (weight.T if ctx.fan_in_fan_out else weight)  # g W
-                grad_x = _input_grad(base, grad_h, A, keep, ctx.x_dtype).view(ctx.x_shape)
+                w = None if weight is None else (weight.T if ctx.fan_in_fan_out else weight)  # (d_out, d_in)
+                grad_x = _input_grad(g, w, grad_h, A, keep, ctx.x_dtype).view(ctx.x_shape)
         if ctx.has_result and need[2]:
             grad_result = grad_out
         if need[4]:
@@ -244,22 +246,24 @@ class LoraFunction(torch.autograd.Function):
         return grad_x, None, grad_result, None, grad_bias, grad_A, grad_B, None, None, None, None
 
 
-def _input_grad(base: torch.Tensor | None, grad_h: torch.Tensor, A: torch.Tensor, keep: torch.Tensor | None,
-                dtype: torch.dtype) -> torch.Tensor:
-    """g W (``base``, or nothing) + (g_h A) ⊙ keep, in x's ``dtype`` (``keep``: 0/1 in A's dtype, or None without
-    dropout): the LoRA term is added into g W in place; with an adapter wider than x it is computed in the
-    adapter's dtype and cast, as autograd does for the reference's cast of x."""
+def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A: torch.Tensor,
+                keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """g W (``w``: W as (d_out, d_in), or None when the base's own backward gives it) + (g_h A) ⊙ keep, in x's
+    ``dtype`` (``keep``: 0/1 in A's dtype, or None without dropout). Without dropout the LoRA term is added into
+    g W by one ``addmm_``. With dropout the term is made first, masked in place, and the big matmul accumulates
+    g W into it (``addmm_``, β = 1, inside the matmul's own pass): an ``addcmul_`` of the term into g W would be
+    one more pass over an input-sized tensor. An adapter wider than x: the term is computed in the adapter's dtype
+    and cast, as autograd does for the reference's cast of x, then added into g W."""
     if keep is None:
         if A.dtype != dtype:
             lora = (grad_h @ A).to(dtype)
-            return lora if base is None else base.add_(lora)
-        return grad_h @ A if base is None else base.addmm_(grad_h, A)
-    lora = grad_h @ A
-    keep = keep.view(lora.shape)
+            return lora if w is None else (g @ w).add_(lora)
+        return grad_h @ A if w is None else (g @ w).addmm_(grad_h, A)
+    lora = (grad_h @ A).mul_(keep.view(-1, A.shape[1]))
     if A.dtype != dtype:
-        lora = lora.mul_(keep).to(dtype)
-        return lora if base is None else base.add_(lora)
-    return lora.mul_(keep) if base is None else base.addcmul_(lora, keep)
+        lora = lora.to(dtype)
+        return lora if w is None else (g @ w).add_(lora)
+    return lora if w is None else lora.addmm_(g, w)
 
 
 # Variants other than plain LoRA with a fused training path (DoRA: methods/dora.py), by exact variant type:
