@@ -137,7 +137,8 @@ def part_ops(args: argparse.Namespace) -> dict[str, Any]:
 
 def mask_ops(shape: torch.Size, repeat: int, p: float = 0.05, seed: int = 1234) -> dict[str, dict[str, float]]:
     """Before (bool mask; x ⊙ keep / (1 − p) in two passes; per target a bool multiply and an add) and now (1/(1 − p)
-    in the scalar; a 0/1 float mask in backward; one addcmul_ per target), each op's median time."""
+    in the scalar; a 0/1 float mask in backward; per target the term masked in place, g W accumulated into it by
+    the matmul; sessions 5-7 added the term into g W with an addcmul_), each op's median time."""
     scale = 1.0 / lora_kernels.keep_probability(p)
     x, lora, base = (torch.randn(shape) for _ in range(3))
     keep = lora_kernels.dropout_keep(shape, p, seed, x.device)
@@ -158,7 +159,8 @@ def mask_ops(shape: torch.Size, repeat: int, p: float = 0.05, seed: int = 1234) 
         "x ⊙ keep (masked_fill of the drop mask)": lambda: x.masked_fill(drop, 0.0),
         "x ⊙ keep / (1 − p) (before: two passes)": lambda: x.mul(keep).mul_(scale),
         "per target before: base += (lora ⊙ keep) / (1 − p)": lambda: base.add_(lora.mul_(keep), alpha=scale),
-        "per target now: base.addcmul_(lora, keep) (float mask)": lambda: base.addcmul_(lora, keep_f),
+        "per target, sessions 5-7: base.addcmul_(lora, keep) (float mask)": lambda: base.addcmul_(lora, keep_f),
+        "per target now: lora.mul_(keep) (the g W matmul then accumulates into it)": lambda: lora.mul_(keep_f),
         "per target, bool: base += lora ⊙ keep (no 1/(1 − p))": lambda: base.add_(lora.mul_(keep)),
         "one plain elementwise pass: x.mul(2.0)": lambda: x.mul(2.0),
     }
