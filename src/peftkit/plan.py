@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -729,10 +730,12 @@ def _batch(arch: Architecture, batch: int, seq: int, num_labels: int, pad: int, 
     return ids, mask, labels
 
 
-def _measured_steps(model: Any, ids: Any, mask: Any, labels: Any, foreach: bool, warmup: int = 1) -> dict[str, Any]:
+def _measured_steps(model: Any, ids: Any, mask: Any, labels: Any, foreach: bool, warmup: int = 1,
+                    resident: Callable[[], list[Any]] | None = None) -> dict[str, Any]:
     """``warmup`` AdamW steps of ``model``, then one more measured by phase. Returns the peaks, the bytes of the
     gradients this process holds after backward (fsdp: its shards), AdamW's moments and step counters, and the
-    optimizer state."""
+    optimizer state. ``resident()`` (called after the warm-up): more tensors that exist before the measured step
+    and are counted from its start (DDP's gradient buckets)."""
     import torch
 
     from .distributed import local_tensor
@@ -760,7 +763,8 @@ def _measured_steps(model: Any, ids: Any, mask: Any, labels: Any, foreach: bool,
         step()
     params = {id(p): p for p in [*model.parameters(), *model.buffers()]}
     state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
-    with TorchMemoryTracker([*params.values(), *state, ids, labels, *([] if mask is None else [mask])]) as tracker:
+    before = [*params.values(), *state, ids, labels, *([] if mask is None else [mask]), *(resident() if resident else [])]
+    with TorchMemoryTracker(before) as tracker:
         step(tracker)
     moments = sum(tensor_nbytes(local_tensor(t)) for st in optimizer.state.values()
                   for k, t in st.items() if k in ("exp_avg", "exp_avg_sq"))
@@ -794,27 +798,47 @@ def measure_sharded_step(config: Any, method: str, *, batch: int, seq: int, dtyp
         raise PeftError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
     model = build_model(config, method, dtype=dtype, seed=seed, options=options,
                         checkpointing=checkpointing and strategy == "ddp")
+    bucket_calls: list[tuple[int, Any]] = []
     if strategy == "fsdp":
         shard(model, activation_checkpointing=checkpointing)
     else:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
         model = torch.nn.parallel.DistributedDataParallel(model)
+
+        def recorded(state, bucket):  # noqa: ANN001, ANN202 - DDP rejects any annotation but GradBucket's, and
+            # this module's annotations are strings: DDP's own allreduce, keeping hold of each flat bucket
+            bucket_calls.append((bucket.index(), bucket.buffer()))
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, recorded)
     rank = dist.get_rank()
     ids, _, labels = _batch(arch, batch, seq, 0, 0, torch.Generator().manual_seed(seed + 1 + rank))
+    buckets: list[Any] = []
+
+    def current_buckets() -> list[Any]:
+        """The reducer's flat gradient buckets as the last warm-up step's backward reduced them (DDP reduces its
+        buckets in index order, so they are the calls from the last index 0 on). They are allocated outside any
+        op a dispatch mode sees and alive throughout, so they are counted from the measured step's start, once:
+        adding their sizes on top instead counted them twice, since the step's ops return views of them
+        (as_strided, the gradient copies into them), which the tracker weighs by their whole storage."""
+        last = max(i for i, (index, _) in enumerate(bucket_calls) if index == 0)
+        run = bucket_calls[last:]
+        if [index for index, _ in run] != list(range(len(run))):
+            raise PeftError(f"DDP reduced its buckets out of order: {[index for index, _ in bucket_calls]}")
+        buckets[:] = [buffer for _, buffer in run]
+        bucket_calls.clear()
+        return list(buckets)
+
     # ddp rebuilds its buckets in the second step's forward: measure the third
-    measured = _measured_steps(model, ids, None, labels, foreach, warmup=1 if strategy == "fsdp" else 2)
+    measured = _measured_steps(model, ids, None, labels, foreach, warmup=1 if strategy == "fsdp" else 2,
+                               resident=current_buckets if strategy == "ddp" else None)
     del measured["state"]
-    buckets = 0
-    if strategy == "ddp":
-        logged = model._get_ddp_logging_data()
-        sizes = str(logged.get("rebuilt_bucket_sizes") or logged.get("bucket_sizes") or "")
-        buckets = sum(int(x) for x in sizes.split(",") if x.strip())
-        measured["peak_bytes"] += buckets
-        measured["start_bytes"] += buckets
-        measured["phases"] = {k: v + buckets for k, v in measured["phases"].items()}
+    comm = sum(b.untyped_storage().nbytes() for b in buckets)
     params = {id(p): p for p in model.parameters()}
     buffers = {id(b): b for b in model.buffers()}
     local = sum(tensor_nbytes(local_tensor(p)) for p in params.values())
     return {**measured, "rank": rank, "processes": dist.get_world_size(), "strategy": strategy,
             "parameters_local": local, "buffers": sum(tensor_nbytes(b) for b in buffers.values()),
-            "comm_buffers": buckets,
+            "comm_buffers": comm,
             "trainable_local": sum(local_tensor(p).numel() for p in params.values() if p.requires_grad)}
