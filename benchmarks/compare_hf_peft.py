@@ -116,8 +116,13 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
                       max_position_embeddings=max(args.seq, 128) + 64)  # room for virtual tokens
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(device(args))
     return model.to(torch.bfloat16) if args.dtype == "bf16" else model  # adapters stay fp32 in both libraries
+
+
+def device(args: argparse.Namespace) -> torch.device:
+    """``--device`` (cpu, or cuda: model, batch and adapters on the GPU, timings synchronised)."""
+    return torch.device(getattr(args, "device", "cpu"))
 
 
 def library(lib: str) -> Any:
@@ -151,10 +156,14 @@ def randomize(pm: nn.Module, seed: int, adapter_name: str = "default") -> None:
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
+    """Wall time of each of ``repeat`` calls; on CUDA, from and to an idle device (synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     times = []
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return times
 
@@ -186,7 +195,7 @@ def train_setup(lib: str, case: str, args: argparse.Namespace) -> tuple[nn.Modul
     """A model of one row (lib: peftkit | hf | floor | full) and its training step on a fixed batch."""
     model = build_model(args)
     torch.manual_seed(args.seed + 1)
-    ids = torch.randint(0, VOCAB, (args.batch, args.seq))
+    ids = torch.randint(0, VOCAB, (args.batch, args.seq)).to(device(args))
     torch.manual_seed(args.seed + 2)
     if lib in ("floor", "full"):
         pm = model
@@ -225,9 +234,16 @@ def work_memory(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]
     peak_reset = reset_peak_rss()
     step()  # warm-up (optimizer state exists from here on)
     saved = saved_activation_bytes(step, pm)
+    cuda = device(args).type == "cuda"
+    if cuda:  # the GPU's own peak of one step, after warm-up (the allocator's max_memory_allocated)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"saved_bytes": saved, "peak_rss_growth_bytes": peak - rss_setup, "peak_reset": peak_reset}
+    out = {"saved_bytes": saved, "peak_rss_growth_bytes": peak - rss_setup, "peak_reset": peak_reset}
+    if cuda:
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out
 
 
 def work_saved(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -272,7 +288,7 @@ def work_infer(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args).eval()
     base = copy.deepcopy(model)
     torch.manual_seed(args.seed + 1)
-    ids = torch.randint(0, VOCAB, (args.batch, args.seq))
+    ids = torch.randint(0, VOCAB, (args.batch, args.seq)).to(device(args))
     pm = wrap(lib, case, model).eval()
     randomize(pm, args.seed + 3)
     merged = copy.deepcopy(pm)
@@ -304,7 +320,7 @@ def work_mixed(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
     pm.set_adapter(names[0])
     pm.eval()
     torch.manual_seed(args.seed + 1)
-    ids = torch.randint(0, VOCAB, (args.mixed_batch, args.mixed_seq))
+    ids = torch.randint(0, VOCAB, (args.mixed_batch, args.mixed_seq)).to(device(args))
     rows = [names[i % N_MIXED] for i in range(args.mixed_batch)]
     out: dict[str, Any] = {}
     with torch.no_grad():
@@ -438,6 +454,11 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], cases: list[str]) -> dict
                 "peftkit_peak_mib": (med([get(r, pk, "peak_rss_growth_bytes") for r in rounds]) or 0) / 2**20,
                 "hf_peak_mib": (med([get(r, hf, "peak_rss_growth_bytes") for r in rounds]) or 0) / 2**20,
             }
+            if any(get(r, pk, "cuda_peak_bytes") for r in rounds):  # --device cuda: the GPU's own peaks
+                out["train"][case].update(
+                    peftkit_cuda_peak_mib=(med([get(r, pk, "cuda_peak_bytes") for r in rounds]) or 0) / 2**20,
+                    hf_cuda_peak_mib=(med([get(r, hf, "cuda_peak_bytes") for r in rounds]) or 0) / 2**20,
+                    cuda_peak_vs_hf=ratio_med(pk, hf, "cuda_peak_bytes"))
         for lib in ("peftkit", "hf"):
             key = f"infer:{lib}:{case}"
             if any(key in r for r in rounds):
@@ -556,6 +577,9 @@ def main() -> None:
                         help="a preset model shape (sets --hidden, --intermediate, --layers): " + "; ".join(
                             f"{k}: {v[0]}/{v[1]}/{v[2]}" for k, v in SHAPES.items()))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model and batches, one round")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the model, batch and adapters live (cuda: timings synchronised, the GPU's "
+                             "peak memory recorded; never in CI)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -567,6 +591,8 @@ def main() -> None:
         if args.cases == ",".join(CASES):
             args.cases = "lora,lora_p05,dora"
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here; run it where one is (or drop --device)")
     if args.worker:
         warnings.filterwarnings("ignore")
         torch.set_num_threads(args.threads)
@@ -576,7 +602,7 @@ def main() -> None:
 
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
         "hidden", "intermediate", "layers", "batch", "seq", "mixed_batch", "mixed_seq", "warmup", "steps",
-        "infer_repeat", "io_repeat", "threads", "seed", "dtype", "jobs", "cases")] + ([] if args.vs_lora else ["--no-vs-lora"])
+        "infer_repeat", "io_repeat", "threads", "seed", "dtype", "jobs", "cases", "device")] + ([] if args.vs_lora else ["--no-vs-lora"])
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(CASES)}")
