@@ -654,7 +654,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}
     out.write_text(json.dumps({"settings": settings, "summary": summary, "table": text, "rounds": rounds,
-                               "wall_s": total, "torch": torch.__version__}, indent=2))
+                               "wall_s": total, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}, indent=2))
     print(f"wrote {out}")
 
 

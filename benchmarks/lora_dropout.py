@@ -327,7 +327,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     args.out.write_text(json.dumps({"settings": settings, "results": results, "table": text,
-                                    "wall_s": time.perf_counter() - t0, "torch": torch.__version__}, indent=2))
+                                    "wall_s": time.perf_counter() - t0, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -332,7 +332,7 @@ def main() -> None:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "out")}
     payload = {"settings": {**settings, "r": RANK, "lora_alpha": ALPHA, "lr": LR, "target_modules": "all-linear",
                             "gradient_checkpointing": "transformers, use_reentrant=True"},
-               "rows": results, "torch": torch.__version__}
+               "rows": results, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {args.out}")
 

@@ -105,7 +105,7 @@ def main() -> None:
         print(f"{name:28s} step {statistics.median(times[name]):6.2f} s   × LoRA {ratios[name]:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "step_s": times,
-                                    "vs_lora": ratios, "torch": torch.__version__}, indent=2))
+                                    "vs_lora": ratios, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}, indent=2))
     print(f"wrote {args.out}")
 
 
