@@ -88,26 +88,36 @@ def part_steps(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.rows:  # a subset, e.g. the two p 0.05 rows for a long A/B of kernels
         rows = {k: v for k, v in rows.items() if k in args.rows.split(",")}
+    times = round_robin(rows, args.turns, rotate=True, progress=True)
+    # ratios to the floor and to LoRA p 0 where they ran, else to the first row (an A/B of two kernels)
+    refs = [r for r in ("floor", "lora_p0") if r in times] or [next(iter(times))]
+    return {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
+            **{f"vs_{r}": median_ratios(times, r) for r in refs}}
+
+
+def round_robin(rows: dict[str, Callable[[], Any]], turns: int, rotate: bool, progress: bool = False) -> dict[str, list[float]]:
+    """Each row's wall times over ``turns`` turns after one warm-up each, the rows stepping in turn (a busy machine
+    slows neighbours alike); with ``rotate`` the order rotates each turn, so that no row always runs after the
+    same neighbour or in the same place."""
     for step in rows.values():
         step()
     times: dict[str, list[float]] = {k: [] for k in rows}
     names = list(rows)
-    for turn in range(args.turns):
-        # the order rotates each turn: no row always runs after the same neighbour or in the same place
-        for name in names[turn % len(names):] + names[:turn % len(names)]:
+    for turn in range(turns):
+        shift = turn % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
             t0 = time.perf_counter()
             rows[name]()
             times[name].append(time.perf_counter() - t0)
-        print(f"turn {turn + 1}/{args.turns}: " + ", ".join(f"{k} {1000 * v[-1]:.0f} ms" for k, v in times.items()),
-              flush=True)
-    first = next(iter(times))
+        if progress:
+            print(f"turn {turn + 1}/{turns}: " + ", ".join(f"{k} {1000 * v[-1]:.0f} ms" for k, v in times.items()),
+                  flush=True)
+    return times
 
-    def ratios(to: str) -> dict[str, float]:
-        return {k: statistics.median(a / b for a, b in zip(v, times[to], strict=True)) for k, v in times.items()}
-    return {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
-            "vs_floor": ratios("floor") if "floor" in times else {},
-            "vs_lora_p0": ratios("lora_p0") if "lora_p0" in times else {},
-            f"vs_{first}": ratios(first)}
+
+def median_ratios(times: dict[str, list[float]], to: str) -> dict[str, float]:
+    """Per row, the median over turns of its time ÷ row ``to``'s in the same turn."""
+    return {k: statistics.median(a / b for a, b in zip(v, times[to], strict=True)) for k, v in times.items()}
 
 
 def part_profile(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,24 +236,12 @@ def part_layers(args: argparse.Namespace) -> dict[str, Any]:
         if baseline is not None:  # the same layers through ``--baseline``'s kernels
             rows[f"lora_p0_{args.baseline}"] = with_forward(build(d_in, outs, 0.0), baseline.lora_linear_forward)
             rows[f"lora_p05_{args.baseline}"] = with_forward(build(d_in, outs, 0.05), baseline.lora_linear_forward)
-        times: dict[str, list[float]] = {k: [] for k in rows}
-        for fn in rows.values():
-            fn()
-        for _ in range(args.repeat):
-            for row, fn in rows.items():
-                t0 = time.perf_counter()
-                fn()
-                times[row].append(time.perf_counter() - t0)
+        times = round_robin(rows, args.repeat, rotate=False)
         out[name] = {"ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
-                     "vs_floor": {k: statistics.median(a / b for a, b in zip(v, times["floor"], strict=True))
-                                  for k, v in times.items()}}
+                     "vs_floor": median_ratios(times, "floor")}
     floor_step = bench.train_setup("floor", "-", args)[1]
     floor_step()
-    steps = []
-    for _ in range(args.turns):
-        t0 = time.perf_counter()
-        floor_step()
-        steps.append(time.perf_counter() - t0)
+    steps = bench.timed(floor_step, args.turns)
     floor_ms = 1000 * statistics.median(steps)
     extra = {row: args.layers * sum(g["ms"]["floor"] * (g["vs_floor"][row] - 1) for g in out.values())
              for row in next(iter(out.values()))["vs_floor"] if row != "floor"}
@@ -285,12 +283,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                   + " | ".join(f"{a['implied_vs_floor'][r]:.3f}" for r in rows) + " |"]
     if "steps" in results:
         s = results["steps"]
-        first = next(iter(s["step_s"]))
-        cols = [c for c in ("vs_floor", "vs_lora_p0", f"vs_{first}") if s.get(c)]
-        cols = list(dict.fromkeys(cols))
-        names = {"vs_floor": "× floor", "vs_lora_p0": "× LoRA p 0", f"vs_{first}": f"× {first}"}
+        cols = [c for c in s if c.startswith("vs_")]
+        names = {"vs_floor": "× floor", "vs_lora_p0": "× LoRA p 0"}
         lines += ["", f"| row ({args.turns} turns, order rotating) | step ms (median) | "
-                  + " | ".join(names[c] for c in cols) + " |", "|---" * (2 + len(cols)) + "|"]
+                  + " | ".join(names.get(c, f"× {c[3:]}") for c in cols) + " |", "|---" * (2 + len(cols)) + "|"]
         lines += [f"| {k} | {1000 * v:.0f} | " + " | ".join(f"{s[c][k]:.3f}" for c in cols) + " |"
                   for k, v in s["step_s"].items()]
     return "\n".join(lines)

@@ -53,10 +53,7 @@ def smollm2_tokenizer():
     from peftkit.embedded import smollm2_gguf
 
     folder, name = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if tok.pad_token_id is None:  # as peftkit's load_tokenizer sets it
-        tok.pad_token = tok.eos_token
-    return tok
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def tiny_for_gguf(model_type: str):
@@ -116,10 +113,14 @@ def write_base_gguf(model, path, arch: str) -> int:
     return count
 
 
+_TRAINER_TOKENIZERS: dict = {}
+"""peftkit's own ``load_tokenizer`` result for SmolLM2, kept for the session by :func:`use_cached_smollm2`."""
+
+
 def use_cached_smollm2(monkeypatch) -> None:
-    """Make peftkit's trainer take SmolLM2 and its tokenizer from this session's one read (copies of
-    :func:`smollm2_base` and :func:`smollm2_tokenizer`) instead of reading the GGUF again, ~40 s per Runner.
-    Only the fp32 SmolLM2 is swapped; every other model (and the meta-device check) loads as usual.
+    """Make peftkit's trainer take SmolLM2 from this session's one read (copies of :func:`smollm2_base`) and its
+    tokenizer from the first ``load_tokenizer`` call (copies after it) instead of reading the GGUF again, ~40 s
+    per Runner. Only the fp32 SmolLM2 is swapped; every other model (and the meta-device check) loads as usual.
     test_demo's chat run keeps the real load path."""
     import transformers
 
@@ -136,7 +137,11 @@ def use_cached_smollm2(monkeypatch) -> None:
         return real_base(auto, where, extra, meta, **config_kwargs)
 
     def tokenizer(spec):
-        return copy.deepcopy(smollm2_tokenizer()) if spec.model.name == "smollm2" else real_tokenizer(spec)
+        if spec.model.name != "smollm2":
+            return real_tokenizer(spec)
+        if "smollm2" not in _TRAINER_TOKENIZERS:
+            _TRAINER_TOKENIZERS["smollm2"] = real_tokenizer(spec)
+        return copy.deepcopy(_TRAINER_TOKENIZERS["smollm2"])
 
     monkeypatch.setattr(modeling, "pretrained_or_meta", base)
     monkeypatch.setattr(loop, "load_tokenizer", tokenizer)

@@ -254,12 +254,11 @@ def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A
     g W into it (``addmm_``, β = 1, inside the matmul's own pass): an ``addcmul_`` of the term into g W would be
     one more pass over an input-sized tensor. An adapter wider than x: the term is computed in the adapter's dtype
     and cast, as autograd does for the reference's cast of x, then added into g W."""
-    if keep is None:
-        if A.dtype != dtype:
-            lora = (grad_h @ A).to(dtype)
-            return lora if w is None else (g @ w).add_(lora)
-        return grad_h @ A if w is None else (g @ w).addmm_(grad_h, A)
-    lora = (grad_h @ A).mul_(keep.view(-1, A.shape[1]))
+    if keep is None and A.dtype == dtype and w is not None:
+        return (g @ w).addmm_(grad_h, A)
+    lora = grad_h @ A
+    if keep is not None:
+        lora.mul_(keep.view(-1, A.shape[1]))
     if A.dtype != dtype:
         lora = lora.to(dtype)
         return lora if w is None else (g @ w).add_(lora)
