@@ -38,10 +38,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # big tensors in mmap: freed memory goes back to the OS
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import json
 import math
@@ -129,22 +129,22 @@ def eval_loss(model: nn.Module, batches: list[torch.Tensor]) -> float:
     return sum(losses) / len(losses)
 
 
-def run_row(row: str, args) -> dict:
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    import transformers.models.llama.modeling_llama  # noqa: F401  (runtime, not model: in the baseline)
+def load_model(args) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    import peftkit
-    from peftkit.quantize import _torchao, model_weight_bytes, quantization_of
-
-    _torchao()
-    rss_runtime = rss()
     model = AutoModelForCausalLM.from_pretrained(args.cache / "smollm2-135m-fp32", dtype=torch.float32)
     with torch.no_grad():  # out of the file's mmap into process memory: RSS counts the weights, and frees them
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
-    fp32_bytes = model_weight_bytes(model)
+    return model
+
+
+def build_row(row: str, model: nn.Module):
+    """(the PEFT model of ``row`` on ``model``, which it quantises in place for QLoRA rows; the quantisation report
+    or None; the base's weight bytes before adapters were added)."""
+    import peftkit
+    from peftkit.quantize import model_weight_bytes
+
     report = None
     if row.startswith("qlora"):
         method, compute = row.split("_")[1:3]
@@ -157,6 +157,65 @@ def run_row(row: str, args) -> dict:
     weight_bytes = model_weight_bytes(model)
     torch.manual_seed(0)  # the same adapter initialisation in every row
     pm = peftkit.get_peft_model(model, peftkit.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
+    pm.train()
+    return pm, report, weight_bytes
+
+
+def timing_rows(rows: list[str], args) -> dict:
+    """Step times of every row in one process under the default allocator, in turns (one step of each row per
+    turn, the order rotating each turn so that no row always follows the same neighbour); per-turn ratios to
+    lora_fp32's step in the same turn, median over turns. The memory runs set MALLOC_MMAP_THRESHOLD_ (big tensors
+    mapped fresh, so that freed memory leaves the process and peak RSS is honest); every fresh mapping is
+    page-faulted in, which on this VM costs each row differently (a QLoRA step maps a decoded weight three times
+    per layer), so their step times measure the allocator setting, not the method."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    from peftkit.quantize import _torchao
+
+    _torchao()
+    loaded = load_model(args)
+    blocks = torch.load(args.cache / f"bbc_blocks_{args.seq}.pt")
+    train_blocks = blocks[args.eval_batches * args.batch:]
+    steppers = {}
+    for row in rows:
+        pm, _, _ = build_row(row, copy.deepcopy(loaded))
+        optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=LR)
+
+        def step(i: int, pm=pm, optimizer=optimizer) -> None:
+            batch = train_blocks[(i * args.batch) % len(train_blocks):][: args.batch]
+            pm(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steppers[row] = step
+    del loaded
+    for step in steppers.values():
+        step(0)  # warm-up
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    for turn in range(args.timing_turns):
+        order = rows[turn % len(rows):] + rows[: turn % len(rows)]
+        for row in order:
+            t0 = time.perf_counter()
+            steppers[row](turn + 1)
+            times[row].append(time.perf_counter() - t0)
+    ref = times.get("lora_fp32")
+    return {row: {"step_times_s": t, "step_time_s": statistics.median(t),
+                  "step_time_vs_lora": statistics.median(a / b for a, b in zip(t, ref, strict=True)) if ref else None}
+            for row, t in times.items()}
+
+
+def run_row(row: str, args) -> dict:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    import transformers.models.llama.modeling_llama  # noqa: F401  (runtime, not model: in the baseline)
+
+    from peftkit.quantize import _torchao, model_weight_bytes, quantization_of
+
+    _torchao()
+    rss_runtime = rss()
+    model = load_model(args)
+    fp32_bytes = model_weight_bytes(model)
+    pm, report, weight_bytes = build_row(row, model)
     params = [p for p in pm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     blocks = torch.load(args.cache / f"bbc_blocks_{args.seq}.pt")
@@ -164,7 +223,6 @@ def run_row(row: str, args) -> dict:
     train_blocks = blocks[args.eval_batches * args.batch:]
     loss_before = eval_loss(pm, eval_batches)
     eval_curve = [[0, loss_before]]
-    pm.train()
     release_and_reset_peak()
     rss_setup = rss()
     losses, times, saved = [], [], 0
@@ -201,7 +259,7 @@ def run_row(row: str, args) -> dict:
         "saved_activation_bytes": saved, "adapter_bytes": adapter_bytes, "optimizer_bytes": optimizer_bytes,
         "rss_runtime_bytes": rss_runtime, "rss_setup_bytes": rss_setup, "peak_rss_bytes": peak,
         "peak_rss_growth_bytes": peak - rss_runtime,
-        "step_time_s": statistics.median(times[1:] or times), "step_times_s": times,
+        "step_time_mmap_s": statistics.median(times[1:] or times), "step_times_mmap_s": times,
         "losses": losses, "eval_loss_before": loss_before, "eval_loss_after": loss_after,
         "eval_curve": eval_curve,
     }
@@ -242,13 +300,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps of batch 2 × 32, no scale row")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/peftkit-bench-cache"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/qlora.json"))
+    parser.add_argument("--timing-turns", type=int, default=5,
+                        help="turns of the step-time run (one step of every row per turn, one process, default "
+                             "allocator); 0 skips it and the table's step times are the memory runs'")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.batch, args.seq, args.steps, args.eval_batches, args.scale = 2, 32, 2, 1, False
+        args.timing_turns = min(args.timing_turns, 2)
 
-    if args.worker:  # child: one row, its result as JSON on stdout's last line
-        result = scale_row(args) if args.worker == "scale" else run_row(args.worker, args)
+    if args.worker:  # child: one row (or the timing run), its result as JSON on stdout's last line
+        if args.worker == "scale":
+            result = scale_row(args)
+        elif args.worker == "timing":
+            result = timing_rows(args.rows.split(","), args)
+        else:
+            result = run_row(args.worker, args)
         print(json.dumps(result))
         return
 
@@ -260,13 +327,17 @@ def main() -> None:
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}"
                    for k in ("batch", "seq", "steps", "eval_batches", "eval_every", "threads", "cache")]
     todo = rows + (["scale"] if args.scale else [])
+    # memory runs map every big tensor fresh (freed memory leaves the process: honest peak RSS); the timing run keeps
+    # the allocator's default (freed blocks reused), as a training process has it
+    mmap_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    default_env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     done: dict[str, dict] = {}
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     while todo or running:
         while todo and len(running) < max(1, args.jobs):
             row = todo.pop(0)
             running[row] = (subprocess.Popen([sys.executable, __file__, *passthrough, "--worker", row],
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mmap_env),
                             time.perf_counter())
         row = next(iter(running))
         for name, (proc, _) in running.items():
@@ -288,14 +359,30 @@ def main() -> None:
         done[row] = result
         print(f"{result['row']:18s} done in {result['wall_s']:.0f}s", flush=True)
     results = [done[r] for r in rows + (["scale"] if args.scale else [])]
+    timed = [r for r in rows if "error" not in done[r]]
+    timing: dict[str, dict] = {}
+    if args.timing_turns > 0 and timed:
+        print(f"timing {len(timed)} rows, {args.timing_turns} turns (one process, default allocator)", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, *passthrough, f"--timing-turns={args.timing_turns}",
+                               f"--rows={','.join(timed)}", "--worker", "timing"],
+                              capture_output=True, text=True, env=default_env)
+        if proc.returncode == 0:
+            timing = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"timing done in {time.perf_counter() - t0:.0f}s", flush=True)
+        else:
+            print(f"timing FAILED: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
 
     ref = next((r for r in results if r["row"] == "lora_fp32" and "error" not in r), None)
     mib = 2**20
     print(f"\nSmolLM2-135M-Instruct, batch {args.batch} × {args.seq} tokens, {args.steps} steps, all-linear LoRA "
-          f"r={RANK}, gradient checkpointing in every row, {args.threads} thread(s); ratios to lora_fp32")
+          f"r={RANK}, gradient checkpointing in every row, {args.threads} thread(s); ratios to lora_fp32; step s: "
+          f"median of {args.timing_turns} interleaved turns in one process (default allocator), ratio the median of "
+          f"per-turn ratios; mmap s: the memory runs' steps (MALLOC_MMAP_THRESHOLD_=131072: every big tensor mapped "
+          f"and page-faulted fresh)")
     header = (f"{'row':16s} {'weights MiB':>11s} {'x fp32':>6s} {'torch train MiB':>15s} {'ratio':>5s} "
               f"{'peak RSS MiB':>12s} {'growth MiB':>10s} {'ratio':>5s} {'eval loss':>15s} {'Δ vs LoRA':>9s} "
-              f"{'step s':>6s} {'ratio':>5s}")
+              f"{'step s':>6s} {'ratio':>5s} {'mmap s':>6s} {'ratio':>5s}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -304,18 +391,20 @@ def main() -> None:
             continue
         if "losses" not in r:
             continue
+        r.update(timing.get(r["row"], {}))
         if ref:
+            r["step_time_mmap_vs_lora"] = r["step_time_mmap_s"] / ref["step_time_mmap_s"]
             r["torch_train_vs_lora"] = r["torch_train_bytes"] / ref["torch_train_bytes"]
             r["peak_rss_growth_vs_lora"] = r["peak_rss_growth_bytes"] / ref["peak_rss_growth_bytes"]
             r["eval_loss_after_vs_lora"] = r["eval_loss_after"] / ref["eval_loss_after"] - 1
-            r["step_time_vs_lora"] = r["step_time_s"] / ref["step_time_s"]
         print(f"{r['row']:16s} {r['weight_bytes'] / mib:11.1f} {r['weight_ratio']:6.3f} "
               f"{r['torch_train_bytes'] / mib:15.1f} {r.get('torch_train_vs_lora', math.nan):5.2f} "
               f"{r['peak_rss_bytes'] / mib:12.0f} {r['peak_rss_growth_bytes'] / mib:10.0f} "
               f"{r.get('peak_rss_growth_vs_lora', math.nan):5.2f} "
               f"{r['eval_loss_before']:6.3f} -> {r['eval_loss_after']:6.3f} "
               f"{100 * r.get('eval_loss_after_vs_lora', math.nan):+8.2f}% "
-              f"{r['step_time_s']:6.2f} {r.get('step_time_vs_lora', math.nan):5.2f}")
+              f"{r.get('step_time_s', math.nan):6.2f} {r.get('step_time_vs_lora') or math.nan:5.2f} "
+              f"{r['step_time_mmap_s']:6.2f} {r.get('step_time_mmap_vs_lora', math.nan):5.2f}")
     if ref and args.eval_every:
         print("\nheld-out loss vs LoRA's at each evaluation (step: loss, gap)")
         ref_curve = dict((s, v) for s, v in ref["eval_curve"])

@@ -19,9 +19,12 @@ with x̄ = x ⊙ keep and s̄ = s / (1 − p) (without dropout x̄ = x, s̄ = s)
 scalar instead of costing a pass over every input element (forward and backward) and one more over every input
 gradient (per target).
 
-A frozen W needs no saved input for its own backward (g W only). When the base is not a plain frozen
-Linear/Conv1D (nested adapter layers, a quantised base, a trainable W) or when another adapter came first,
-the base output ``result`` is computed as usual and the function only adds ``s · h Bᵀ`` into it.
+A frozen W needs no saved input for its own backward (g W only). An NF4 W (QLoRA) is decoded by the function
+itself, in forward and again in backward (the packed weight is saved, never the dense one), so a QLoRA target is
+one node like a LoRA target (torchao's own linear would be a second node, its g W added to the adapter's by autograd).
+When the base is not a plain frozen Linear/Conv1D (nested adapter layers, an int8 base, a trainable W) or when
+another adapter came first, the base output ``result`` is computed as usual and the function only adds
+``s · h Bᵀ`` into it.
 
 Dropout: ``keep`` comes from :func:`dropout_keep`, a mask drawn from one integer seed (16 random bits per
 element, kept where they are ≥ p·2¹⁶, so p is rounded to a multiple of 2⁻¹⁶). One seed, hence one mask,
@@ -199,7 +202,8 @@ class LoraFunction(torch.autograd.Function):
         # output in x's; x is cast here and in backward, never kept cast
         h = (x2.to(A.dtype) if dropped is None else dropped.reshape(-1, d_in)) @ A.T  # (tokens, r)
         if result is None:
-            w_t = weight if fan_in_fan_out else weight.T  # (d_in, d_out)
+            w = _dense(weight, x.dtype)  # a 4-bit (NF4) W is decoded here and again in backward, never saved dense
+            w_t = w if fan_in_fan_out else w.T  # (d_in, d_out)
             y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
         else:
             y = result.reshape(-1, d_out)
@@ -237,7 +241,8 @@ class LoraFunction(torch.autograd.Function):
             if need[5]:
                 grad_A = grad_h.T @ dropped.reshape(-1, A.shape[1])
             if need[0]:
-                w = None if weight is None else (weight.T if ctx.fan_in_fan_out else weight)  # (d_out, d_in)
+                w = None if weight is None else _dense(weight, g.dtype)
+                w = None if w is None else (w.T if ctx.fan_in_fan_out else w)  # (d_out, d_in)
                 grad_x = _input_grad(g, w, grad_h, A, keep, ctx.x_dtype).view(ctx.x_shape)
         if ctx.has_result and need[2]:
             grad_result = grad_out
@@ -271,13 +276,29 @@ def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A
 FUSED_VARIANTS: dict[type, Callable[..., torch.Tensor | None]] = {}
 
 
+def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W itself, or a quantised (NF4) W decoded into ``dtype`` (a transient: the caller's matmul consumes it)."""
+    if type(weight) in (torch.Tensor, nn.Parameter):
+        return weight
+    return weight.get_original_weight().to(dtype)  # what torchao's own F.linear multiplies by, bit for bit
+
+
 def _plain_frozen_base(base: nn.Module) -> bool:
-    """A Linear / Conv1D the fused function may compute itself: exact type, frozen weight, no hooks."""
+    """A Linear / Conv1D the fused function may compute itself: exact type, frozen weight, no hooks. The weight
+    is a plain tensor, or (a Linear's) NF4 from :func:`~peftkit.quantize.quantize_base` (QLoRA): the function then
+    decodes it in forward and in backward, as torchao's own linear does, in one node with the adapters."""
     if type(base) is not nn.Linear and not is_conv1d(base):
         return False
     weight = getattr(base, "weight", None)
-    return (isinstance(weight, torch.Tensor) and type(weight) in (torch.Tensor, nn.Parameter)
-            and not weight.requires_grad and not base._forward_hooks and not base._forward_pre_hooks)
+    if not isinstance(weight, torch.Tensor) or weight.requires_grad or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    return type(weight) in (torch.Tensor, nn.Parameter) or (type(base) is nn.Linear and _is_nf4(weight))
+
+
+def _is_nf4(weight: torch.Tensor) -> bool:
+    from ..quantize import quantization_of
+
+    return quantization_of(weight) == "nf4"
 
 
 def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -308,6 +329,8 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
             result = layer.variant[name].forward(layer, name, x, result)  # casts, as HF PEFT
             continue
         if fused is not None:
+            if result is None and type(weight) not in (torch.Tensor, nn.Parameter):  # a variant takes W dense
+                result = base(x)
             out = fused(layer, name, x, result, weight if result is None else None, bias if result is None else None)
             if out is None:  # not for this call (e.g. dropout): the variant's reference forward
                 out = layer.variant[name].forward(layer, name, x, base(x) if result is None else result)
