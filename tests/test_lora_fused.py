@@ -308,6 +308,65 @@ def test_bf16_fused_equals_reference_and_hf_peft(p: float, ids) -> None:
             assert (g - other_grads[n]).abs().max().item() <= 5e-2 * scale, (key, n)  # bf16 through 2 blocks
 
 
+class _Gemms(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (dtype, shape of each operand) of every mm / addmm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.dtype, tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+            a, b = args[-2:]
+            self.seen.append((a.dtype, tuple(a.shape), tuple(b.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_half_base_matmuls_widen_to_fp32_only_on_cpus_without_half_units(dtype, p, monkeypatch) -> None:
+    """On an x86 CPU without bf16 (AVX512-BF16, AMX) or fp16 (AMX-FP16) units, the fused path computes x Wᵀ + b
+    and g W as fp32 products rounded back to the base's dtype (torch's emulated half-precision matmul is 5-30x
+    slower there); elsewhere in the dtype itself. Forced either way, one bf16/fp16 target with fp32 adapters gives
+    the same output and gradients to the dtype's rounding, and its base gemms run in the dtype said."""
+    import platform
+
+    cpu = torch.device("cpu")
+    native = (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+              if dtype == torch.bfloat16 else torch.cpu._is_amx_fp16_supported())
+    monkeypatch.setattr(lora_kernels, "_WIDE", {})
+    monkeypatch.setattr(lora_kernels, "_WIDE_ENABLED", True)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert lora_kernels.wide_matmul_dtype(dtype, cpu) == (torch.float32 if x86 and not native else None)
+    assert lora_kernels.wide_matmul_dtype(torch.float32, cpu) is None
+    with lora_kernels.use_wide_matmul(False):
+        assert lora_kernels.wide_matmul_dtype(dtype, cpu) is None
+    tokens, d_in, d_out = 48, 96, 80
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(d_in, d_out).to(dtype).requires_grad_(False))
+    layer.update_layer("default", LoraConfig(r=4, lora_dropout=p, init_lora_weights=False), "m")
+    layer.set_adapter(["default"])
+    layer.train()
+    x = torch.randn(tokens, d_in, dtype=dtype)
+    runs = {}
+    for wide in (torch.float32, None):
+        monkeypatch.setattr(lora_kernels, "_WIDE", {(dtype, "cpu"): wide})
+        xi = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with _Gemms() as gemms:
+            out = layer(xi)
+            out.float().square().sum().backward()
+        base = [(dt, a, b) for dt, a, b in gemms.seen if {a[-1], b[-1]} & {d_in, d_out} and 4 not in (*a, *b)]
+        assert sorted(base) == sorted([(wide or dtype, (tokens, d_in), (d_in, d_out)),
+                                       (wide or dtype, (tokens, d_out), (d_out, d_in))])
+        runs[wide] = (out.float(), xi.grad.float(), layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
+    eps = torch.finfo(dtype).eps
+    for wide, narrow in zip(runs[torch.float32], runs[None], strict=True):
+        assert wide.abs().max() > 0
+        torch.testing.assert_close(wide, narrow, rtol=2 * eps, atol=2 * eps * narrow.abs().max().item())
+
+
 def test_autocast_and_inference_mode() -> None:
     pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1,
                                                  init_lora_weights=False)).train()

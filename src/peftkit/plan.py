@@ -677,7 +677,8 @@ def measure_step(config: Any, method: str, *, batch: int, seq: int, dtype: str =
     what torch picks on CUDA (sqrt(v) of every tensor at once), False its CPU default (one tensor at a time).
     Also returns ``peftkit compare``'s accounting: weights + gradients + optimizer state + the bytes autograd
     saves (distinct storages that are not parameters). ``pad``: padded positions in the first sequence
-    (encoders: an attention mask, as classification batches have)."""
+    (encoders: an attention mask, as classification batches have). It stands for a GPU: bf16 bases are multiplied
+    in bf16 (``use_wide_matmul(False)``), without the fp32 copies peftkit makes on CPUs that lack bf16 units."""
     import torch
 
     from .quantize import model_weight_bytes, tensor_nbytes
@@ -686,7 +687,10 @@ def measure_step(config: Any, method: str, *, batch: int, seq: int, dtype: str =
     model = build_model(config, method, dtype=dtype, seed=seed, num_labels=num_labels, options=options,
                         checkpointing=checkpointing)
     ids, mask, labels = _batch(arch, batch, seq, num_labels, pad, torch.Generator().manual_seed(seed))
-    measured = _measured_steps(model, ids, mask if pad else None, labels, foreach)
+    from .methods.lora_kernels import use_wide_matmul
+
+    with use_wide_matmul(False):  # the GPU this stands for multiplies bf16 in bf16: no fp32 copies (lora_kernels)
+        measured = _measured_steps(model, ids, mask if pad else None, labels, foreach)
     params = [*model.parameters(), *model.buffers()]
     keys = set()
     for p in params:
@@ -831,8 +835,11 @@ def measure_sharded_step(config: Any, method: str, *, batch: int, seq: int, dtyp
         return list(buckets)
 
     # ddp rebuilds its buckets in the second step's forward: measure the third
-    measured = _measured_steps(model, ids, None, labels, foreach, warmup=1 if strategy == "fsdp" else 2,
-                               resident=current_buckets if strategy == "ddp" else None)
+    from .methods.lora_kernels import use_wide_matmul
+
+    with use_wide_matmul(False):  # as in measure_step
+        measured = _measured_steps(model, ids, None, labels, foreach, warmup=1 if strategy == "fsdp" else 2,
+                                   resident=current_buckets if strategy == "ddp" else None)
     del measured["state"]
     comm = sum(b.untyped_storage().nbytes() for b in buckets)
     params = {id(p): p for p in model.parameters()}

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import PeftConfigError, PeftError
 from ..quantize import base_weight, dense_weight
 from .lora import LoraConfig, LoraLayer, LoraLinear, LoraVariant, lora_delta_weight, register_variant
-from .lora_kernels import FUSED_VARIANTS, dropout_p
+from .lora_kernels import FUSED_VARIANTS, _base_matmul, dropout_p
 
 
 # ---- the maths, as pure functions ------------------------------------------------------------------
@@ -196,7 +196,7 @@ class DoraFunction(torch.autograd.Function):
         h = x2.to(A.dtype) @ A.T  # (tokens, r); x is cast transiently where the adapter is wider
         factor = magnitude / norm
         if result is None:
-            y = x2 @ (weight if fan_in_fan_out else weight.T)
+            y = _base_matmul(x2, weight if fan_in_fan_out else weight.T, None)
             y = y.to(A.dtype)  # a no-op in one dtype
         else:
             y = result.reshape(-1, d_out)
@@ -238,11 +238,11 @@ class DoraFunction(torch.autograd.Function):
             if need[0]:
                 w = None if weight is None else (weight.T if ctx.fan_in_fan_out else weight)
                 if x_dtype == A.dtype:
-                    grad_x = grad_h @ A if w is None else (g_f @ w).addmm_(grad_h, A)
+                    grad_x = grad_h @ A if w is None else _base_matmul(g_f, w, None).addmm_(grad_h, A)
                 else:  # each term in its own dtype, summed in x's: as autograd does for the reference's casts
                     grad_x = (grad_h @ A).to(x_dtype)
                     if w is not None:
-                        grad_x = (g_f.to(x_dtype) @ w).add_(grad_x)
+                        grad_x = _base_matmul(g_f.to(x_dtype), w, None).add_(grad_x)
                 grad_x = grad_x.view(*grad_out.shape[:-1], A.shape[1])
         if ctx.has_result and need[1]:
             grad_result = g_f.to(x_dtype).view(grad_out.shape)
