@@ -27,7 +27,13 @@ the time of a full step (median over the steps after the first); the training lo
 before and after training. A weights-only row (``--scale``) builds a larger Llama from a config (hidden
 1024, 16 layers, vocabulary 32000, tied head) to show how the weight ratio falls as linear layers dominate.
 
-    python benchmarks/qlora.py                # about 15 minutes on 2 shared CPU cores
+Step times come from a separate run: every row's model in one process under the default allocator, one step of
+each row per turn (the order rotating), ``--timing-turns`` turns; the table's ratio is the median of the per-turn
+ratios to lora_fp32. The memory runs set MALLOC_MMAP_THRESHOLD_ so that freed memory leaves the process (honest
+peak RSS); their own step times (``step_time_mmap_s``) include a page fault for every fresh big tensor, which
+costs a QLoRA step (three decoded weights per layer) far more than a LoRA step.
+
+    python benchmarks/qlora.py                # about 20 minutes on an idle machine
     python benchmarks/qlora.py --quick        # smoke run: 2 steps of batch 2 × 32
 """
 
