@@ -107,3 +107,29 @@ def test_inductor_compiled_lora_layer_equals_eager_for_training_and_mixed_rows()
     layer.row_adapters = RowAdapters.from_names(["b", "__base__"])
     with torch.no_grad():
         torch.testing.assert_close(compiled(x.detach()), layer(x.detach()), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_layer_on_an_nf4_base_compiles_as_one_graph() -> None:
+    """QLoRA: the fused node decodes the NF4 weight itself (forward and backward); that compiles with the layer as
+    one graph and gives eager's numbers."""
+    pytest.importorskip("torchao")
+    from peftkit import quantize_base
+    from peftkit.quantize import quantization_of
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    quantize_base(model, "nf4", skip=["lm_head"])
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    layer = _layer(pm)
+    assert quantization_of(layer.get_base_layer().weight) == "nf4"
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    grads = torch.autograd.grad(got.square().sum(), [x, *params])
+    want = layer(x)
+    expected = torch.autograd.grad(want.square().sum(), [x, *params])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert expected[0].abs().sum() > 0 and expected[1].abs().sum() > 0
