@@ -133,3 +133,23 @@ def test_lora_layer_on_an_nf4_base_compiles_as_one_graph() -> None:
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert expected[0].abs().sum() > 0 and expected[1].abs().sum() > 0
+
+
+def test_lora_layer_on_a_bf16_base_compiles_as_one_graph() -> None:
+    """A bf16 base (its matmuls widened to fp32 on CPUs without bf16 units, lora_kernels.wide_matmul_dtype) with
+    fp32 adapters compiles as one graph and gives eager's numbers."""
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_llama().to(torch.bfloat16),
+                        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    layer = _layer(pm)
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    grads = torch.autograd.grad(got.float().square().sum(), [x, *params])
+    want = layer(x)
+    expected = torch.autograd.grad(want.float().square().sum(), [x, *params])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert expected[1].abs().sum() > 0

@@ -334,7 +334,6 @@ def test_half_base_matmuls_widen_to_fp32_only_on_cpus_without_half_units(dtype, 
     cpu = torch.device("cpu")
     native = (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
               if dtype == torch.bfloat16 else torch.cpu._is_amx_fp16_supported())
-    monkeypatch.setattr(lora_kernels, "_WIDE", {})
     monkeypatch.setattr(lora_kernels, "_WIDE_ENABLED", True)
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     assert lora_kernels.wide_matmul_dtype(dtype, cpu) == (torch.float32 if x86 and not native else None)

@@ -259,18 +259,22 @@ def wide_matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype |
     of a product's elements differed, in the last bit). None elsewhere, and inside ``use_wide_matmul(False)``."""
     if not _WIDE_ENABLED or device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return None
-    key = (dtype, "cpu")
-    if key not in _WIDE:
-        import platform
-
-        native = (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-                  if dtype == torch.bfloat16 else torch.cpu._is_amx_fp16_supported())
-        x86 = platform.machine().lower() in ("x86_64", "amd64")
-        _WIDE[key] = torch.float32 if x86 and not native else None
-    return _WIDE[key]
+    return _WIDE[(dtype, "cpu")]
 
 
-_WIDE: dict[tuple[torch.dtype, str], torch.dtype | None] = {}
+def _cpu_widening() -> dict[tuple[torch.dtype, str], torch.dtype | None]:
+    """Per half dtype: fp32 where this CPU is x86 without units for it, else None (read once, at import: the
+    lookup then traces under torch.compile)."""
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    fp16 = torch.cpu._is_amx_fp16_supported()
+    return {(dtype, "cpu"): torch.float32 if x86 and not native else None
+            for dtype, native in ((torch.bfloat16, bf16), (torch.float16, fp16))}
+
+
+_WIDE = _cpu_widening()
 _WIDE_ENABLED = os.environ.get("PEFTKIT_WIDE_MATMUL", "1").lower() not in ("0", "false", "no", "off")
 
 
