@@ -95,8 +95,8 @@ def _fast_nf4_dequantize(self: Any) -> torch.Tensor:
     element, in the same dtype), by one gather of a byte -> value-pair table instead of two per-element gathers."""
     scalers = self.dequantize_scalers(self.quantized_scalers, self.quantization_factor, self.scaler_block_size)
     pairs = nf4_pair_table(self.nf4).index_select(0, self.quantized_data.reshape(-1).int())
-    values = pairs.view(self.nf4.dtype).view(-1, self.block_size)  # (n_blocks, block_size)
-    return (values * scalers.unsqueeze(-1)).reshape(self.shape)
+    values = pairs.view(self.nf4.dtype).view(-1, self.block_size)  # (n_blocks, block_size), a fresh tensor
+    return values.mul_(scalers.unsqueeze(-1)).reshape(self.shape)  # in place: no second weight-sized buffer
 
 
 # ---- quantised tensors: what they are, their dense value, their size ----------------------------------
