@@ -23,22 +23,26 @@ def _layer(pm) -> LoraLinear:
     return next(m for m in pm.modules() if isinstance(m, LoraLinear))
 
 
+def _compiled_layer_equals_eager(layer: LoraLinear, x: torch.Tensor, out_tol: float = 1e-6) -> None:
+    """The layer compiled as one graph (fullgraph, aot_eager) gives eager's output (to ``out_tol``) and gradients of
+    x, A and B, and the adapter really trains."""
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    grads = torch.autograd.grad(got.float().square().sum(), [x, *params])
+    want = layer(x)
+    expected = torch.autograd.grad(want.float().square().sum(), [x, *params])
+    torch.testing.assert_close(got, want, rtol=out_tol, atol=out_tol)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert expected[0].abs().sum() > 0 and expected[1].abs().sum() > 0
+
+
 def test_fused_lora_layer_compiles_as_one_graph_forward_and_backward() -> None:
     pm = _two_adapters().train()
     layer = _layer(pm)
     torch.manual_seed(1)
-    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
-    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    got = compiled(x)
-    grads = torch.autograd.grad(got.square().sum(), [x, *params])
-    want = layer(x)
-    expected = torch.autograd.grad(want.square().sum(), [x, *params])
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    for g, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-    assert expected[1].abs().sum() > 0  # the adapter really trains
+    _compiled_layer_equals_eager(layer, torch.randn(3, 5, layer.in_features, requires_grad=True))
 
 
 @pytest.mark.parametrize("names, tokens, grouped", [
@@ -122,34 +126,15 @@ def test_lora_layer_on_an_nf4_base_compiles_as_one_graph() -> None:
     pm = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
     layer = _layer(pm)
     assert quantization_of(layer.get_base_layer().weight) == "nf4"
-    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
-    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-    torch._dynamo.reset()
-    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
-    grads = torch.autograd.grad(got.square().sum(), [x, *params])
-    want = layer(x)
-    expected = torch.autograd.grad(want.square().sum(), [x, *params])
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    for g, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-    assert expected[0].abs().sum() > 0 and expected[1].abs().sum() > 0
+    _compiled_layer_equals_eager(layer, torch.randn(3, 5, layer.in_features, requires_grad=True))
 
 
 def test_lora_layer_on_a_bf16_base_compiles_as_one_graph() -> None:
     """A bf16 base (its matmuls widened to fp32 on CPUs without bf16 units, lora_kernels.wide_matmul_dtype) with
-    fp32 adapters compiles as one graph and gives eager's numbers."""
+    fp32 adapters compiles as one graph and gives eager's output exactly, and its gradients."""
     torch.manual_seed(0)
     pm = get_peft_model(tiny_llama().to(torch.bfloat16),
                         LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
     layer = _layer(pm)
-    x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
-    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-    torch._dynamo.reset()
-    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
-    grads = torch.autograd.grad(got.float().square().sum(), [x, *params])
-    want = layer(x)
-    expected = torch.autograd.grad(want.float().square().sum(), [x, *params])
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for g, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-    assert expected[1].abs().sum() > 0
+    _compiled_layer_equals_eager(layer, torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16,
+                                                    requires_grad=True), out_tol=0)
