@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..quantize import dense_weight, quantization_of
 from ..targeting import is_conv1d
 
 _FUSED = os.environ.get("PEFTKIT_LORA_FUSED", "1").lower() not in ("0", "false", "no", "off")
@@ -202,7 +203,7 @@ class LoraFunction(torch.autograd.Function):
         # output in x's; x is cast here and in backward, never kept cast
         h = (x2.to(A.dtype) if dropped is None else dropped.reshape(-1, d_in)) @ A.T  # (tokens, r)
         if result is None:
-            w = _dense(weight, x.dtype)  # a 4-bit (NF4) W is decoded here and again in backward, never saved dense
+            w = dense_weight(weight, x.dtype)  # a 4-bit (NF4) W is decoded here and again in backward, never saved dense
             y = _base_matmul(x2, w if fan_in_fan_out else w.T, bias)  # x Wᵀ + b, W as (d_in, d_out)
         else:
             y = result.reshape(-1, d_out)
@@ -240,7 +241,7 @@ class LoraFunction(torch.autograd.Function):
             if need[5]:
                 grad_A = grad_h.T @ dropped.reshape(-1, A.shape[1])
             if need[0]:
-                w = None if weight is None else _dense(weight, g.dtype)
+                w = None if weight is None else dense_weight(weight, g.dtype)
                 w = None if w is None else (w.T if ctx.fan_in_fan_out else w)  # (d_out, d_in)
                 grad_x = _input_grad(g, w, grad_h, A, keep, ctx.x_dtype).view(ctx.x_shape)
         if ctx.has_result and need[2]:
@@ -328,13 +329,6 @@ def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A
 FUSED_VARIANTS: dict[type, Callable[..., torch.Tensor | None]] = {}
 
 
-def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W itself, or a quantised (NF4) W decoded into ``dtype`` (a transient: the caller's matmul consumes it)."""
-    if type(weight) in (torch.Tensor, nn.Parameter):
-        return weight
-    return weight.get_original_weight().to(dtype)  # what torchao's own F.linear multiplies by, bit for bit
-
-
 def _plain_frozen_base(base: nn.Module) -> bool:
     """A Linear / Conv1D the fused function may compute itself: exact type, frozen weight, no hooks. The weight
     is a plain tensor, or (a Linear's) NF4 from :func:`~peftkit.quantize.quantize_base` (QLoRA): the function then
@@ -344,13 +338,9 @@ def _plain_frozen_base(base: nn.Module) -> bool:
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.requires_grad or base._forward_hooks or base._forward_pre_hooks:
         return False
-    return type(weight) in (torch.Tensor, nn.Parameter) or (type(base) is nn.Linear and _is_nf4(weight))
+    return type(weight) in (torch.Tensor, nn.Parameter) or (type(base) is nn.Linear and quantization_of(weight) == "nf4")
 
 
-def _is_nf4(weight: torch.Tensor) -> bool:
-    from ..quantize import quantization_of
-
-    return quantization_of(weight) == "nf4"
 
 
 def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.Tensor:
