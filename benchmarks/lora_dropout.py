@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE))
 import compare_hf_peft as bench  # noqa: I001  (the shared model, cases and step of the side-by-side benchmark)
 
 from peftkit.methods import lora as lora_module
-from peftkit.methods import lora_kernels
+from peftkit.methods import lora_joint, lora_kernels
 
 
 def baseline_kernels(revision: str) -> types.ModuleType:
@@ -77,6 +77,14 @@ def with_forward(step: Callable[[], float], forward: Callable[..., Any]) -> Call
     return run
 
 
+def separate(step: Callable[[], Any]) -> Callable[[], Any]:
+    """``step`` with sibling targets computed each in its own node (``lora_joint.use_joint(False)``)."""
+    def run() -> Any:
+        with lora_joint.use_joint(False):
+            return step()
+    return run
+
+
 def part_steps(args: argparse.Namespace) -> dict[str, Any]:
     baseline = baseline_kernels(args.baseline)
     rows: dict[str, Callable[[], float]] = {
@@ -86,6 +94,9 @@ def part_steps(args: argparse.Namespace) -> dict[str, Any]:
                                                   baseline.lora_linear_forward),
         "lora_p05": bench.train_setup("peftkit", "lora_p05", args)[1],
     }
+    if args.separate:  # sibling targets each in its own node, as before lora_joint
+        rows["lora_p0_separate"] = separate(bench.train_setup("peftkit", "lora", args)[1])
+        rows["lora_p05_separate"] = separate(bench.train_setup("peftkit", "lora_p05", args)[1])
     if args.rows:  # a subset, e.g. the two p 0.05 rows for a long A/B of kernels
         rows = {k: v for k, v in rows.items() if k in args.rows.split(",")}
     times = round_robin(rows, args.turns, rotate=True, progress=True)
@@ -233,6 +244,9 @@ def part_layers(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, (d_in, outs) in groups.items():
         rows = {"floor": build(d_in, outs, None), "lora_p0": build(d_in, outs, 0.0), "lora_p05": build(d_in, outs, 0.05)}
+        if len(outs) > 1 and args.separate:  # the same layers, each target in its own node (lora_joint off)
+            rows["lora_p0_separate"] = separate(build(d_in, outs, 0.0))
+            rows["lora_p05_separate"] = separate(build(d_in, outs, 0.05))
         if baseline is not None:  # the same layers through ``--baseline``'s kernels
             rows[f"lora_p0_{args.baseline}"] = with_forward(build(d_in, outs, 0.0), baseline.lora_linear_forward)
             rows[f"lora_p05_{args.baseline}"] = with_forward(build(d_in, outs, 0.05), baseline.lora_linear_forward)
@@ -243,12 +257,18 @@ def part_layers(args: argparse.Namespace) -> dict[str, Any]:
     floor_step()
     steps = bench.timed(floor_step, args.turns)
     floor_ms = 1000 * statistics.median(steps)
-    extra = {row: args.layers * sum(g["ms"]["floor"] * (g["vs_floor"][row] - 1) for g in out.values())
+    extra = {row: args.layers * sum(g["ms"]["floor"] * (_ratio(g, row) - 1) for g in out.values())
              for row in next(iter(out.values()))["vs_floor"] if row != "floor"}
     linears = args.layers * sum(g["ms"]["floor"] for g in out.values())
     return {"groups": out, "floor_step_ms": floor_ms, "floor_step_times_ms": [1000 * t for t in steps],
             "block_linears_ms": linears, "extra_ms": extra,
             "implied_vs_floor": {row: 1 + v / floor_ms for row, v in extra.items()}}
+
+
+def _ratio(group: dict[str, Any], row: str) -> float:
+    """A group's ratio to the floor for ``row``; a single target has no ``_separate`` row (it is the same)."""
+    ratios = group["vs_floor"]
+    return ratios[row] if row in ratios else ratios[row.removesuffix("_separate")]
 
 
 PARTS = {"ops": part_ops, "profile": part_profile, "steps": part_steps, "layers": part_layers}
@@ -275,7 +295,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         rows = list(a["implied_vs_floor"])
         lines += ["", f"| sibling group alone, forward + backward ({args.repeat} rounds, round-robin) | floor ms | "
                   + " | ".join(f"{r} × floor" for r in rows) + " |", "|---" * (2 + len(rows)) + "|"]
-        lines += [f"| {k} | {g['ms']['floor']:.1f} | " + " | ".join(f"{g['vs_floor'][r]:.3f}" for r in rows) + " |"
+        lines += [f"| {k} | {g['ms']['floor']:.1f} | " + " | ".join(f"{_ratio(g, r):.3f}" for r in rows) + " |"
                   for k, g in a["groups"].items()]
         lines += [f"| the block linears of {args.layers} layers; the floor's measured step | {a['block_linears_ms']:.0f}; "
                   f"{a['floor_step_ms']:.0f} |" + " - |" * len(rows),
@@ -307,6 +327,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the base model's dtype")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--separate", action="store_true",
+                        help="layers, steps: also rows with sibling targets in separate nodes (lora_joint off)")
     parser.add_argument("--baseline", default="169930e",
                         help="git revision whose lora_kernels.py is the 'before' row (default: before issue 20's "
                              "dropout work)")

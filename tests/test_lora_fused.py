@@ -11,6 +11,7 @@ from conftest import tiny_gpt2, tiny_llama
 from peftkit import LoraConfig, VeraConfig, get_peft_model
 from peftkit.methods import lora_kernels
 from peftkit.methods.lora import LoraLinear
+from peftkit.methods.lora_joint import use_joint
 from peftkit.methods.lora_kernels import LoraFunction, dropout_keep, keep_probability, use_fused
 
 
@@ -88,8 +89,10 @@ def test_fused_function_gradcheck() -> None:
     assert dropped.ne(0).float().mean() < 0.9  # the mask really drops
 
 
-def test_siblings_share_one_mask_and_one_saved_input() -> None:
-    """q, k and v read one tensor: one seed, one x̃ storage saved for all three."""
+@pytest.mark.parametrize("joint", [False, True])
+def test_siblings_share_one_mask_and_one_saved_input(joint: bool) -> None:
+    """q, k and v read one tensor: one seed, one x storage saved for all three; per target (lora_joint off) each
+    saves its own h = A x̄, jointly one H = [h_q h_k h_v]."""
     pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
                                                  lora_dropout=0.5, init_lora_weights=False)).train()
     attn = pm.base_model.model.model.layers[0].self_attn
@@ -97,11 +100,13 @@ def test_siblings_share_one_mask_and_one_saved_input() -> None:
     stores: list[int] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: stores.append(t.untyped_storage().data_ptr()) or t,
                                                   lambda t: t):
-        outs = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+        with use_joint(joint):
+            outs = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+    assert len({o.grad_fn for o in outs}) == (1 if joint else 3)
     seeds = {o.grad_fn.seed for o in outs}  # ctx attributes of each LoraFunction node
     assert len(seeds) == 1 and seeds == {lora_kernels._cache.seed}
     params = {p.untyped_storage().data_ptr() for p in pm.parameters()}
-    assert len({ptr for ptr in stores if ptr not in params}) == 4  # x̃ (shared) + each target's own h
+    assert len({ptr for ptr in stores if ptr not in params}) == (2 if joint else 4)  # x (shared) + the h's
     # the same x̃ as the reference builds with that seed
     q = attn.q_proj
     A, B = q.lora_A["default"].weight, q.lora_B["default"].weight

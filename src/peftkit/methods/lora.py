@@ -26,6 +26,7 @@ from ..patterns import match as safe_match
 from ..quantize import dequantize_for_merge, restore_after_unmerge
 from ..targeting import is_conv1d
 from .base import AdapterLayer, MethodSpec, register_method
+from .lora_joint import joined_forward, link_siblings
 from .lora_kernels import (
     FUSED_VARIANTS,
     dropout_p,
@@ -226,7 +227,9 @@ class LoraLinear(LoraLayer):
         if (not off and self.row_adapters is None and not args and not kwargs and fused_enabled()
                 and self.active_adapters and all(type(v) is LoraVariant or type(v) in FUSED_VARIANTS
                                                 for v in map(self.variant.__getitem__, self.active_adapters))):
-            return lora_linear_forward(self, x, self.active_adapters)
+            # siblings reading this x (q, k, v; gate, up) as one node, where learned and safe (lora_joint.py)
+            out = joined_forward(self, x) if len(self.active_adapters) == 1 else None
+            return out if out is not None else lora_linear_forward(self, x, self.active_adapters)
         # ---- the reference path: base layer, then each adapter's variant --------------------------------
         result = self.base_layer(x, *args, **kwargs)
         if off:
@@ -362,6 +365,6 @@ def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
 
 
 LORA = register_method(MethodSpec(
-    config_cls=LoraConfig, layer_base=LoraLayer, layer_for=lora_layer_for,
+    config_cls=LoraConfig, layer_base=LoraLayer, layer_for=lora_layer_for, after_inject=link_siblings,
     supported="Linear, transformers Conv1D, Embedding, Conv2d (groups=1)",
 ))

@@ -1,0 +1,309 @@
+"""Sibling LoRA targets that read one input (q, k, v; gate, up) computed jointly, in one autograd node.
+
+Per target, :class:`~peftkit.methods.lora_kernels.LoraFunction` already saves x once for the whole group and
+draws one dropout mask for it. What it cannot share is the work: each target reads x̄ for its own A x̄ (forward)
+and again for its g_A = g_hᵀ x̄ (backward), writes its own g_h A term into a fresh input-sized tensor, masks
+it, and autograd then adds the targets' input gradients one by one. With rank 16 on hidden 512 those are passes
+over tokens × hidden tensors, each as dear as a skinny matmul. :class:`JointLoraFunction` does, for targets
+i = 1..n reading x:
+
+    forward        H = x̄ [A₁; …; Aₙ]ᵀ                        (one read of x̄ for every target's A)
+                   yᵢ = x Wᵢᵀ + bᵢ + s̄ᵢ · Hᵢ Bᵢᵀ              (Hᵢ the i-th block of H's columns)
+    backward       g_Hᵢ = s̄ᵢ · gᵢ Bᵢ,   g_Bᵢ = s̄ᵢ · gᵢᵀ Hᵢ
+                   [g_A₁; …; g_Aₙ] = g_Hᵀ x̄                   (one read of x̄)
+                   g_x = (g_H [A₁; …; Aₙ]) ⊙ keep + Σ gᵢ Wᵢ   (one masked term; each gᵢ Wᵢ accumulated into it
+                                                              by the matmul, no autograd sums)
+
+The same numbers as the per-target path up to the order of the sums (tested against it and against the
+plain-torch reference), the same saved bytes (x once; H is the targets' h side by side), the same masks (one
+seed per input, as the siblings share on the per-target path).
+
+Which targets are siblings is decided when LoRA is added, from the model's structure: LoRA layers that are
+children of one module under the names of one known set (q_proj, k_proj, v_proj; query, key, value; q, k, v;
+gate_proj, up_proj; w1, w3, ...) form a group led by the first of the set (the one a model calls first).
+Cross-attention modules (encoder_attn, EncDecAttention, crossattention, cross_attn) are left out: their q reads
+another input than k and v. A decision that depends on the module tree, not on earlier calls, keeps a run
+bit-identical to a resumed one (both join from their first step). When the leader is called with gradients
+enabled, the group's output for every member is computed at once; each follower, called next with the very same
+input (same tensor, same version, same parameter versions), takes its output instead of computing it. A follower
+called with anything else computes its own output as before, and the group is dropped for good (a model whose
+siblings do not read one input, or not in the set's order, pays the joint computation once; the drop takes
+effect at the leader's next call outside a backward pass, so that a checkpointed forward, replayed inside
+backward, saves what it saved the first time). Joining happens only with gradients on (inference keeps the
+per-target path), not in inference mode (no version counters), not under torch.compile or autocast, with no
+forward pre-hooks on any member (FSDP's per-module unsharding, parametrisations), every member plain LoRA with one
+active adapter, one dropout probability, and weights, adapters and input of one dtype.
+
+``use_joint(False)`` or ``PEFTKIT_LORA_JOINT=0`` turns it off (each target then takes its own node).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..quantize import dense_weight
+from .lora_kernels import (
+    _base_matmul,
+    _dropped_for_backward,
+    _plain_frozen_base,
+    dropout_p,
+    fused_enabled,
+    keep_probability,
+    shared_dropout,
+    wide_matmul_dtype,
+)
+
+_JOINT = os.environ.get("PEFTKIT_LORA_JOINT", "1").lower() not in ("0", "false", "no", "off")
+
+
+def joint_enabled() -> bool:
+    """Whether sibling targets are computed jointly (default True; ``PEFTKIT_LORA_JOINT=0`` turns it off)."""
+    return _JOINT
+
+
+@contextlib.contextmanager
+def use_joint(enabled: bool) -> Iterator[None]:
+    """``with use_joint(False): ...`` computes every LoRA target in its own node inside the block (process-wide)."""
+    global _JOINT
+    before, _JOINT = _JOINT, enabled
+    try:
+        yield
+    finally:
+        _JOINT = before
+
+
+SIBLING_NAMES: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"), ("q_lin", "k_lin", "v_lin"),
+    ("wq", "wk", "wv"), ("gate_proj", "up_proj"), ("w1", "w3"),
+)  # each in the order models call them
+CROSS_ATTENTION = ("encoder_attn", "encdecattention", "crossattention", "cross_attn")
+_FOLLOWERS = "_lora_followers"  # on a leader: its followers (modules), () once dropped
+_DROP = "_lora_drop_group"  # on a leader: True once a follower read another input (dropped at its next call)
+
+
+def link_siblings(model: nn.Module, *_: Any) -> None:
+    """Mark the sibling groups among ``model``'s LoRA layers (run after every LoRA injection: ``after_inject``)."""
+    from .lora import LoraLinear  # lora.py imports this module
+
+    for path, module in model.named_modules():
+        if any(word in path.lower() for word in CROSS_ATTENTION):
+            continue
+        children = dict(module.named_children())
+        for names in SIBLING_NAMES:
+            members = [children[n] for n in names if type(children.get(n)) is LoraLinear]
+            for member in members:
+                member.__dict__.pop(_FOLLOWERS, None)
+                member.__dict__.pop(_DROP, None)
+            if len(members) >= 2:
+                members[0].__dict__[_FOLLOWERS] = tuple(members[1:])  # plain attribute: not a submodule
+
+
+class _State(threading.local):
+    """Per thread: the outputs computed for a group's followers and not taken yet."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[Any, ...]] = {}
+
+
+_state = _State()
+
+
+def clear() -> None:
+    """Forget this thread's outputs computed for followers and not taken."""
+    _state.pending = {}
+
+
+def _version(x: torch.Tensor) -> int:
+    return -1 if x.is_inference() else x._version
+
+
+def _member(layer: Any, x: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor, Any, float] | None:
+    """(adapter, A, B, base Linear, p) where ``layer`` may join a group on input x now, else None."""
+    if (layer.row_adapters is not None or layer.adapters_off() or len(layer.active_adapters) != 1
+            or layer._forward_pre_hooks or layer.fan_in_fan_out):
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.r or type(layer.variant[name]) is not _plain_variant():
+        return None
+    base = layer.base_layer
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if not _plain_frozen_base(base) or base.weight.dtype != x.dtype or A.dtype != x.dtype or B.dtype != x.dtype:
+        return None
+    if type(A) is not nn.Parameter or type(B) is not nn.Parameter or A.device != x.device:
+        return None  # e.g. a DTensor shard (FSDP2 per module)
+    return name, A, B, base, dropout_p(layer, name)
+
+
+def _plain_variant() -> type:
+    from .lora import LoraVariant  # lora.py imports this module
+
+    return LoraVariant
+
+
+def _param_versions(member: tuple[str, torch.Tensor, torch.Tensor, Any, float]) -> tuple[int, ...]:
+    _, A, B, base, _ = member
+    return A._version, B._version, base.weight._version
+
+
+def _joinable_now(x: torch.Tensor) -> bool:
+    return (not torch.compiler.is_compiling() and _JOINT and fused_enabled() and torch.is_grad_enabled()
+            and not x.is_inference() and not nn.modules.module._global_forward_pre_hooks
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def _drop_group(leader: nn.Module) -> None:
+    """Ask that ``leader``'s group be dropped: done at its next call outside a backward pass. A checkpointed
+    forward replayed inside backward must save what the original forward saved, so the replay still joins."""
+    if leader.__dict__.get(_FOLLOWERS):
+        leader.__dict__[_DROP] = True
+
+
+def joined_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer``'s output on x from its group's joint computation, or None (then the caller computes it alone).
+
+    Called by ``LoraLinear.forward`` on the fused path, before anything else."""
+    if torch.compiler.is_compiling():
+        return None
+    followers = layer.__dict__.get(_FOLLOWERS)
+    pending = _state.pending
+    if not followers and not pending:  # the usual case for a layer outside any group: nothing to look up
+        return None
+    if not _joinable_now(x):
+        _state.pending = {}
+        return None
+    entry = pending.pop(id(layer), None)
+    if entry is not None:
+        x_ref, version, leader_ref, versions, out = entry
+        member = _member(layer, x)
+        if x_ref() is x and version == _version(x) and member is not None and _param_versions(member) == versions:
+            return out
+        leader = leader_ref()
+        if leader is not None:
+            _drop_group(leader)  # the follower read something else: no group, ever
+    if not followers:
+        return None
+    if layer.__dict__.get(_DROP) and torch._C._current_graph_task_id() == -1:
+        layer.__dict__[_FOLLOWERS] = ()
+        return None
+    lead = _member(layer, x)
+    if lead is None:
+        return None
+    members, layers = [lead], [layer]
+    for follower in followers:
+        member = _member(follower, x)
+        if member is None or member[4] != lead[4]:
+            return None  # not now (eval mode, another adapter, ...): the group stays for later calls
+        members.append(member)
+        layers.append(follower)
+    if pending:  # a previous group's outputs never taken: its followers read other inputs
+        for _, _, leader_ref, _, _ in pending.values():
+            leader = leader_ref()
+            if leader is not None:
+                _drop_group(leader)
+        _state.pending = pending = {}
+    p = lead[4]
+    dropped, seed = shared_dropout(x, p, x.dtype) if p > 0 else (None, 0)
+    tensors: list[torch.Tensor | None] = []
+    for _, A, B, base, _ in members:
+        tensors += [base.weight, base.bias, A, B]
+    scalings = tuple(m_layer.scaling[m[0]] for m_layer, m in zip(layers, members, strict=True))
+    outs = JointLoraFunction.apply(x, dropped, scalings, p, seed, *tensors)
+    x_ref, version, leader_ref = weakref.ref(x), _version(x), weakref.ref(layer)
+    for follower, member, out in zip(layers[1:], members[1:], outs[1:], strict=True):
+        pending[id(follower)] = (x_ref, version, leader_ref, _param_versions(member), out)
+    return outs[0]
+
+
+class JointLoraFunction(torch.autograd.Function):
+    """The outputs y₁..yₙ of n LoRA targets on one input x in one node (see the module's docstring).
+
+    ``tensors``: per target (W (d_out, d_in), frozen, plain or NF4; bias or None; A (r, d_in); B (d_out, r)), all in
+    x's dtype; ``dropped`` is x̄ = x ⊙ keep (mask of ``seed``) or None without dropout."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, scalings: tuple[float, ...], p: float,
+                seed: int, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        n = len(scalings)
+        weights, biases, As, Bs = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
+        if p > 0:
+            scalings = tuple(s / keep_probability(p) for s in scalings)
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        H = (x2 if dropped is None else dropped.reshape(-1, d_in)) @ torch.cat(As).T  # (tokens, Σ r)
+        outs, start = [], 0
+        for i in range(n):
+            r = Bs[i].shape[1]
+            y = _base_matmul(x2, dense_weight(weights[i], x.dtype).T, biases[i])
+            y.addmm_(H[:, start:start + r], Bs[i].T, alpha=scalings[i])
+            outs.append(y.view(*x.shape[:-1], -1))
+            start += r
+        ctx.save_for_backward(x, H, *weights, *As, *Bs)
+        ctx.scalings, ctx.p, ctx.seed, ctx.n = scalings, p, seed, n
+        ctx.has_bias = tuple(b is not None for b in biases)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        n = ctx.n
+        x, H, *rest = ctx.saved_tensors
+        weights, As, Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
+        need = ctx.needs_input_grad  # x, dropped, scalings, p, seed, then (W, b, A, B) per target
+        d_in = x.shape[-1]
+        gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
+        grad_H = H.new_zeros(H.shape) if any(g is None for g in gs) else None
+        parts, grad_tensors, start = [], [], 0
+        for i in range(n):
+            r, g, s = Bs[i].shape[1], gs[i], ctx.scalings[i]
+            gb = gA_slot = None
+            if g is None:
+                parts.append(None if grad_H is None else grad_H[:, start:start + r])
+            else:
+                gh = (g @ Bs[i]).mul_(s)
+                if grad_H is not None:
+                    grad_H[:, start:start + r] = gh
+                parts.append(gh)
+                if need[5 + 4 * i + 3]:
+                    gb = (g.T @ H[:, start:start + r]).mul_(s)
+            grad_tensors.append([None, g.sum(0) if g is not None and need[5 + 4 * i + 1] else None, gA_slot, gb])
+            start += r
+        if grad_H is None:
+            grad_H = torch.cat(parts, 1)
+        keep = dropped = None
+        need_A = any(need[5 + 4 * i + 2] for i in range(n))
+        if ctx.p > 0:
+            keep, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, x.dtype, need_A)
+        else:
+            dropped = x
+        if need_A:
+            grad_A = grad_H.T @ dropped.reshape(-1, d_in)  # (Σ r, d_in)
+            start = 0
+            for i in range(n):
+                r = Bs[i].shape[1]
+                if need[5 + 4 * i + 2] and gs[i] is not None:
+                    grad_tensors[i][2] = grad_A[start:start + r]
+                start += r
+        grad_x = None
+        if need[0]:
+            grad_x = grad_H @ torch.cat(As)
+            if keep is not None:
+                grad_x.mul_(keep.view(-1, d_in))
+            for i in range(n):
+                if gs[i] is None:
+                    continue
+                w = dense_weight(weights[i], gs[i].dtype)
+                if wide_matmul_dtype(gs[i].dtype, gs[i].device) is None:
+                    grad_x.addmm_(gs[i], w)
+                else:
+                    grad_x.add_(_base_matmul(gs[i], w, None))
+            grad_x = grad_x.view(x.shape)
+        flat = [t for per in grad_tensors for t in per]
+        return (grad_x, None, None, None, None, *flat)
