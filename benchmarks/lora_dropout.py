@@ -86,14 +86,15 @@ def separate(step: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def part_steps(args: argparse.Namespace) -> dict[str, Any]:
-    baseline = baseline_kernels(args.baseline)
     rows: dict[str, Callable[[], float]] = {
         "floor": bench.train_setup("floor", "-", args)[1],
         "lora_p0": bench.train_setup("peftkit", "lora", args)[1],
-        f"lora_p05_{args.baseline}": with_forward(bench.train_setup("peftkit", "lora_p05", args)[1],
-                                                  baseline.lora_linear_forward),
-        "lora_p05": bench.train_setup("peftkit", "lora_p05", args)[1],
     }
+    if args.baseline:  # ``--baseline ""``: no row of earlier kernels
+        baseline = baseline_kernels(args.baseline)
+        rows[f"lora_p05_{args.baseline}"] = separate(with_forward(bench.train_setup("peftkit", "lora_p05", args)[1],
+                                                                  baseline.lora_linear_forward))
+    rows["lora_p05"] = bench.train_setup("peftkit", "lora_p05", args)[1]
     if args.separate:  # sibling targets each in its own node, as before lora_joint
         rows["lora_p0_separate"] = separate(bench.train_setup("peftkit", "lora", args)[1])
         rows["lora_p05_separate"] = separate(bench.train_setup("peftkit", "lora_p05", args)[1])
@@ -230,6 +231,12 @@ def part_layers(args: argparse.Namespace) -> dict[str, Any]:
                                                      init_lora_weights=False), "m")
             layer.set_adapter(["default"])
             layers.append(layer.train())
+        if p is not None and len(outs) > 1:  # siblings under their model names, grouped as get_peft_model groups them
+            block = nn.Module()
+            for child, layer in zip(("q_proj", "k_proj", "v_proj") if len(outs) == 3 else ("gate_proj", "up_proj"),
+                                    layers, strict=True):
+                block.add_module(child, layer)
+            lora_joint.link_siblings(block)
         x = torch.randn(tokens, d_in, requires_grad=True)
         grads = [torch.randn(tokens, d_out) for d_out in outs]
 
@@ -248,8 +255,9 @@ def part_layers(args: argparse.Namespace) -> dict[str, Any]:
             rows["lora_p0_separate"] = separate(build(d_in, outs, 0.0))
             rows["lora_p05_separate"] = separate(build(d_in, outs, 0.05))
         if baseline is not None:  # the same layers through ``--baseline``'s kernels
-            rows[f"lora_p0_{args.baseline}"] = with_forward(build(d_in, outs, 0.0), baseline.lora_linear_forward)
-            rows[f"lora_p05_{args.baseline}"] = with_forward(build(d_in, outs, 0.05), baseline.lora_linear_forward)
+            # (earlier kernels had no joint siblings: lora_joint off for these rows)
+            rows[f"lora_p0_{args.baseline}"] = separate(with_forward(build(d_in, outs, 0.0), baseline.lora_linear_forward))
+            rows[f"lora_p05_{args.baseline}"] = separate(with_forward(build(d_in, outs, 0.05), baseline.lora_linear_forward))
         times = round_robin(rows, args.repeat, rotate=False)
         out[name] = {"ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
                      "vs_floor": median_ratios(times, "floor")}

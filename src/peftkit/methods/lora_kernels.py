@@ -30,7 +30,9 @@ Dropout: ``keep`` comes from :func:`dropout_keep`, a mask drawn from one integer
 element, kept where they are ≥ p·2¹⁶, so p is rounded to a multiple of 2⁻¹⁶). One seed, hence one mask,
 serves every target that reads the same input tensor (q, k and v read one normed hidden state): the first
 target draws it, its siblings find it in a small per-thread cache keyed by the input tensor's identity and
-version. HF PEFT draws an independent mask per target; in expectation the two are the same estimator.
+version. HF PEFT draws an independent mask per target; in expectation the two are the same estimator. In
+training such siblings usually run as one node instead (methods/lora_joint.py); this function is the path for
+every other target and case.
 
 The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
 plain torch ops under ordinary autograd, with the same seeds and masks, so outputs and gradients match the
