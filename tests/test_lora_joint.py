@@ -262,3 +262,28 @@ def test_groups_travel_with_copies_of_the_model() -> None:
         assert joint_c == 4
         torch.testing.assert_close(loss_c, loss, rtol=0, atol=0)
         _assert_same(grads_c, grads, atol=0)
+
+
+@pytest.mark.parametrize("base", ["nf4", "bf16"])
+def test_joint_on_an_nf4_or_half_base_equals_the_per_target_path(base: str) -> None:
+    """An NF4 base is decoded by the joint node as by the per-target one; a bf16 base with bf16 adapters
+    (autocast_adapter_dtype=False) takes the same widened base matmuls. The joint node's sums run in another
+    order: fp32 to 1e-5, bf16 to its rounding."""
+    from test_qlora import quantized_llama, small_llama
+
+    model = quantized_llama() if base == "nf4" else small_llama(dtype=torch.bfloat16)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear",
+                                          lora_dropout=0.1, autocast_adapter_dtype=False))
+    pm.train()
+    ids = torch.randint(1, 128, (2, 7))
+    loss, _, grads, joint = _step(pm, ids)
+    assert joint == 2 * 2
+    with use_joint(False):
+        sep_loss, _, sep, sep_joint = _step(pm, ids)
+    assert sep_joint == 0 and grads.keys() == sep.keys() and len(grads) == 28
+    tol = 1e-5 if base == "nf4" else 2e-2
+    torch.testing.assert_close(loss, sep_loss, rtol=tol, atol=tol)
+    for name in grads:
+        scale = sep[name].float().abs().max().item()
+        torch.testing.assert_close(grads[name].float(), sep[name].float(), rtol=0, atol=tol * max(scale, 1e-3),
+                                   msg=name)
