@@ -227,7 +227,7 @@ class LoraLinear(LoraLayer):
         if (not off and self.row_adapters is None and not args and not kwargs and fused_enabled()
                 and self.active_adapters and all(type(v) is LoraVariant or type(v) in FUSED_VARIANTS
                                                 for v in map(self.variant.__getitem__, self.active_adapters))):
-            # siblings reading this x (q, k, v; gate, up) as one node, where learned and safe (lora_joint.py)
+            # siblings reading this x (q, k, v; gate, up) as one node, grouped when LoRA was added (lora_joint.py)
             out = joined_forward(self, x) if len(self.active_adapters) == 1 else None
             return out if out is not None else lora_linear_forward(self, x, self.active_adapters)
         # ---- the reference path: base layer, then each adapter's variant --------------------------------
