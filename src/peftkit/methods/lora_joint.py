@@ -58,15 +58,11 @@ from .lora_kernels import (
     fused_enabled,
     keep_probability,
     shared_dropout,
+    version_of,
     wide_matmul_dtype,
 )
 
 _JOINT = os.environ.get("PEFTKIT_LORA_JOINT", "1").lower() not in ("0", "false", "no", "off")
-
-
-def joint_enabled() -> bool:
-    """Whether sibling targets are computed jointly (default True; ``PEFTKIT_LORA_JOINT=0`` turns it off)."""
-    return _JOINT
 
 
 @contextlib.contextmanager
@@ -116,15 +112,6 @@ class _State(threading.local):
 _state = _State()
 
 
-def clear() -> None:
-    """Forget this thread's outputs computed for followers and not taken."""
-    _state.pending = {}
-
-
-def _version(x: torch.Tensor) -> int:
-    return -1 if x.is_inference() else x._version
-
-
 def _member(layer: Any, x: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor, Any, float] | None:
     """(adapter, A, B, base Linear, p) where ``layer`` may join a group on input x now, else None."""
     if (layer.row_adapters is not None or layer.adapters_off() or len(layer.active_adapters) != 1
@@ -154,8 +141,7 @@ def _param_versions(member: tuple[str, torch.Tensor, torch.Tensor, Any, float]) 
 
 
 def _joinable_now(x: torch.Tensor) -> bool:
-    return (not torch.compiler.is_compiling() and _JOINT and fused_enabled() and torch.is_grad_enabled()
-            and not x.is_inference() and not nn.modules.module._global_forward_pre_hooks
+    return (_JOINT and fused_enabled() and torch.is_grad_enabled() and not x.is_inference() and not nn.modules.module._global_forward_pre_hooks
             and not torch.is_autocast_enabled(x.device.type))
 
 
@@ -183,7 +169,7 @@ def joined_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     if entry is not None:
         x_ref, version, leader_ref, versions, out = entry
         member = _member(layer, x)
-        if x_ref() is x and version == _version(x) and member is not None and _param_versions(member) == versions:
+        if x_ref() is x and version == version_of(x) and member is not None and _param_versions(member) == versions:
             return out
         leader = leader_ref()
         if leader is not None:
@@ -216,7 +202,7 @@ def joined_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
         tensors += [base.weight, base.bias, A, B]
     scalings = tuple(m_layer.scaling[m[0]] for m_layer, m in zip(layers, members, strict=True))
     outs = JointLoraFunction.apply(x, dropped, scalings, p, seed, *tensors)
-    x_ref, version, leader_ref = weakref.ref(x), _version(x), weakref.ref(layer)
+    x_ref, version, leader_ref = weakref.ref(x), version_of(x), weakref.ref(layer)
     for follower, member, out in zip(layers[1:], members[1:], outs[1:], strict=True):
         pending[id(follower)] = (x_ref, version, leader_ref, _param_versions(member), out)
     return outs[0]
@@ -263,7 +249,7 @@ class JointLoraFunction(torch.autograd.Function):
         parts, grad_tensors, start = [], [], 0
         for i in range(n):
             r, g, s = Bs[i].shape[1], gs[i], ctx.scalings[i]
-            gb = gA_slot = None
+            gb = None
             if g is None:
                 parts.append(None if grad_H is None else grad_H[:, start:start + r])
             else:
@@ -273,7 +259,7 @@ class JointLoraFunction(torch.autograd.Function):
                 parts.append(gh)
                 if need[5 + 4 * i + 3]:
                     gb = (g.T @ H[:, start:start + r]).mul_(s)
-            grad_tensors.append([None, g.sum(0) if g is not None and need[5 + 4 * i + 1] else None, gA_slot, gb])
+            grad_tensors.append([None, g.sum(0) if g is not None and need[5 + 4 * i + 1] else None, None, gb])
             start += r
         if grad_H is None:
             grad_H = torch.cat(parts, 1)

@@ -127,6 +127,11 @@ class _SiblingCache(threading.local):
 _cache = _SiblingCache()
 
 
+def version_of(x: torch.Tensor) -> int:
+    """x's in-place version counter, or -1 for an inference tensor (which keeps none)."""
+    return -1 if x.is_inference() else x._version
+
+
 def shared_dropout(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
     """x̄ = x ⊙ keep in ``dtype`` (default x's; the adapter's where they differ, e.g. a bf16 x under fp32 adapters;
     x̃ = x̄ / (1 − p), the caller folds the factor into its scaling) with no autograd graph (the caller's backward
@@ -134,7 +139,7 @@ def shared_dropout(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) 
     seed and the same x̄."""
     dtype = x.dtype if dtype is None else dtype
     key = _cache.key
-    version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+    version = version_of(x)
     if key is not None and key[0]() is x and key[1:] == (version, p, dtype):
         return _cache.dropped, _cache.seed
     seed = draw_seed()

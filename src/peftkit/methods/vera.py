@@ -39,7 +39,7 @@ from ..errors import PeftConfigError, PeftError, TargetModulesError
 from ..targeting import describe_candidates, find_targets, is_conv1d
 from ..targeting import model_type as family
 from .base import AdapterLayer, MethodSpec, adapter_layers, register_method
-from .lora_kernels import fused_enabled
+from .lora_kernels import fused_enabled, version_of
 
 # HF PEFT's default target_modules for VeRA, by model_type (the common families)
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -212,7 +212,7 @@ _projections = _ProjectionCache()
 def shared_projection(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """u = x Aᵀ (tokens, r) without a graph; a sibling target calling with the same x (same version) and the same
     A slice gets the same tensor, computed once and saved once. Holds one u until another input arrives."""
-    version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+    version = version_of(x)
     key = (version, A.data_ptr(), A.storage_offset(), A.shape, A._version, A.dtype)
     cached = _projections.key
     if cached is not None and cached[0]() is x and cached[1:] == key:
