@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import PeftConfigError, PeftError
 from ..quantize import base_weight, dense_weight
 from .lora import LoraConfig, LoraLayer, LoraLinear, LoraVariant, lora_delta_weight, register_variant
-from .lora_kernels import FUSED_VARIANTS, _base_matmul, dropout_p
+from .lora_kernels import FUSED_VARIANTS, _base_matmul, dropout_p, outer_grad
 
 
 # ---- the maths, as pure functions ------------------------------------------------------------------
@@ -230,7 +230,7 @@ class DoraFunction(torch.autograd.Function):
                 g_y = g_y - bias.to(A.dtype) * g.sum(0)
             grad_m = g_y / magnitude
         if need[5]:
-            grad_B = (g_f.T @ h).mul_(s)
+            grad_B = outer_grad(g_f, h, s)
         if need[0] or need[4]:
             grad_h = (g_f @ B).mul_(s)
             if need[4]:

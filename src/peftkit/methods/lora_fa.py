@@ -40,6 +40,7 @@ from ..configs.lora_fa import LoraFAConfig
 from ..errors import PeftConfigError, PeftError
 from .base import adapter_layers, register_method
 from .lora import LORA, LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, LoraVariant, register_variant
+from .lora_kernels import outer_grad
 
 # LoraFAConfig: peftkit.configs.lora_fa (torch-free: reading a file needs no tensors)
 
@@ -82,7 +83,7 @@ class LoraFAFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(B.dtype) * ctx.scaling  # (tokens, d_out)
         grad_x = grad_B = None
         if ctx.needs_input_grad[2]:
-            grad_B = g.T @ h.reshape(-1, h.shape[-1]).to(B.dtype)
+            grad_B = outer_grad(g, h.reshape(-1, h.shape[-1]).to(B.dtype), 1.0)
         if ctx.needs_input_grad[0]:
             grad_h = g @ B  # (tokens, r)
             if ctx.p > 0:

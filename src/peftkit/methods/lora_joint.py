@@ -8,7 +8,8 @@ over tokens × hidden tensors, each as dear as a skinny matmul. :class:`JointLor
 i = 1..n reading x:
 
     forward        H = x̄ [A₁; …; Aₙ]ᵀ                        (one read of x̄ for every target's A)
-                   yᵢ = x Wᵢᵀ + bᵢ + s̄ᵢ · Hᵢ Bᵢᵀ              (Hᵢ the i-th block of H's columns)
+                   yᵢ = x Wᵢᵀ + bᵢ + s̄ᵢ · Hᵢ Bᵢᵀ              (Hᵢ the i-th block of H's columns; the term
+                                                              first, x Wᵢᵀ accumulated into it by the matmul)
     backward       g_Hᵢ = s̄ᵢ · gᵢ Bᵢ,   g_Bᵢ = s̄ᵢ · gᵢᵀ Hᵢ
                    [g_A₁; …; g_Aₙ] = g_Hᵀ x̄                   (one read of x̄)
                    g_x = (g_H [A₁; …; Aₙ]) ⊙ keep + Σ gᵢ Wᵢ   (one masked term; each gᵢ Wᵢ accumulated into it
@@ -57,6 +58,8 @@ from .lora_kernels import (
     dropout_p,
     fused_enabled,
     keep_probability,
+    lora_term_plus_base,
+    outer_grad,
     shared_dropout,
     version_of,
     wide_matmul_dtype,
@@ -228,8 +231,11 @@ class JointLoraFunction(torch.autograd.Function):
         outs, start = [], 0
         for i in range(n):
             r = Bs[i].shape[1]
-            y = _base_matmul(x2, dense_weight(weights[i], x.dtype).T, biases[i])
-            y.addmm_(H[:, start:start + r], Bs[i].T, alpha=scalings[i])
+            w_t, h = dense_weight(weights[i], x.dtype).T, H[:, start:start + r]
+            if wide_matmul_dtype(x.dtype, x.device) is None:
+                y = lora_term_plus_base(h, Bs[i], scalings[i], biases[i], x2, w_t)  # the term first, then x Wᵢᵀ into it
+            else:
+                y = _base_matmul(x2, w_t, biases[i]).addmm_(h, Bs[i].T, alpha=scalings[i])
             outs.append(y.view(*x.shape[:-1], -1))
             start += r
         ctx.save_for_backward(x, H, *weights, *As, *Bs)
@@ -258,7 +264,7 @@ class JointLoraFunction(torch.autograd.Function):
                     grad_H[:, start:start + r] = gh
                 parts.append(gh)
                 if need[5 + 4 * i + 3]:
-                    gb = (g.T @ H[:, start:start + r]).mul_(s)
+                    gb = outer_grad(g, H[:, start:start + r], s)
             grad_tensors.append([None, g.sum(0) if g is not None and need[5 + 4 * i + 1] else None, None, gb])
             start += r
         if grad_H is None:
