@@ -12,7 +12,13 @@ from peftkit import LoraConfig, VeraConfig, get_peft_model
 from peftkit.methods import lora_kernels
 from peftkit.methods.lora import LoraLinear
 from peftkit.methods.lora_joint import use_joint
-from peftkit.methods.lora_kernels import LoraFunction, dropout_keep, keep_probability, use_fused
+from peftkit.methods.lora_kernels import (
+    LoraFunction,
+    dropout_keep,
+    keep_probability,
+    use_fused,
+    use_packed_mask,
+)
 
 
 def _grads(pm: nn.Module, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -67,8 +73,17 @@ def test_fused_equals_reference_fp64(make, cfg) -> None:
             torch.testing.assert_close(eval_fused, pm(ids).logits, rtol=0, atol=1e-9)
 
 
-def test_fused_function_gradcheck() -> None:
-    """LoraFunction's backward against finite differences (both routes: base inside and base given)."""
+def _packed(keep: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask packed 8 a byte, most significant bit first (independently of lora_kernels: numpy's packbits)."""
+    import numpy as np
+
+    return torch.from_numpy(np.packbits(keep.to(torch.uint8).numpy().reshape(-1)))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_function_gradcheck(packed: bool) -> None:
+    """LoraFunction's backward against finite differences (both routes: base inside and base given), the mask
+    drawn again from its seed in backward or unpacked from the bits forward kept."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     W, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64, requires_grad=True)
@@ -79,34 +94,43 @@ def test_fused_function_gradcheck() -> None:
 
     def routed(x, b, A, B):  # x̄ = x ⊙ keep must follow x for finite differences: rebuild it from the same mask
         xd = x.detach() * dropout_keep(x.shape, p, seed, x.device)  # the function folds 1/(1 − p) into s
-        return LoraFunction.apply(x, xd, None, W, b, A, B, 1.5, p, seed, False)
+        bits = _packed(dropout_keep(x.shape, p, seed, x.device)) if packed else None
+        return LoraFunction.apply(x, xd, None, W, b, A, B, 1.5, p, seed, bits, False)
 
     assert torch.autograd.gradcheck(routed, (x, b, A, B))
     result = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, r, A, B: LoraFunction.apply(x, x.detach(), r, None, None, A, B, 0.7, 0.0, 0, False),
+        lambda x, r, A, B: LoraFunction.apply(x, x.detach(), r, None, None, A, B, 0.7, 0.0, 0, None, False),
         (x, result, A, B))
     assert dropped.ne(0).float().mean() < 0.9  # the mask really drops
 
 
 @pytest.mark.parametrize("joint", [False, True])
 def test_siblings_share_one_mask_and_one_saved_input(joint: bool) -> None:
-    """q, k and v read one tensor: one seed, one x storage saved for all three; per target (lora_joint off) each
-    saves its own h = A x̄, jointly one H = [h_q h_k h_v]."""
+    """q, k and v read one tensor: one seed, one x storage and one packed mask saved for all three; per target
+    (lora_joint off) each saves its own h = A x̄, jointly one H = [h_q h_k h_v]."""
     pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
                                                  lora_dropout=0.5, init_lora_weights=False)).train()
     attn = pm.base_model.model.model.layers[0].self_attn
     x = torch.randn(2, 5, 32, requires_grad=True)
     stores: list[int] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: stores.append(t.untyped_storage().data_ptr()) or t,
-                                                  lambda t: t):
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        stores.append(t.untyped_storage().data_ptr())
+        sizes[stores[-1]] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with use_joint(joint):
             outs = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
     assert len({o.grad_fn for o in outs}) == (1 if joint else 3)
     seeds = {o.grad_fn.seed for o in outs}  # ctx attributes of each LoraFunction node
     assert len(seeds) == 1 and seeds == {lora_kernels._cache.seed}
     params = {p.untyped_storage().data_ptr() for p in pm.parameters()}
-    assert len({ptr for ptr in stores if ptr not in params}) == (2 if joint else 4)  # x (shared) + the h's
+    saved = {ptr for ptr in stores if ptr not in params}
+    assert len(saved) == (3 if joint else 5)  # x (shared), the mask's bits (shared), the h's
+    assert sorted(sizes[ptr] for ptr in saved)[0] == x.numel() // 8  # the bits: one per element of x
     # the same x̃ as the reference builds with that seed
     q = attn.q_proj
     A, B = q.lora_A["default"].weight, q.lora_B["default"].weight
@@ -143,12 +167,15 @@ def test_fused_saves_less_than_reference(p: float) -> None:
     fused = _saved_bytes(layer, x)
     with use_fused(False):
         reference = _saved_bytes(layer, x)
-    assert fused == tokens * (d_in + r) * 4  # x̃ and h, nothing else (the mask is a seed)
+    # x and h, and with dropout the mask as bits (1/32 of x); with use_packed_mask(False) only its seed
+    assert fused == tokens * (d_in + r) * 4 + (tokens * d_in // 8 if p > 0 else 0)
     assert fused < reference if p > 0 else fused <= reference
+    with use_packed_mask(False):
+        assert _saved_bytes(layer, torch.randn(tokens, d_in, requires_grad=True)) == tokens * (d_in + r) * 4
 
 
 _ELEMENTWISE = {"ge", "lt", "mul", "mul_", "add", "add_", "addcmul", "addcmul_", "where", "masked_fill",
-                "masked_fill_", "_to_copy", "div", "div_", "sub", "sub_"}
+                "masked_fill_", "_to_copy", "copy_", "div", "div_", "sub", "sub_", "random_"}
 
 
 def _input_sized_passes(layer: nn.Module, x: torch.Tensor) -> list[str]:
@@ -177,14 +204,20 @@ def test_dropout_costs_the_fewest_passes_over_the_input() -> None:
     """Dropout's elementwise passes over input-sized tensors in one forward + backward of a target: the mask
     compared and x ⊙ keep applied once each way, and per target the LoRA term g_h A masked in place (mul_), into
     which the matmul then accumulates g W; the 1/(1 − p) rides on the scalar s (before: 8 passes, 2 of them for
-    the scale and one more per target; an addcmul_ of the term into g W until session 8)."""
+    the scale and one more per target; an addcmul_ of the term into g W until session 8). Forward keeps the mask
+    as bits (a 0/1 byte per element compared, packed by numpy, copied into x's dtype), so backward unpacks it
+    (numpy, then a copy) instead of drawing it again; with use_packed_mask(False) it draws again. The random
+    draw itself fills x.numel() / 4 int64 words, not counted here (benchmarks/lora_floor.py times it)."""
     tokens, d_in = 64, 96
     layer = LoraLinear(nn.Linear(d_in, 80).requires_grad_(False))
     layer.update_layer("default", LoraConfig(r=4, lora_dropout=0.1, init_lora_weights=False), "m")
     layer.set_adapter(["default"])
     layer.train()
     x = torch.randn(tokens, d_in, requires_grad=True)
-    assert _input_sized_passes(layer, x) == ["ge", "mul", "ge", "mul", "mul_"]
+    assert _input_sized_passes(layer, x) == ["ge", "copy_", "mul", "copy_", "mul", "mul_"]
+    with use_packed_mask(False):  # a new input (the same one would find its x̄ in the siblings' cache)
+        assert _input_sized_passes(layer, torch.randn(tokens, d_in, requires_grad=True)) == [
+            "ge", "mul", "ge", "mul", "mul_"]
     layer.eval()  # without dropout none at all: the LoRA term is added inside the matmuls (addmm_)
     assert _input_sized_passes(layer, x) == []
 
@@ -221,8 +254,9 @@ def test_other_methods_and_bf16_still_take_their_paths(ids) -> None:
 # ---- a bf16 base with fp32 adapters (autocast_adapter_dtype, the default) -------------------------------------
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_bf16_base_saves_x_in_bf16_not_an_fp32_copy(p: float) -> None:
-    """One target: the fused path keeps x as it is (bf16) and h = A x̃ (fp32); the reference keeps x̃ in fp32
-    (and the bool mask with dropout), i.e. 2 more bytes per input element (3 with dropout)."""
+    """One target: the fused path keeps x as it is (bf16) and h = A x̃ (fp32), with dropout also the mask as bits;
+    the reference keeps x̃ in fp32 (and the bool mask with dropout), i.e. 2 more bytes per input element (2⅞ with
+    dropout)."""
     tokens, d_in, r = 64, 96, 4
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(d_in, 80).to(torch.bfloat16).requires_grad_(False))
@@ -234,7 +268,7 @@ def test_bf16_base_saves_x_in_bf16_not_an_fp32_copy(p: float) -> None:
     fused = _saved_bytes(layer, x)
     with use_fused(False):
         reference = _saved_bytes(layer, x)
-    assert fused == tokens * (2 * d_in + 4 * r)
+    assert fused == tokens * (2 * d_in + 4 * r + (d_in // 8 if p > 0 else 0))  # with dropout, the mask as bits
     assert reference == tokens * (4 * d_in + 4 * r + (d_in if p > 0 else 0))
 
 
@@ -250,7 +284,8 @@ def test_bf16_llama_saved_bytes_drop_the_fp32_copies(p: float, ids) -> None:
     """Whole model (tests/saved_bytes.py): fused keeps each sibling group's bf16 input once where the reference
     keeps an fp32 copy per target (and, with dropout, a bool mask per target whose input needs a gradient: not
     layer 0's q/k/v, whose input comes from the frozen embeddings). o_proj's input is the attention's output,
-    which SDPA keeps anyway, so only q/k/v, gate/up and down add an input. Dropout costs the fused path nothing."""
+    which SDPA keeps anyway, so only q/k/v, gate/up and down add an input. Dropout costs the fused path one bit
+    per element of each group's input (o's included), its mask packed for backward."""
     from saved_bytes import saved_bytes
 
     pm = get_peft_model(tiny_llama().to(torch.bfloat16),
@@ -264,8 +299,9 @@ def test_bf16_llama_saved_bytes_drop_the_fp32_copies(p: float, ids) -> None:
     fp32_copies = layers * 4 * sum(widths.values())
     bf16_inputs = layers * 2 * sum(groups.values())
     masks = (layers * sum(widths.values()) - 3 * 32) if p > 0 else 0
-    assert reference - fused == tokens * (fp32_copies - bf16_inputs + masks)
-    assert fused == 41_780  # the floor's tensors + x once per group (bf16) + A·x per target (fp32)
+    bits = layers * (32 + 32 + 32 + 64) // 8 if p > 0 else 0  # per token: q/k/v, o, gate/up, down
+    assert reference - fused == tokens * (fp32_copies - bf16_inputs + masks - bits)
+    assert fused == 41_780 + tokens * bits  # the floor's tensors + x once per group (bf16) + A·x per target (fp32)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
@@ -400,3 +436,22 @@ def test_gradient_checkpointing_redraws_the_same_masks() -> None:
     for n, p in layer.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, plain[n])
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_packed_mask_gives_the_gradients_of_the_drawn_again_mask(joint: bool, ids) -> None:
+    """The mask backward unpacks from forward's bits is the one it would draw again from the seed: same loss,
+    same gradients, bit for bit, on a model whose every target drops (per target and jointly)."""
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.3,
+                                                 init_lora_weights=False)).train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    results = []
+    for packed in (True, False):
+        torch.manual_seed(5)
+        with use_joint(joint), use_packed_mask(packed):
+            loss = pm(ids, labels=ids).loss
+            results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert max(g.abs().max().item() for g in grads_a) > 0

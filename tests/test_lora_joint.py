@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import tiny_llama, tiny_t5
-from test_lora_fused import _count_nodes
+from test_lora_fused import _count_nodes, _packed
 
 from peftkit import LoraConfig, get_peft_model
 from peftkit.methods import lora_joint
@@ -60,7 +60,8 @@ def test_siblings_join_and_equal_the_reference_fp64(p: float) -> None:
     assert len(grads) == 2 * 7 * 2  # A and B of every target got its gradient
 
 
-def test_joint_function_gradcheck() -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_joint_function_gradcheck(packed: bool) -> None:
     """JointLoraFunction's backward against finite differences: three targets of different ranks and widths,
     a bias, dropout; one output unused (its gradient arrives as None)."""
     torch.manual_seed(0)
@@ -79,7 +80,8 @@ def test_joint_function_gradcheck() -> None:
         for i, t in zip([1, 2, 3, 5, 6, 7, 9, 10, 11], params, strict=True):
             full[i] = t
         dropped = x.detach() * dropout_keep(x.shape, p, seed, x.device, x.dtype)
-        outs = lora_joint.JointLoraFunction.apply(x, dropped, (0.7, 1.3, 2.0), p, seed, *full)
+        bits = _packed(dropout_keep(x.shape, p, seed, x.device)) if packed else None  # kept, or drawn again
+        outs = lora_joint.JointLoraFunction.apply(x, dropped, (0.7, 1.3, 2.0), p, seed, bits, *full)
         return tuple(outs[i] for i in used)
 
     params = [t for t in tensors if t.requires_grad]

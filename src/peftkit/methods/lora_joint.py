@@ -199,12 +199,12 @@ def joined_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
                 _drop_group(leader)
         _state.pending = pending = {}
     p = lead[4]
-    dropped, seed = shared_dropout(x, p, x.dtype) if p > 0 else (None, 0)
+    dropped, seed, bits = shared_dropout(x, p, x.dtype) if p > 0 else (None, 0, None)
     tensors: list[torch.Tensor | None] = []
     for _, A, B, base, _ in members:
         tensors += [base.weight, base.bias, A, B]
     scalings = tuple(m_layer.scaling[m[0]] for m_layer, m in zip(layers, members, strict=True))
-    outs = JointLoraFunction.apply(x, dropped, scalings, p, seed, *tensors)
+    outs = JointLoraFunction.apply(x, dropped, scalings, p, seed, bits, *tensors)
     x_ref, version, leader_ref = weakref.ref(x), version_of(x), weakref.ref(layer)
     for follower, member, out in zip(layers[1:], members[1:], outs[1:], strict=True):
         pending[id(follower)] = (x_ref, version, leader_ref, _param_versions(member), out)
@@ -215,11 +215,12 @@ class JointLoraFunction(torch.autograd.Function):
     """The outputs y₁..yₙ of n LoRA targets on one input x in one node (see the module's docstring).
 
     ``tensors``: per target (W (d_out, d_in), frozen, plain or NF4; bias or None; A (r, d_in); B (d_out, r)), all in
-    x's dtype; ``dropped`` is x̄ = x ⊙ keep (mask of ``seed``) or None without dropout."""
+    x's dtype; ``dropped`` is x̄ = x ⊙ keep (mask of ``seed``) or None without dropout; ``bits`` the mask packed
+    (kept for backward) or None (backward draws it again from ``seed``)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, scalings: tuple[float, ...], p: float,
-                seed: int, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                seed: int, bits: torch.Tensor | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         n = len(scalings)
         weights, biases, As, Bs = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
@@ -238,7 +239,7 @@ class JointLoraFunction(torch.autograd.Function):
                 y = _base_matmul(x2, w_t, biases[i]).addmm_(h, Bs[i].T, alpha=scalings[i])
             outs.append(y.view(*x.shape[:-1], -1))
             start += r
-        ctx.save_for_backward(x, H, *weights, *As, *Bs)
+        ctx.save_for_backward(x, H, bits, *weights, *As, *Bs)
         ctx.scalings, ctx.p, ctx.seed, ctx.n = scalings, p, seed, n
         ctx.has_bias = tuple(b is not None for b in biases)
         return tuple(outs)
@@ -246,9 +247,9 @@ class JointLoraFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         n = ctx.n
-        x, H, *rest = ctx.saved_tensors
+        x, H, bits, *rest = ctx.saved_tensors
         weights, As, Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
-        need = ctx.needs_input_grad  # x, dropped, scalings, p, seed, then (W, b, A, B) per target
+        need = ctx.needs_input_grad  # x, dropped, scalings, p, seed, bits, then (W, b, A, B) per target
         d_in = x.shape[-1]
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         grad_H = H.new_zeros(H.shape) if any(g is None for g in gs) else None
@@ -263,16 +264,16 @@ class JointLoraFunction(torch.autograd.Function):
                 if grad_H is not None:
                     grad_H[:, start:start + r] = gh
                 parts.append(gh)
-                if need[5 + 4 * i + 3]:
+                if need[6 + 4 * i + 3]:
                     gb = outer_grad(g, H[:, start:start + r], s)
-            grad_tensors.append([None, g.sum(0) if g is not None and need[5 + 4 * i + 1] else None, None, gb])
+            grad_tensors.append([None, g.sum(0) if g is not None and need[6 + 4 * i + 1] else None, None, gb])
             start += r
         if grad_H is None:
             grad_H = torch.cat(parts, 1)
         keep = dropped = None
-        need_A = any(need[5 + 4 * i + 2] for i in range(n))
+        need_A = any(need[6 + 4 * i + 2] for i in range(n))
         if ctx.p > 0:
-            keep, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, x.dtype, need_A)
+            keep, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, x.dtype, need_A, bits)
         else:
             dropped = x
         if need_A:
@@ -280,7 +281,7 @@ class JointLoraFunction(torch.autograd.Function):
             start = 0
             for i in range(n):
                 r = Bs[i].shape[1]
-                if need[5 + 4 * i + 2] and gs[i] is not None:
+                if need[6 + 4 * i + 2] and gs[i] is not None:
                     grad_tensors[i][2] = grad_A[start:start + r]
                 start += r
         grad_x = None
@@ -298,4 +299,4 @@ class JointLoraFunction(torch.autograd.Function):
                     grad_x.add_(_base_matmul(gs[i], w, None))
             grad_x = grad_x.view(x.shape)
         flat = [t for per in grad_tensors for t in per]
-        return (grad_x, None, None, None, None, *flat)
+        return (grad_x, None, None, None, None, None, *flat)

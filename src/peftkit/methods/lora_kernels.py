@@ -32,7 +32,9 @@ serves every target that reads the same input tensor (q, k and v read one normed
 target draws it, its siblings find it in a small per-thread cache keyed by the input tensor's identity and
 version. HF PEFT draws an independent mask per target; in expectation the two are the same estimator. In
 training such siblings usually run as one node instead (methods/lora_joint.py); this function is the path for
-every other target and case.
+every other target and case. On CPU the mask is also kept for backward packed as bits (1/32 of x's bytes in fp32;
+unpacking costs ~1/7 of drawing it again); elsewhere, or with ``use_packed_mask(False)``, backward draws it again
+from the seed.
 
 The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
 plain torch ops under ordinary autograd, with the same seeds and masks, so outputs and gradients match the
@@ -60,6 +62,11 @@ import torch.nn as nn
 from ..quantize import dense_weight, quantization_of
 from ..targeting import is_conv1d
 
+try:  # optional: packs the dropout masks kept for backward (without it backward draws them again)
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy comes with transformers
+    _np = None
+
 _FUSED = os.environ.get("PEFTKIT_LORA_FUSED", "1").lower() not in ("0", "false", "no", "off")
 
 
@@ -81,6 +88,19 @@ def use_fused(enabled: bool) -> Iterator[None]:
 
 # ---- dropout: a mask from a seed, shared by the targets that read one input ----------------------------
 _BITS = 16
+_PACKED = os.environ.get("PEFTKIT_LORA_PACKED_MASK", "1").lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def use_packed_mask(enabled: bool) -> Iterator[None]:
+    """``with use_packed_mask(False): ...`` draws dropout masks again in backward instead of keeping them as bits
+    (process-wide; ``PEFTKIT_LORA_PACKED_MASK=0`` in the environment for good)."""
+    global _PACKED
+    before, _PACKED = _PACKED, enabled
+    try:
+        yield
+    finally:
+        _PACKED = before
 
 
 def keep_probability(p: float) -> float:
@@ -121,6 +141,7 @@ class _SiblingCache(threading.local):
         self.key: tuple[Any, int, float, torch.dtype] | None = None
         self.seed = 0
         self.dropped: torch.Tensor | None = None
+        self.bits: torch.Tensor | None = None
         self.backward: tuple[tuple[int, int, torch.Size, torch.dtype], torch.Tensor, torch.Tensor] | None = None
 
 
@@ -132,26 +153,53 @@ def version_of(x: torch.Tensor) -> int:
     return -1 if x.is_inference() else x._version
 
 
-def shared_dropout(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
-    """x̄ = x ⊙ keep in ``dtype`` (default x's; the adapter's where they differ, e.g. a bf16 x under fp32 adapters;
-    x̃ = x̄ / (1 − p), the caller folds the factor into its scaling) with no autograd graph (the caller's backward
-    applies the mask), and its seed; a sibling target calling with the same tensor (same version) gets the same
-    seed and the same x̄."""
+def shared_dropout(x: torch.Tensor, p: float, dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(x̄, seed, bits): x̄ = x ⊙ keep in ``dtype`` (default x's; the adapter's where they differ, e.g. a bf16 x under
+    fp32 adapters; x̃ = x̄ / (1 − p), the caller folds the factor into its scaling) with no autograd graph (the
+    caller's backward applies the mask), its seed, and the mask packed 8 elements a byte for backward to unpack
+    instead of drawing it again (:func:`packs_mask`; else None). A sibling target calling with the same tensor
+    (same version) gets the same three."""
     dtype = x.dtype if dtype is None else dtype
     key = _cache.key
     version = version_of(x)
     if key is not None and key[0]() is x and key[1:] == (version, p, dtype):
-        return _cache.dropped, _cache.seed
+        return _cache.dropped, _cache.seed, _cache.bits
     seed = draw_seed()
-    _cache.dropped = None  # free the previous input's x̃ first
-    dropped = apply_keep(x, p, seed, dtype)
-    _cache.key, _cache.seed, _cache.dropped = (weakref.ref(x), version, p, dtype), seed, dropped
-    return dropped, seed
+    _cache.dropped = _cache.bits = None  # free the previous input's x̃ first
+    with torch.no_grad():
+        keep, bits = _draw_keep(x, p, seed, dtype)
+        dropped = _masked(x.detach(), keep, dtype)
+    _cache.key, _cache.seed, _cache.dropped, _cache.bits = (weakref.ref(x), version, p, dtype), seed, dropped, bits
+    return dropped, seed, bits
 
 
 def shared_seed(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> int:
     """The seed :func:`shared_dropout` gives this input (the reference path builds x̃ with autograd from it)."""
     return shared_dropout(x, p, dtype)[1]
+
+
+def packs_mask(x: torch.Tensor) -> bool:
+    """Whether x's dropout mask is kept for backward as bits: on CPU, with numpy, outside torch.compile. There
+    drawing the mask costs ~2 ns an element (torch's CPU generator, 4 elements a 64-bit draw) and unpacking the
+    bits ~0.3 ns (numpy.unpackbits and a copy into the gradient's dtype; benchmarks/lora_floor.py); they take
+    1/32 of x's bytes in fp32. On an accelerator drawing again is cheap and the mask is not kept."""
+    return _PACKED and _np is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _draw_keep(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(keep as 0/1 in ``dtype``, the same mask packed 8 a byte or None) of ``seed`` for x."""
+    if not packs_mask(x):
+        return dropout_keep(x.shape, p, seed, x.device, dtype), None
+    flags = dropout_keep(x.shape, p, seed, x.device, torch.uint8)  # 0/1 bytes: packbits reads them as they are
+    bits = torch.from_numpy(_np.packbits(flags.numpy().reshape(-1)))
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(flags), bits
+
+
+def unpack_keep(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The 0/1 mask (``shape``, ``dtype``) that :func:`shared_dropout` packed into ``bits``."""
+    flags = torch.from_numpy(_np.unpackbits(bits.numpy(), count=shape.numel()))
+    return torch.empty(shape, dtype=dtype).copy_(flags.view(shape))
 
 
 def apply_keep(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -168,25 +216,31 @@ def _masked(x: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return cast.mul(keep) if cast is x else cast.mul_(keep)
 
 
-def _dropped_for_backward(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype,
-                          need_dropped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(keep as 0/1 in ``dtype``, x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the saved input x, regenerated
-    once for siblings whose backwards run in a row. A 0/1 mask of the gradient's dtype lets every target mask its
-    term with one in-place multiply (``mul_``) where a bool mask costs ~6× the time on CPU."""
+def _dropped_for_backward(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype, need_dropped: bool,
+                          bits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(keep as 0/1 in ``dtype``, x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the saved input x, unpacked
+    from ``bits`` where forward kept them, else drawn again; once for siblings whose backwards run in a row. A 0/1
+    mask of the gradient's dtype lets every target mask its term with one in-place multiply (``mul_``) where a
+    bool mask costs ~6× the time on CPU."""
     key = (seed, x.data_ptr(), x.shape, dtype)
     cached = _cache.backward
     if cached is not None and cached[0] == key and (cached[2] is not None or not need_dropped):
         return cached[1], cached[2]
     _cache.backward = None
-    keep = dropout_keep(x.shape, p, seed, x.device, dtype)
+    keep = _keep_for_backward(x.shape, p, seed, x.device, dtype, bits)
     dropped = _masked(x, keep, dtype) if need_dropped else None
     _cache.backward = (key, keep, dropped)
     return keep, dropped
 
 
+def _keep_for_backward(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype,
+                       bits: torch.Tensor | None) -> torch.Tensor:
+    return unpack_keep(bits, shape, dtype) if bits is not None else dropout_keep(shape, p, seed, device, dtype)
+
+
 def clear_caches() -> None:
     """Drop this thread's dropout caches (each holds at most one input-sized x̃ and mask until replaced)."""
-    _cache.key, _cache.dropped, _cache.backward = None, None, None
+    _cache.key, _cache.dropped, _cache.bits, _cache.backward = None, None, None, None
 
 
 # ---- the fused function ----------------------------------------------------------------------------------
@@ -195,13 +249,14 @@ class LoraFunction(torch.autograd.Function):
 
     x, x̄ (..., d_in); result (..., d_out) or None; weight (d_out, d_in), or (d_in, d_out) when
     ``fan_in_fan_out``, or None (then ``result`` is given); A (r, d_in); B (d_out, r). ``dropped`` is None
-    without dropout, else x̄ = x ⊙ keep in A's dtype (``shared_dropout(x, p, A.dtype)``, mask of seed ``seed``;
-    the function folds 1/(1 − p) into ``scaling``). W must be frozen (no gradient for it)."""
+    without dropout, else x̄ = x ⊙ keep in A's dtype (``shared_dropout(x, p, A.dtype)``, mask of seed ``seed``,
+    packed as ``bits`` or None; the function folds 1/(1 − p) into ``scaling``). W must be frozen (no gradient for
+    it)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
-                scaling: float, p: float, seed: int, fan_in_fan_out: bool) -> torch.Tensor:
+                scaling: float, p: float, seed: int, bits: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
         d_in, d_out = A.shape[1], B.shape[0]
         if p > 0:
             scaling = scaling / keep_probability(p)  # s̄: (x̃ Aᵀ) Bᵀ s = (x̄ Aᵀ) Bᵀ s̄
@@ -224,23 +279,24 @@ class LoraFunction(torch.autograd.Function):
             y = torch.addmm(y, h, B.T, alpha=scaling) if term is None else y + term
         need = ctx.needs_input_grad
         # x, not x̄: x is shared with the siblings and often kept anyway (o_proj's input is the attention's saved
-        # output); backward rebuilds x̄ from the seed, once per sibling group
-        ctx.save_for_backward(x if need[5] else None, h if need[6] else None, A, B, weight if need[0] else None)
+        # output); backward rebuilds x̄ from the mask's bits (or its seed), once per sibling group
+        ctx.save_for_backward(x if need[5] else None, h if need[6] else None, A, B, weight if need[0] else None,
+                              bits if p > 0 else None)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.x_shape, ctx.x_dtype, ctx.has_result = x.shape, x.dtype, result is not None
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, h, A, B, weight = ctx.saved_tensors
+        x, h, A, B, weight, bits = ctx.saved_tensors
         need = ctx.needs_input_grad
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, B.shape[0])
         ga = g.to(A.dtype)  # g itself when the adapter shares its dtype
         keep = dropped = None
         if p > 0 and (need[0] or need[5]):
-            keep, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5]) if x is not None else \
-                (dropout_keep(ctx.x_shape, p, ctx.seed, g.device, A.dtype), None)
+            keep, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5], bits) if x is not None else \
+                (_keep_for_backward(ctx.x_shape, p, ctx.seed, g.device, A.dtype, bits), None)
         elif need[5]:
             dropped = x.to(A.dtype)
         grad_x = grad_result = grad_bias = grad_A = grad_B = None
@@ -258,7 +314,7 @@ class LoraFunction(torch.autograd.Function):
             grad_result = grad_out
         if need[4]:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_result, None, grad_bias, grad_A, grad_B, None, None, None, None
+        return grad_x, None, grad_result, None, grad_bias, grad_A, grad_B, None, None, None, None, None
 
 
 def wide_matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
@@ -412,9 +468,9 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
             continue
         p = dropout_p(layer, name)
         # without dropout x̃ is x: passed as None, since torch.compile cannot trace one tensor given twice
-        dropped, seed = shared_dropout(x, p, A.dtype) if p > 0 else (None, 0)
+        dropped, seed, bits = shared_dropout(x, p, A.dtype) if p > 0 else (None, 0, None)
         result = LoraFunction.apply(x, dropped, result, weight if result is None else None,
-                                    bias if result is None else None, A, B, layer.scaling[name], p, seed,
+                                    bias if result is None else None, A, B, layer.scaling[name], p, seed, bits,
                                     layer.fan_in_fan_out)
     return result if result is not None else base(x)
 

@@ -1,0 +1,251 @@
+"""How close LoRA's training step can come to the floor on this machine, and the kernel choices that measured it.
+
+The floor is the same frozen model with input gradients and no adapter. LoRA adds, per target of width
+d_in → d_out and rank r, six products per token: x̄ Aᵀ and h Bᵀ (forward), gᵀ h, g B, g_hᵀ x̄ and g_h A
+(backward), 3·r·(d_in + d_out) multiply-adds against the frozen target's 2·d_in·d_out (x Wᵀ, g W). Parts:
+
+* ``flops``: those counts over the whole step of a Llama-style shape (block linears, lm_head and causal attention
+  in the floor): the ratio no implementation can go below, whatever it fuses.
+* ``matmuls``: the step measured (the floor's, median of ``--steps``) and each product timed alone on its own
+  shape, in its faster orientation, next to the frozen target's two: LoRA's products add what no reordering or
+  fusion of the surrounding passes can remove with BLAS products (each is a skinny matmul, bound by reading its
+  tokens × width operand, not by its multiply-adds). 1 + their sum over the model ÷ the floor step is the step
+  ratio with every other LoRA cost (dropout, Python, the optimizer) at zero.
+* ``orient``: B's gradient as gᵀ h against (hᵀ g)ᵀ (``lora_kernels.outer_grad``), per d_out.
+* ``order``: the forward's term-first order (``lora_kernels.lora_term_plus_base``: b + s·h Bᵀ written first, x Wᵀ
+  accumulated into it by the matmul) against base-first (x Wᵀ + b, then ``addmm_`` of the term), per target shape.
+* ``mask``: a dropout mask drawn from its seed (``dropout_keep``) against unpacked from bits (``unpack_keep``),
+  and the packing forward adds, per element of a tokens × hidden input.
+
+Pairs run alternately, ``--rounds`` rounds, medians of per-round ratios (a busy machine slows both sides alike).
+
+    PYTHONPATH=src python benchmarks/lora_floor.py --shape narrow256            # batch 4 × 256, 1 thread
+    PYTHONPATH=src python benchmarks/lora_floor.py --shape narrow512 --parts flops,matmuls
+
+Writes benchmarks/results/lora_floor_<shape>.json (``--out``) and prints the tables RESULTS.md shows.
+"""
+
+# ruff: noqa: E402  (HF_HUB_OFFLINE must be set before transformers is imported)
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import compare_hf_peft as bench  # noqa: I001  (the shared model, shapes and floor step)
+
+from peftkit.methods import lora_kernels
+
+RANK = bench.RANK
+
+
+def targets(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
+    """A Llama block's LoRA targets (all-linear): name -> (d_in, d_out); k/v as wide as q (8 kv heads of 8)."""
+    return {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
+            "gate": (hidden, intermediate), "up": (hidden, intermediate), "down": (intermediate, hidden)}
+
+
+def flops(args: argparse.Namespace) -> dict[str, Any]:
+    """Multiply-adds per token of the floor step and of what LoRA adds (forward + backward, input gradients)."""
+    h, layers, seq = args.hidden, args.layers, args.seq
+    linears = sum(i * o for i, o in targets(h, args.intermediate).values())
+    attention = 2 * h * (seq + 1) / 2  # q kᵀ and p v over the causal half of the keys, on average
+    forward = layers * (linears + attention) + h * bench.VOCAB  # lm_head
+    backward = layers * (linears + 2 * attention) + h * bench.VOCAB  # input gradients only; attention's are 2×
+    lora = layers * sum(3 * RANK * (i + o) for i, o in targets(h, args.intermediate).values())
+    floor = forward + backward
+    return {"floor_macs_per_token": floor, "lora_macs_per_token": lora, "step_ratio_floor": 1 + lora / floor,
+            "linears_share_of_floor": 2 * layers * linears / floor}
+
+
+def alternate(fns: dict[str, Callable[[], Any]], rounds: int, inner: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, ``rounds`` rounds of ``inner`` calls each, the fns in turn within a round."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[k].append((time.perf_counter() - t0) / inner)
+    return times
+
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+def lora_products(tokens: int, d_in: int, d_out: int) -> dict[str, Callable[[], Any]]:
+    """The frozen target's two products and LoRA's six on random operands of the given shape, each in the
+    orientation peftkit runs it."""
+    x, g = torch.randn(tokens, d_in), torch.randn(tokens, d_out)
+    W, A, B = torch.randn(d_out, d_in), torch.randn(RANK, d_in), torch.randn(d_out, RANK)
+    h, gh = torch.randn(tokens, RANK), torch.randn(tokens, RANK)
+    return {"x Wᵀ": lambda: x @ W.T, "g W": lambda: g @ W,
+            "x̄ Aᵀ": lambda: x @ A.T, "h Bᵀ": lambda: h @ B.T, "(hᵀ g)ᵀ": lambda: (h.T @ g).T,
+            "g B": lambda: g @ B, "g_hᵀ x̄": lambda: gh.T @ x, "g_h A": lambda: gh @ A}
+
+
+def matmuls(args: argparse.Namespace, floor_ms: float) -> dict[str, Any]:
+    tokens = args.batch * args.seq
+    rows, lora_total, frozen_total = {}, 0.0, 0.0
+    for name, (d_in, d_out) in targets(args.hidden, args.intermediate).items():
+        times = alternate(lora_products(tokens, d_in, d_out), args.rounds, args.inner)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        frozen = med["x Wᵀ"] + med["g W"]
+        lora = sum(v for k, v in med.items() if k not in ("x Wᵀ", "g W"))
+        share = 3 * RANK * (d_in + d_out) / (2 * d_in * d_out)
+        rows[name] = {"d_in": d_in, "d_out": d_out, "frozen_ms": frozen, "lora_ms": lora, "lora_vs_frozen": lora / frozen,
+                      "flop_share": share, "products_ms": med}
+        lora_total += lora
+        frozen_total += frozen
+    return {"targets": rows, "floor_step_ms": floor_ms, "frozen_linears_ms": args.layers * frozen_total,
+            "lora_products_ms": args.layers * lora_total,
+            "step_ratio_floor": 1 + args.layers * lora_total / floor_ms}
+
+
+def floor_step_ms(args: argparse.Namespace) -> float:
+    _, step = bench.train_setup("floor", "-", args)
+    return statistics.median(alternate({"floor": step}, args.steps, 1)["floor"]) * 1e3
+
+
+def orient(args: argparse.Namespace) -> dict[str, Any]:
+    tokens, out = args.batch * args.seq, {}
+    for d_out in sorted({args.hidden, args.intermediate, 256, 512, 688, 1376}):
+        g, h = torch.randn(tokens, d_out), torch.randn(tokens, RANK)
+        times = alternate({"gᵀ h": lambda g=g, h=h: g.T @ h,
+                           "(hᵀ g)ᵀ": lambda g=g, h=h: lora_kernels.outer_grad(g, h, 2.0)}, args.rounds, args.inner)
+        out[str(d_out)] = {"transposed_vs_plain": ratio(times, "(hᵀ g)ᵀ", "gᵀ h"),
+                           "plain_ms": statistics.median(times["gᵀ h"]) * 1e3}
+    return out
+
+
+def order(args: argparse.Namespace) -> dict[str, Any]:
+    tokens, out = args.batch * args.seq, {}
+    for name, (d_in, d_out) in targets(args.hidden, args.intermediate).items():
+        if name in ("k", "v", "up"):
+            continue  # same shapes as q, q, gate
+        x, W, B, h = torch.randn(tokens, d_in), torch.randn(d_out, d_in), torch.randn(d_out, RANK), torch.randn(tokens, RANK)
+        times = alternate({
+            "base": lambda x=x, W=W: x @ W.T,
+            "base first": lambda x=x, W=W, h=h, B=B: (x @ W.T).addmm_(h, B.T, alpha=2.0),
+            "term first": lambda x=x, W=W, h=h, B=B: lora_kernels.lora_term_plus_base(h, B, 2.0, None, x, W.T),
+        }, args.rounds, args.inner)
+        out[name] = {"base_first_vs_base": ratio(times, "base first", "base"),
+                     "term_first_vs_base": ratio(times, "term first", "base"),
+                     "base_ms": statistics.median(times["base"]) * 1e3}
+    return out
+
+
+def mask(args: argparse.Namespace) -> dict[str, Any]:
+    tokens, out = args.batch * args.seq, {}
+    p, seed = 0.05, 1234
+    for width in sorted({args.hidden, args.intermediate}):
+        x = torch.randn(tokens, width)
+        with lora_kernels.use_packed_mask(True):
+            _, bits = lora_kernels._draw_keep(x, p, seed, torch.float32)
+        with lora_kernels.use_packed_mask(False):
+            times = alternate({
+                "draw": lambda x=x: lora_kernels.dropout_keep(x.shape, p, seed, x.device, torch.float32),
+                "unpack": lambda x=x, bits=bits: lora_kernels.unpack_keep(bits, x.shape, torch.float32),
+                "draw (forward, no bits)": lambda x=x: lora_kernels._draw_keep(x, p, seed, torch.float32),
+            }, args.rounds, args.inner)
+        with lora_kernels.use_packed_mask(True):
+            times |= alternate({"draw and pack (forward)": lambda x=x: lora_kernels._draw_keep(x, p, seed, torch.float32)},
+                               args.rounds, args.inner)
+        n = x.numel()
+        ns = {k: statistics.median(v) * 1e9 / n for k, v in times.items()}
+        out[str(width)] = {"ns_per_element": ns, "unpack_vs_draw": ratio(times, "unpack", "draw"),
+                           "bits_bytes_vs_x_fp32": 1 / 32}
+    return out
+
+
+def table(res: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [f"Llama-style hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
+             f"{bench.VOCAB}; batch {args.batch}×{args.seq}; LoRA r {RANK} all-linear; fp32, {args.threads} thread(s)", ""]
+    if "flops" in res:
+        f = res["flops"]
+        lines += ["| multiply-adds per token | floor step | LoRA adds | step ratio floor (flops) | block linears' share |",
+                  "|---|---:|---:|---:|---:|",
+                  f"| | {f['floor_macs_per_token'] / 1e6:.2f} M | {f['lora_macs_per_token'] / 1e6:.2f} M | "
+                  f"**{f['step_ratio_floor']:.3f}** | {f['linears_share_of_floor']:.0%} |", ""]
+    if "matmuls" in res:
+        m = res["matmuls"]
+        lines += ["| target | d_in → d_out | frozen x Wᵀ + g W ms | LoRA's six products ms | × frozen | flop share |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for name, r in m["targets"].items():
+            lines.append(f"| {name} | {r['d_in']} → {r['d_out']} | {r['frozen_ms']:.2f} | {r['lora_ms']:.2f} | "
+                         f"{r['lora_vs_frozen']:.3f} | {r['flop_share']:.3f} |")
+        lines += ["", f"floor step {m['floor_step_ms']:.0f} ms; frozen block linears alone {m['frozen_linears_ms']:.0f} ms; "
+                  f"LoRA's products alone {m['lora_products_ms']:.0f} ms → step ratio floor (products) "
+                  f"**{m['step_ratio_floor']:.3f}**", ""]
+    if "orient" in res:
+        lines += ["| d_out | gᵀ h ms | (hᵀ g)ᵀ ÷ gᵀ h |", "|---:|---:|---:|"]
+        lines += [f"| {d} | {r['plain_ms']:.3f} | {r['transposed_vs_plain']:.2f} |" for d, r in res["orient"].items()]
+        lines.append("")
+    if "order" in res:
+        lines += ["| target shape | x Wᵀ ms | base first ÷ x Wᵀ | term first ÷ x Wᵀ |", "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {r['base_ms']:.2f} | {r['base_first_vs_base']:.3f} | {r['term_first_vs_base']:.3f} |"
+                  for n, r in res["order"].items()]
+        lines.append("")
+    if "mask" in res:
+        lines += ["| input width | draw ns/el | unpack ns/el | unpack ÷ draw | forward without bits ns/el | "
+                  "forward with bits ns/el |", "|---:|---:|---:|---:|---:|---:|"]
+        for w, r in res["mask"].items():
+            ns = r["ns_per_element"]
+            lines.append(f"| {w} | {ns['draw']:.2f} | {ns['unpack']:.2f} | {r['unpack_vs_draw']:.2f} | "
+                         f"{ns['draw (forward, no bits)']:.2f} | {ns['draw and pack (forward)']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(bench.SHAPES), default="narrow256")
+    parser.add_argument("--parts", default="flops,matmuls,orient,order,mask")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=5, help="calls per round of each timed op")
+    parser.add_argument("--steps", type=int, default=7, help="floor steps timed (matmuls)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    args.hidden, args.intermediate, args.layers = bench.SHAPES[args.shape]
+    args.dtype, args.device = "fp32", "cpu"
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    parts = args.parts.split(",")
+    res: dict[str, Any] = {}
+    if "flops" in parts:
+        res["flops"] = flops(args)
+    if "matmuls" in parts:
+        res["matmuls"] = matmuls(args, floor_step_ms(args))
+    for part, fn in (("orient", orient), ("order", order), ("mask", mask)):
+        if part in parts:
+            res[part] = fn(args)
+    text = table(res, args)
+    print(text)
+    out = Path(args.out or HERE / "results" / f"lora_floor_{args.shape}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "results": res, "table": text}, indent=2, ensure_ascii=False))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
