@@ -11,7 +11,7 @@ d_in → d_out and rank r, six products per token: x̄ Aᵀ and h Bᵀ (forward)
   fusion of the surrounding passes can remove with BLAS products (each is a skinny matmul, bound by reading its
   tokens × width operand, not by its multiply-adds). 1 + their sum over the model ÷ the floor step is the step
   ratio with every other LoRA cost (dropout, Python, the optimizer) at zero.
-* ``orient``: B's gradient as gᵀ h against (hᵀ g)ᵀ (``lora_kernels.outer_grad``), per d_out.
+* ``orient``: B's gradient as gᵀ h against (hᵀ g)ᵀ, per d_out (``lora_kernels.outer_grad`` picks by d_out).
 * ``order``: the forward's term-first order (``lora_kernels.lora_term_plus_base``: b + s·h Bᵀ written first, x Wᵀ
   accumulated into it by the matmul) against base-first (x Wᵀ + b, then ``addmm_`` of the term), per target shape.
 * ``mask``: a dropout mask drawn from its seed (``dropout_keep``) against unpacked from bits (``unpack_keep``),
@@ -128,8 +128,10 @@ def orient(args: argparse.Namespace) -> dict[str, Any]:
     tokens, out = args.batch * args.seq, {}
     for d_out in sorted({args.hidden, args.intermediate, 256, 512, 688, 1376}):
         g, h = torch.randn(tokens, d_out), torch.randn(tokens, RANK)
-        times = alternate({"gᵀ h": lambda g=g, h=h: g.T @ h,
-                           "(hᵀ g)ᵀ": lambda g=g, h=h: lora_kernels.outer_grad(g, h, 2.0)}, args.rounds, args.inner)
+        out_ = torch.empty(d_out, RANK)  # both written scaled into a contiguous (d_out, r), as outer_grad does
+        times = alternate({"gᵀ h": lambda g=g, h=h, o=out_: torch.mul(g.T @ h, 2.0, out=o),
+                           "(hᵀ g)ᵀ": lambda g=g, h=h, o=out_: torch.mul((h.T @ g).T, 2.0, out=o)},
+                          args.rounds, args.inner)
         out[str(d_out)] = {"transposed_vs_plain": ratio(times, "(hᵀ g)ᵀ", "gᵀ h"),
                            "plain_ms": statistics.median(times["gᵀ h"]) * 1e3}
     return out

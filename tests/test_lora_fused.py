@@ -455,3 +455,14 @@ def test_packed_mask_gives_the_gradients_of_the_drawn_again_mask(joint: bool, id
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
     assert max(g.abs().max().item() for g in grads_a) > 0
+
+
+@pytest.mark.parametrize("d_out", [8, 600])
+def test_outer_grad_is_s_gT_h_in_either_orientation(d_out: int) -> None:
+    """B's gradient s · gᵀ h, contiguous, on both sides of the width where outer_grad changes orientation."""
+    from peftkit.methods.lora_kernels import outer_grad
+
+    g, h = torch.randn(50, d_out, dtype=torch.float64), torch.randn(50, 3, dtype=torch.float64)
+    out = outer_grad(g, h, 1.5)
+    assert out.shape == (d_out, 3) and out.is_contiguous()
+    torch.testing.assert_close(out, 1.5 * torch.einsum("ti,tj->ij", g, h), rtol=1e-12, atol=1e-12)

@@ -33,7 +33,7 @@ target draws it, its siblings find it in a small per-thread cache keyed by the i
 version. HF PEFT draws an independent mask per target; in expectation the two are the same estimator. In
 training such siblings usually run as one node instead (methods/lora_joint.py); this function is the path for
 every other target and case. On CPU the mask is also kept for backward packed as bits (1/32 of x's bytes in fp32;
-unpacking costs ~1/7 of drawing it again); elsewhere, or with ``use_packed_mask(False)``, backward draws it again
+unpacking took about a fifth of the time of drawing it again); elsewhere, or with ``use_packed_mask(False)``, backward draws it again
 from the seed.
 
 The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
@@ -181,9 +181,10 @@ def shared_seed(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> 
 
 def packs_mask(x: torch.Tensor) -> bool:
     """Whether x's dropout mask is kept for backward as bits: on CPU, with numpy, outside torch.compile. There
-    drawing the mask costs ~2 ns an element (torch's CPU generator, 4 elements a 64-bit draw) and unpacking the
-    bits ~0.3 ns (numpy.unpackbits and a copy into the gradient's dtype; benchmarks/lora_floor.py); they take
-    1/32 of x's bytes in fp32. On an accelerator drawing again is cheap and the mask is not kept."""
+    drawing a mask took 1.9-3.0 ns an element (torch's CPU generator, 4 elements a 64-bit draw, and the compare)
+    and unpacking its bits 0.4-0.5 ns (numpy.unpackbits and a copy into the gradient's dtype); packing added
+    0.15-0.7 ns to forward (benchmarks/lora_floor.py --parts mask, one thread). The bits take 1/32 of x's bytes in
+    fp32. On an accelerator drawing again is cheap and the mask is not kept."""
     return _PACKED and _np is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -371,8 +372,9 @@ def lora_term_plus_base(h: torch.Tensor, B: torch.Tensor, s: float, bias: torch.
                         w_t: torch.Tensor) -> torch.Tensor:
     """b + s · h Bᵀ + x w_t: the rank-r term first, written into a fresh (tokens, d_out) tensor, then the base matmul
     accumulates into it (β = 1, inside its own pass over the output). The other order, x w_t then ``addmm_`` of the
-    term, reads and writes the whole output once more: on a 2048 × 256 output that pass cost 15-20 % of the base
-    matmul itself, against ~1-8 % this way (one thread, benchmarks/lora_floor.py)."""
+    term, reads and writes the whole output once more: with 2048 tokens at hidden 256 the term cost 6-9 % of x w_t
+    this way against 9-14 % the other way, with 1024 tokens about the same or less (one thread,
+    benchmarks/lora_floor.py --parts order)."""
     if bias is not None:
         y = torch.addmm(bias, h, B.T, alpha=s)
     else:
@@ -382,11 +384,12 @@ def lora_term_plus_base(h: torch.Tensor, B: torch.Tensor, s: float, bias: torch.
 
 
 def outer_grad(g: torch.Tensor, h: torch.Tensor, s: float) -> torch.Tensor:
-    """s · gᵀ h, B's gradient (g (tokens, d_out), h (tokens, r)), as a contiguous (d_out, r) tensor, computed as
-    (hᵀ g)ᵀ: MKL runs that orientation of the token reduction 1.3× (d_out 256) and 1.9× (512) faster than gᵀ h and
-    as fast at 688 and 1376 (tokens 1024, r 16, one thread: benchmarks/lora_floor.py). Same products, summed in
-    another order."""
-    return torch.mul((h.T @ g).T, s, out=torch.empty((g.shape[1], h.shape[1]), dtype=g.dtype, device=g.device))
+    """s · gᵀ h, B's gradient (g (tokens, d_out), h (tokens, r)), as a contiguous (d_out, r) tensor. For d_out up to
+    512 computed as (hᵀ g)ᵀ: on this project's CPU machine (MKL, one thread, r 16, 1024-2048 tokens) that orientation
+    took 0.64-0.83 × the time of gᵀ h at d_out 256 and 512, but 1.05-1.20 × at 688 and 1376
+    (benchmarks/lora_floor.py --parts orient). Same products, summed in another order."""
+    out = torch.empty((g.shape[1], h.shape[1]), dtype=g.dtype, device=g.device)
+    return torch.mul((h.T @ g).T if g.shape[1] <= 512 else g.T @ h, s, out=out)
 
 
 def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A: torch.Tensor,
