@@ -2,9 +2,9 @@
 
 Three parts, one process, ``--threads`` torch threads:
 
-* ``steps``: the floor (the frozen model with input gradients and no adapter), LoRA at dropout 0, LoRA at 0.05
-  with the LoRA kernels of ``--baseline`` (a git revision: its ``methods/lora_kernels.py`` is loaded beside the
-  current one and swapped in for that row's steps) and LoRA at 0.05 with the current kernels. The rows step in
+* ``steps``: the floor (the frozen model with input gradients and no adapter), LoRA at dropout 0 and 0.05 with
+  the LoRA kernels of ``--baseline`` (a git revision: its ``methods/lora_kernels.py``, and ``lora_joint.py`` where
+  it has one, are loaded beside the current ones and swapped in for that row's steps) and with the current ones. The rows step in
   turn, the order rotating each turn, ``--turns`` turns after one warm-up each; ratios to the floor
   are taken per turn, medians reported (a busy machine slows neighbouring steps alike).
 * ``profile``: self CPU time by ATen op over one step at 0.05 and one at 0 (torch.profiler), so the ops the
@@ -65,16 +65,46 @@ def baseline_kernels(revision: str) -> types.ModuleType:
     return module
 
 
-def with_forward(step: Callable[[], float], forward: Callable[..., Any]) -> Callable[[], float]:
-    """``step`` with LoraLinear's fused forward swapped for ``forward`` while it runs (backward follows the graph)."""
+def baseline_joint(revision: str, kernels: types.ModuleType) -> types.ModuleType | None:
+    """``methods/lora_joint.py`` as it was at ``revision``, importing ``kernels`` (that revision's lora_kernels)
+    instead of the current ones; None where the revision has no lora_joint.py (before session 10)."""
+    found = subprocess.run(["git", "show", f"{revision}:src/peftkit/methods/lora_joint.py"], cwd=HERE.parent,
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        return None
+    sys.modules[kernels.__name__] = kernels
+    source = found.stdout.replace("from .lora_kernels import", f"from {kernels.__name__} import")
+    name = "peftkit.methods._lora_joint_baseline"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    module.__package__ = "peftkit.methods"
+    exec(compile(source, f"{revision}:lora_joint.py", "exec"), module.__dict__)  # noqa: S102
+    return module
+
+
+def with_forward(step: Callable[[], float], forward: Callable[..., Any],
+                 joined: Callable[..., Any] | None = None) -> Callable[[], float]:
+    """``step`` with LoraLinear's fused forward swapped for ``forward`` (and its sibling groups' for ``joined``)
+    while it runs (backward follows the graph)."""
     def run() -> float:
-        before = lora_module.lora_linear_forward
+        before, joined_before = lora_module.lora_linear_forward, lora_module.joined_forward
         lora_module.lora_linear_forward = forward
+        lora_module.joined_forward = joined or joined_before
         try:
             return step()
         finally:
-            lora_module.lora_linear_forward = before
+            lora_module.lora_linear_forward, lora_module.joined_forward = before, joined_before
     return run
+
+
+def baseline_step(args: argparse.Namespace, case: str) -> Callable[[], float]:
+    """A LoRA step of ``case`` through ``--baseline``'s kernels: its lora_joint where it has one, else each target
+    in its own node (as it ran then)."""
+    kernels = baseline_kernels(args.baseline)
+    joint = baseline_joint(args.baseline, kernels)
+    step = bench.train_setup("peftkit", case, args)[1]
+    if joint is None:
+        return separate(with_forward(step, kernels.lora_linear_forward))
+    return with_forward(step, kernels.lora_linear_forward, joint.joined_forward)
 
 
 def separate(step: Callable[[], Any]) -> Callable[[], Any]:
@@ -91,9 +121,8 @@ def part_steps(args: argparse.Namespace) -> dict[str, Any]:
         "lora_p0": bench.train_setup("peftkit", "lora", args)[1],
     }
     if args.baseline:  # ``--baseline ""``: no row of earlier kernels
-        baseline = baseline_kernels(args.baseline)
-        rows[f"lora_p05_{args.baseline}"] = separate(with_forward(bench.train_setup("peftkit", "lora_p05", args)[1],
-                                                                  baseline.lora_linear_forward))
+        rows[f"lora_p0_{args.baseline}"] = baseline_step(args, "lora")
+        rows[f"lora_p05_{args.baseline}"] = baseline_step(args, "lora_p05")
     rows["lora_p05"] = bench.train_setup("peftkit", "lora_p05", args)[1]
     if args.separate:  # sibling targets each in its own node, as before lora_joint
         rows["lora_p0_separate"] = separate(bench.train_setup("peftkit", "lora", args)[1])
