@@ -466,3 +466,14 @@ def test_outer_grad_is_s_gT_h_in_either_orientation(d_out: int) -> None:
     out = outer_grad(g, h, 1.5)
     assert out.shape == (d_out, 3) and out.is_contiguous()
     torch.testing.assert_close(out, 1.5 * torch.einsum("ti,tj->ij", g, h), rtol=1e-12, atol=1e-12)
+
+
+def test_without_numpy_the_mask_is_drawn_again(monkeypatch) -> None:
+    """numpy is not a core dependency: without it nothing is packed and backward draws the mask again."""
+    x = torch.randn(8, 16)
+    assert lora_kernels.packs_mask(x)
+    monkeypatch.setattr(lora_kernels, "_np", None)
+    assert not lora_kernels.packs_mask(x)
+    lora_kernels.clear_caches()
+    _, _, bits = lora_kernels.shared_dropout(x, 0.2)
+    assert bits is None
