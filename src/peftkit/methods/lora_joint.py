@@ -33,7 +33,9 @@ effect at the leader's next call outside a backward pass, so that a checkpointed
 backward, saves what it saved the first time). Joining happens only with gradients on (inference keeps the
 per-target path), not in inference mode (no version counters), not under torch.compile or autocast, with no
 forward pre-hooks on any member (FSDP's per-module unsharding, parametrisations), every member plain LoRA with one
-active adapter, one dropout probability, and weights, adapters and input of one dtype.
+active adapter, one dropout probability, base weights of x's dtype and adapters of one dtype, x's or wider (fp32
+adapters on a bf16 base: x̄ and H in the adapters' dtype from a transient cast of x, each term cast and added to
+x Wᵢᵀ + bᵢ in the per-target path's order; the input gradient's LoRA terms are summed in the adapters' dtype).
 
 ``use_joint(False)`` or ``PEFTKIT_LORA_JOINT=0`` turns it off (each target then takes its own node).
 """
@@ -125,8 +127,10 @@ def _member(layer: Any, x: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tenso
         return None
     base = layer.base_layer
     A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if not _plain_frozen_base(base) or base.weight.dtype != x.dtype or A.dtype != x.dtype or B.dtype != x.dtype:
+    if not _plain_frozen_base(base) or base.weight.dtype != x.dtype or A.dtype != B.dtype:
         return None
+    if A.dtype != x.dtype and not (A.is_floating_point() and x.is_floating_point()):
+        return None  # the adapter may be wider than x (fp32 adapters on a bf16 base, the default there)
     if type(A) is not nn.Parameter or type(B) is not nn.Parameter or A.device != x.device:
         return None  # e.g. a DTensor shard (FSDP2 per module)
     return name, A, B, base, dropout_p(layer, name)
@@ -188,7 +192,7 @@ def joined_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     members, layers = [lead], [layer]
     for follower in followers:
         member = _member(follower, x)
-        if member is None or member[4] != lead[4]:
+        if member is None or member[4] != lead[4] or member[1].dtype != lead[1].dtype:
             return None  # not now (eval mode, another adapter, ...): the group stays for later calls
         members.append(member)
         layers.append(follower)
@@ -199,7 +203,7 @@ def joined_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
                 _drop_group(leader)
         _state.pending = pending = {}
     p = lead[4]
-    dropped, seed, bits = shared_dropout(x, p, x.dtype) if p > 0 else (None, 0, None)
+    dropped, seed, bits = shared_dropout(x, p, lead[1].dtype) if p > 0 else (None, 0, None)  # x̄ in A's dtype
     tensors: list[torch.Tensor | None] = []
     for _, A, B, base, _ in members:
         tensors += [base.weight, base.bias, A, B]
@@ -214,8 +218,9 @@ def joined_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
 class JointLoraFunction(torch.autograd.Function):
     """The outputs y₁..yₙ of n LoRA targets on one input x in one node (see the module's docstring).
 
-    ``tensors``: per target (W (d_out, d_in), frozen, plain or NF4; bias or None; A (r, d_in); B (d_out, r)), all in
-    x's dtype; ``dropped`` is x̄ = x ⊙ keep (mask of ``seed``) or None without dropout; ``bits`` the mask packed
+    ``tensors``: per target (W (d_out, d_in), frozen, plain or NF4, and bias or None, in x's dtype; A (r, d_in) and
+    B (d_out, r) in the adapters' dtype, x's or wider); ``dropped`` is x̄ = x ⊙ keep in the adapters' dtype (mask of
+    ``seed``) or None without dropout; ``bits`` the mask packed
     (kept for backward) or None (backward draws it again from ``seed``)."""
 
     @staticmethod
@@ -228,12 +233,15 @@ class JointLoraFunction(torch.autograd.Function):
             scalings = tuple(s / keep_probability(p) for s in scalings)
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
-        H = (x2 if dropped is None else dropped.reshape(-1, d_in)) @ torch.cat(As).T  # (tokens, Σ r)
+        ad = As[0].dtype  # the adapters' dtype: x's, or wider (fp32 adapters on a bf16 base); x is cast, never kept
+        H = (x2.to(ad) if dropped is None else dropped.reshape(-1, d_in)) @ torch.cat(As).T  # (tokens, Σ r)
         outs, start = [], 0
         for i in range(n):
             r = Bs[i].shape[1]
             w_t, h = dense_weight(weights[i], x.dtype).T, H[:, start:start + r]
-            if wide_matmul_dtype(x.dtype, x.device) is None:
+            if ad != x.dtype:  # the reference's order: (h Bᵀ)·s in the adapter's dtype, cast, added to x Wᵀ + b
+                y = _base_matmul(x2, w_t, biases[i]).add_((h @ Bs[i].T).mul_(scalings[i]).to(x.dtype))
+            elif wide_matmul_dtype(x.dtype, x.device) is None:
                 y = lora_term_plus_base(h, Bs[i], scalings[i], biases[i], x2, w_t)  # the term first, then x Wᵢᵀ into it
             else:
                 y = _base_matmul(x2, w_t, biases[i]).addmm_(h, Bs[i].T, alpha=scalings[i])
@@ -250,7 +258,7 @@ class JointLoraFunction(torch.autograd.Function):
         x, H, bits, *rest = ctx.saved_tensors
         weights, As, Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
         need = ctx.needs_input_grad  # x, dropped, scalings, p, seed, bits, then (W, b, A, B) per target
-        d_in = x.shape[-1]
+        d_in, ad = x.shape[-1], H.dtype  # H is in the adapters' dtype
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         grad_H = H.new_zeros(H.shape) if any(g is None for g in gs) else None
         parts, grad_tensors, start = [], [], 0
@@ -260,12 +268,13 @@ class JointLoraFunction(torch.autograd.Function):
             if g is None:
                 parts.append(None if grad_H is None else grad_H[:, start:start + r])
             else:
-                gh = (g @ Bs[i]).mul_(s)
+                ga = g.to(ad)  # g itself when the adapters share x's dtype
+                gh = (ga @ Bs[i]).mul_(s)
                 if grad_H is not None:
                     grad_H[:, start:start + r] = gh
                 parts.append(gh)
                 if need[6 + 4 * i + 3]:
-                    gb = outer_grad(g, H[:, start:start + r], s)
+                    gb = outer_grad(ga, H[:, start:start + r], s)
             grad_tensors.append([None, g.sum(0) if g is not None and need[6 + 4 * i + 1] else None, None, gb])
             start += r
         if grad_H is None:
@@ -273,9 +282,9 @@ class JointLoraFunction(torch.autograd.Function):
         keep = dropped = None
         need_A = any(need[6 + 4 * i + 2] for i in range(n))
         if ctx.p > 0:
-            keep, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, x.dtype, need_A, bits)
-        else:
-            dropped = x
+            keep, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, ad, need_A, bits)
+        elif need_A:
+            dropped = x.to(ad)
         if need_A:
             grad_A = grad_H.T @ dropped.reshape(-1, d_in)  # (Σ r, d_in)
             start = 0
@@ -289,6 +298,7 @@ class JointLoraFunction(torch.autograd.Function):
             grad_x = grad_H @ torch.cat(As)
             if keep is not None:
                 grad_x.mul_(keep.view(-1, d_in))
+            grad_x = grad_x.to(x.dtype)  # the LoRA terms summed in the adapters' dtype, then cast
             for i in range(n):
                 if gs[i] is None:
                     continue

@@ -33,8 +33,8 @@ target draws it, its siblings find it in a small per-thread cache keyed by the i
 version. HF PEFT draws an independent mask per target; in expectation the two are the same estimator. In
 training such siblings usually run as one node instead (methods/lora_joint.py); this function is the path for
 every other target and case. On CPU the mask is also kept for backward packed as bits (1/32 of x's bytes in fp32;
-unpacking took about a fifth of the time of drawing it again); elsewhere, or with ``use_packed_mask(False)``, backward draws it again
-from the seed.
+unpacking took about a fifth of the time of drawing it again); elsewhere, or with ``use_packed_mask(False)``,
+backward draws it again from the seed.
 
 The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
 plain torch ops under ordinary autograd, with the same seeds and masks, so outputs and gradients match the
@@ -201,14 +201,6 @@ def unpack_keep(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> to
     """The 0/1 mask (``shape``, ``dtype``) that :func:`shared_dropout` packed into ``bits``."""
     flags = torch.from_numpy(_np.unpackbits(bits.numpy(), count=shape.numel()))
     return torch.empty(shape, dtype=dtype).copy_(flags.view(shape))
-
-
-def apply_keep(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x̄ = x ⊙ keep in ``dtype`` (x cast first, as the reference casts x to the adapter's dtype; exact: the mask
-    only zeroes)."""
-    dtype = x.dtype if dtype is None else dtype
-    with torch.no_grad():  # a 0/1 mask in x̄'s dtype: multiplying by a bool mask costs ~5× more on CPU
-        return _masked(x.detach(), dropout_keep(x.shape, p, seed, x.device, dtype), dtype)
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
