@@ -96,11 +96,10 @@ def with_forward(step: Callable[[], float], forward: Callable[..., Any],
     return run
 
 
-def baseline_step(args: argparse.Namespace, case: str) -> Callable[[], float]:
+def baseline_step(args: argparse.Namespace, case: str, kernels: types.ModuleType,
+                  joint: types.ModuleType | None) -> Callable[[], float]:
     """A LoRA step of ``case`` through ``--baseline``'s kernels: its lora_joint where it has one, else each target
     in its own node (as it ran then)."""
-    kernels = baseline_kernels(args.baseline)
-    joint = baseline_joint(args.baseline, kernels)
     step = bench.train_setup("peftkit", case, args)[1]
     if joint is None:
         return separate(with_forward(step, kernels.lora_linear_forward))
@@ -121,8 +120,10 @@ def part_steps(args: argparse.Namespace) -> dict[str, Any]:
         "lora_p0": bench.train_setup("peftkit", "lora", args)[1],
     }
     if args.baseline:  # ``--baseline ""``: no row of earlier kernels
-        rows[f"lora_p0_{args.baseline}"] = baseline_step(args, "lora")
-        rows[f"lora_p05_{args.baseline}"] = baseline_step(args, "lora_p05")
+        kernels = baseline_kernels(args.baseline)
+        joint = baseline_joint(args.baseline, kernels)
+        rows[f"lora_p0_{args.baseline}"] = baseline_step(args, "lora", kernels, joint)
+        rows[f"lora_p05_{args.baseline}"] = baseline_step(args, "lora_p05", kernels, joint)
     rows["lora_p05"] = bench.train_setup("peftkit", "lora_p05", args)[1]
     if args.separate:  # sibling targets each in its own node, as before lora_joint
         rows["lora_p0_separate"] = separate(bench.train_setup("peftkit", "lora", args)[1])
@@ -284,7 +285,7 @@ def part_layers(args: argparse.Namespace) -> dict[str, Any]:
             rows["lora_p0_separate"] = separate(build(d_in, outs, 0.0))
             rows["lora_p05_separate"] = separate(build(d_in, outs, 0.05))
         if baseline is not None:  # the same layers through ``--baseline``'s kernels
-            # (earlier kernels had no joint siblings: lora_joint off for these rows)
+            # (each target in its own node here, whether or not that revision had lora_joint; steps use it)
             rows[f"lora_p0_{args.baseline}"] = separate(with_forward(build(d_in, outs, 0.0), baseline.lora_linear_forward))
             rows[f"lora_p05_{args.baseline}"] = separate(with_forward(build(d_in, outs, 0.05), baseline.lora_linear_forward))
         times = round_robin(rows, args.repeat, rotate=False)

@@ -37,7 +37,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import compare_hf_peft as bench  # noqa: I001  (the shared model, shapes and floor step)
+from lora_dropout import median_ratios, round_robin  # the turn-taking timer and its per-turn ratios
 
 from peftkit.methods import lora_kernels
 
@@ -73,21 +73,20 @@ def flops(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def alternate(fns: dict[str, Callable[[], Any]], rounds: int, inner: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, ``rounds`` rounds of ``inner`` calls each, the fns in turn within a round."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
+    """Seconds per call of each fn, ``rounds`` rounds of ``inner`` calls each, the fns in turn within a round
+    (lora_dropout.round_robin over ``inner`` calls at a time)."""
+    def repeated(fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
             for _ in range(inner):
                 fn()
-            times[k].append((time.perf_counter() - t0) / inner)
-    return times
+        return run
+
+    times = round_robin({k: repeated(fn) for k, fn in fns.items()}, rounds, rotate=False)
+    return {k: [t / inner for t in v] for k, v in times.items()}
 
 
 def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
-    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+    return median_ratios(times, b)[a]
 
 
 def lora_products(tokens: int, d_in: int, d_out: int) -> dict[str, Callable[[], Any]]:

@@ -220,8 +220,8 @@ class JointLoraFunction(torch.autograd.Function):
 
     ``tensors``: per target (W (d_out, d_in), frozen, plain or NF4, and bias or None, in x's dtype; A (r, d_in) and
     B (d_out, r) in the adapters' dtype, x's or wider); ``dropped`` is x̄ = x ⊙ keep in the adapters' dtype (mask of
-    ``seed``) or None without dropout; ``bits`` the mask packed
-    (kept for backward) or None (backward draws it again from ``seed``)."""
+    ``seed``) or None without dropout; ``bits`` the mask packed (kept for backward) or None (backward draws it
+    again from ``seed``)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, scalings: tuple[float, ...], p: float,
@@ -236,12 +236,13 @@ class JointLoraFunction(torch.autograd.Function):
         ad = As[0].dtype  # the adapters' dtype: x's, or wider (fp32 adapters on a bf16 base); x is cast, never kept
         H = (x2.to(ad) if dropped is None else dropped.reshape(-1, d_in)) @ torch.cat(As).T  # (tokens, Σ r)
         outs, start = [], 0
+        term_first = ad == x.dtype and wide_matmul_dtype(x.dtype, x.device) is None
         for i in range(n):
             r = Bs[i].shape[1]
             w_t, h = dense_weight(weights[i], x.dtype).T, H[:, start:start + r]
             if ad != x.dtype:  # the reference's order: (h Bᵀ)·s in the adapter's dtype, cast, added to x Wᵀ + b
                 y = _base_matmul(x2, w_t, biases[i]).add_((h @ Bs[i].T).mul_(scalings[i]).to(x.dtype))
-            elif wide_matmul_dtype(x.dtype, x.device) is None:
+            elif term_first:
                 y = lora_term_plus_base(h, Bs[i], scalings[i], biases[i], x2, w_t)  # the term first, then x Wᵢᵀ into it
             else:
                 y = _base_matmul(x2, w_t, biases[i]).addmm_(h, Bs[i].T, alpha=scalings[i])

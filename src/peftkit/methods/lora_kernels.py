@@ -388,13 +388,11 @@ def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A
                 keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """g W (``w``: W as (d_out, d_in), or None when the base's own backward gives it) + (g_h A) ⊙ keep, in x's
     ``dtype`` (``keep``: 0/1 in A's dtype, or None without dropout). The LoRA term is made first (with dropout,
-    masked in place) and the big matmul accumulates
-    g W into it (``addmm_``, β = 1, inside the matmul's own pass): an ``addcmul_`` of the term into g W would be
-    one more pass over an input-sized tensor. An adapter wider than x: the term is computed in the adapter's dtype
-    and cast, as autograd does for the reference's cast of x, then added into g W."""
+    masked in place) and the big matmul accumulates g W into it (``addmm_``, β = 1, inside the matmul's own pass,
+    as :func:`lora_term_plus_base` does in forward): adding the term into g W afterwards would be one more pass
+    over an input-sized tensor. An adapter wider than x: the term is computed in the adapter's dtype and cast, as
+    autograd does for the reference's cast of x, then added into g W."""
     wide = w is not None and wide_matmul_dtype(g.dtype, g.device) is not None
-    if keep is None and A.dtype == dtype and w is not None and not wide:
-        return (grad_h @ A).addmm_(g, w)  # the term first, g W accumulated into it (as lora_term_plus_base)
     lora = grad_h @ A
     if keep is not None:
         lora.mul_(keep.view(-1, A.shape[1]))
