@@ -28,6 +28,8 @@ by tests/test_compile.py), then alternated with eager; outputs are compared.
     python benchmarks/generation.py --compile       # + compile rows (~5 more minutes, mostly compiling)
     python benchmarks/generation.py --compile-only --layers 2    # the compile rows alone, on a 2-layer model
     python benchmarks/generation.py --quick         # smoke run: tiny model, 1 round, temp file
+    python benchmarks/generation.py --rows base,lora_1,lora_8_mixed,hf_lora_1 --baseline 366b971
+                                                    # + those LoRA rows through an earlier revision's kernels
 
 Writes benchmarks/results/generation.json (``--quick``: a temp file) and prints the table that
 benchmarks/RESULTS.md shows.
@@ -144,6 +146,8 @@ def generation_rows(args: argparse.Namespace) -> tuple[dict[str, Callable[[], to
     rows = {
         "base": lambda: base.generate(input_ids=ids, **greedy),
         "lora_1": one(pk), "lora_8_mixed": many(pk),
+        **({f"lora_1_{args.baseline}": with_kernels(one(pk), args.baseline),
+            f"lora_8_mixed_{args.baseline}": with_kernels(many(pk), args.baseline)} if args.baseline else {}),
         "hf_lora_1": one(hf), "hf_lora_8_mixed": many(hf),
         "prompt_1": one(prompt), "prompt_8_mixed": many(prompt),
         "prefix_1": one(prefix), "prefix_8_mixed": many(prefix),
@@ -161,6 +165,26 @@ def generation_rows(args: argparse.Namespace) -> tuple[dict[str, Callable[[], to
     checks = {"hf_peft_same_tokens": same, "rows_equal_alone": all(alone),
               "adapters_differ": not torch.equal(ours[0], ours[1])}
     return rows, checks
+
+
+def with_kernels(run: Callable[[], torch.Tensor], revision: str) -> Callable[[], torch.Tensor]:
+    """``run`` with LoraLinear's fused and per-row forwards taken from ``methods/lora_kernels.py`` as it was at the git
+    ``revision`` (``--baseline``): the same model and adapters, the kernels of then, in the same process and turns."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lora_dropout import baseline_kernels
+
+    from peftkit.methods import lora as lora_module
+
+    kernels = baseline_kernels(revision)
+
+    def swapped() -> torch.Tensor:
+        before = lora_module.lora_linear_forward, lora_module.per_row_lora
+        lora_module.lora_linear_forward, lora_module.per_row_lora = kernels.lora_linear_forward, kernels.per_row_lora
+        try:
+            return run()
+        finally:
+            lora_module.lora_linear_forward, lora_module.per_row_lora = before
+    return swapped
 
 
 def time_rows(rows: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
@@ -190,10 +214,13 @@ RATIOS = [  # (name, numerator row, denominator row): tokens/s of the first over
 ]
 
 
-def ratio_table(times: dict[str, list[float]], tokens: int) -> dict[str, Any]:
+def ratio_table(times: dict[str, list[float]], tokens: int, baseline: str | None = None) -> dict[str, Any]:
     rate = {n: [tokens / t for t in ts] for n, ts in times.items()}
     table = {"tokens_per_s": {n: statistics.median(r) for n, r in rate.items()}, "ratios": {}}
-    for label, top, bottom in RATIOS:
+    ratios = RATIOS + ([(f"LoRA: 1 adapter, kernels now / {baseline}", "lora_1", f"lora_1_{baseline}"),
+                        (f"LoRA: 8 mixed, kernels now / {baseline}", "lora_8_mixed", f"lora_8_mixed_{baseline}")]
+                       if baseline else [])
+    for label, top, bottom in ratios:
         if top in rate and bottom in rate:
             per_round = [a / b for a, b in zip(rate[top], rate[bottom], strict=True)]
             table["ratios"][label] = {"median": statistics.median(per_round), "min": min(per_round),
@@ -273,6 +300,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round, result to a temp file")
     parser.add_argument("--rows", default=None, help="comma-separated subset of the rows, e.g. lora_1,lora_8_mixed")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--baseline", default=None, help="a git revision: adds lora_1 and lora_8_mixed rows through "
+                        "that revision's lora_kernels.py (same model and adapters), e.g. --baseline 366b971")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens = 8
@@ -285,7 +314,8 @@ def main() -> None:
         if args.rows:
             rows = {name: rows[name] for name in args.rows.split(",")}
         times = time_rows(rows, args.rounds)
-        result.update(checks=checks, times_s=times, **ratio_table(times, args.batch * args.new_tokens))
+        result.update(checks=checks, times_s=times,
+                      **ratio_table(times, args.batch * args.new_tokens, args.baseline))
     if args.compile or args.compile_only:
         result["compile"] = compile_rows(args)
     out = args.out or (Path(tempfile.gettempdir()) / "generation_quick.json" if args.quick

@@ -477,3 +477,39 @@ def test_without_numpy_the_mask_is_drawn_again(monkeypatch) -> None:
     lora_kernels.clear_caches()
     _, _, bits = lora_kernels.shared_dropout(x, 0.2)
     assert bits is None
+
+
+@pytest.mark.parametrize("make, cfg, dtype", [
+    (tiny_llama, {"target_modules": "all-linear", "lora_dropout": 0.3}, torch.float32),
+    (tiny_llama, {"target_modules": "all-linear", "bias": "all"}, torch.bfloat16),  # fp32 adapters on bf16
+    (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "lora_dropout": 0.2, "fan_in_fan_out": True},
+     torch.float32),
+])
+def test_without_gradients_the_same_computation_runs_without_a_node(make, cfg, dtype, monkeypatch) -> None:
+    """With gradients off (generation) a LoRA layer runs LoraFunction's forward computation as a plain function:
+    no autograd node is built, and the outputs are bit for bit those of the node (dropout in train mode included,
+    same seed; two adapters, the second adding into the first's output)."""
+    pm = get_peft_model(make().to(dtype), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **cfg))
+    pm.add_adapter("second", LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, **cfg))
+    pm.set_adapter(["default", "second"])
+    ids = torch.randint(1, 128, (3, 9))
+    calls = []
+    apply = LoraFunction.apply
+    monkeypatch.setattr(LoraFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    for mode in (pm.train, pm.eval):
+        mode()
+        with use_joint(False):  # siblings one by one, as without gradients
+            torch.manual_seed(5)
+            with_node = pm(ids).logits.detach()
+            nodes, calls[:] = len(calls), []
+            torch.manual_seed(5)
+            with torch.no_grad():
+                without = pm(ids).logits
+        assert nodes > 0 and calls == []
+        assert torch.equal(with_node, without)
+        assert with_node.dtype == dtype
+    if cfg.get("lora_dropout"):  # train mode really drops without gradients too: another seed, another output
+        pm.train()
+        torch.manual_seed(6)
+        with torch.no_grad():
+            assert not torch.equal(pm(ids).logits, without)

@@ -113,6 +113,41 @@ def test_stacked_weights_are_cached_and_follow_weight_changes() -> None:
     assert (changed[1] - first[1]).abs().max() > 1e-4 and torch.equal(changed[0], first[0])
     pm.set_adapter("c")
     torch.testing.assert_close(changed[1:2], pm(ids[1:2]).logits, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # a weight replaced by another tensor (same shape, new storage) invalidates it too
+        tables = layer._row_tables[1]
+        old = layer.lora_A["b"].weight
+        new = torch.nn.Parameter(old * 3)
+        while new._version < old._version:  # the same version count: only the storage tells them apart
+            new.mul_(1)
+        assert new._version == old._version
+        layer.lora_A["b"].weight = new
+        replaced = pm(ids, adapter_names=names).logits
+        assert layer._row_tables[1] is not tables
+        assert (replaced[0] - changed[0]).abs().max() > 1e-4 and torch.equal(replaced[1], changed[1])
+        tables = layer._row_tables[1]
+        layer.scaling["default"] *= 2  # and so does a new scaling
+        rescaled = pm(ids, adapter_names=names).logits
+        assert layer._row_tables[1] is not tables and (rescaled[2] - replaced[2]).abs().max() > 1e-4
+
+
+def test_dora_stacked_factor_follows_the_magnitude() -> None:
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                 init_lora_weights=False))
+    pm.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    pm.eval()
+    ids = torch.randint(1, 128, (2, 4))
+    names = ["default", "b"]
+    with torch.no_grad():
+        first = pm(ids, adapter_names=names).logits
+        layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+        tables = layer._row_tables[1]
+        layer.lora_magnitude_vector["default"].mul_(1.5)
+        changed = pm(ids, adapter_names=names).logits
+    assert layer._row_tables[1] is not tables
+    assert (changed[0] - first[0]).abs().max() > 1e-4 and torch.equal(changed[1], first[1])
+    pm.set_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(changed[:1], pm(ids[:1]).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_mixed_rows_train_with_gradients() -> None:

@@ -56,7 +56,8 @@ from ..quantize import dense_weight
 from .lora_kernels import (
     _base_matmul,
     _dropped_for_backward,
-    _plain_frozen_base,
+    _frozen_base_weight,
+    adapter_weights,
     dropout_p,
     fused_enabled,
     keep_probability,
@@ -125,9 +126,10 @@ def _member(layer: Any, x: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tenso
     name = layer.active_adapters[0]
     if name not in layer.r or type(layer.variant[name]) is not _plain_variant():
         return None
-    base = layer.base_layer
-    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if not _plain_frozen_base(base) or base.weight.dtype != x.dtype or A.dtype != B.dtype:
+    base = layer._modules["base_layer"]
+    A, B = adapter_weights(layer, name)
+    weight = _frozen_base_weight(base)
+    if weight is None or weight.dtype != x.dtype or A.dtype != B.dtype:
         return None
     if A.dtype != x.dtype and not (A.is_floating_point() and x.is_floating_point()):
         return None  # the adapter may be wider than x (fp32 adapters on a bf16 base, the default there)

@@ -19,6 +19,10 @@ with x̄ = x ⊙ keep and s̄ = s / (1 − p) (without dropout x̄ = x, s̄ = s)
 scalar instead of costing a pass over every input element (forward and backward) and one more over every input
 gradient (per target).
 
+With gradients off (evaluation, generation) the same forward computation runs as a plain function
+(:func:`lora_forward`), without building the node, whose own cost (30-40 µs a call on this project's CPU) is
+felt in a generate step, where each matmul sees a few rows.
+
 A frozen W needs no saved input for its own backward (g W only). An NF4 W (QLoRA) is decoded by the function
 itself, in forward and again in backward (the packed weight is saved, never the dense one), so a QLoRA target is
 one node like a LoRA target (torchao's own linear would be a second node, its g W added to the adapter's by autograd).
@@ -237,6 +241,33 @@ def clear_caches() -> None:
 
 
 # ---- the fused function ----------------------------------------------------------------------------------
+def lora_forward(x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Tensor | None,
+                 weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                 scaling: float, fan_in_fan_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h): :class:`LoraFunction`'s forward computation (its arguments; ``scaling`` is already s̄), with h =
+    x̄ Aᵀ (tokens, r) for its backward. Called directly, without an autograd node, when gradients are off
+    (inference, generation)."""
+    d_in, d_out = A.shape[1], B.shape[0]
+    x2 = x.reshape(-1, d_in)
+    # the adapter's dtype may be wider than x's (fp32 adapters on a bf16 base): x̄ and h are in A's dtype, the
+    # output in x's; x is cast here and in backward, never kept cast
+    h = (x2.to(A.dtype) if dropped is None else dropped.reshape(-1, d_in)) @ A.T  # (tokens, r)
+    # with the adapter's dtype other than x's, the reference's order: (h Bᵀ)·s in A's dtype, cast, added
+    term = None if A.dtype == x.dtype else (h @ B.T).mul_(scaling).to(x.dtype)
+    if result is None:
+        w = dense_weight(weight, x.dtype)  # a 4-bit (NF4) W is decoded here and again in backward, never saved dense
+        w_t = w if fan_in_fan_out else w.T  # W as (d_in, d_out)
+        if term is None and wide_matmul_dtype(x.dtype, x.device) is None:
+            y = lora_term_plus_base(h, B, scaling, bias, x2, w_t)  # b + s̄ h Bᵀ + x Wᵀ, the term first
+        else:
+            y = _base_matmul(x2, w_t, bias)  # x Wᵀ + b
+            y = y.addmm_(h, B.T, alpha=scaling) if term is None else y.add_(term)
+    else:
+        y = result.reshape(-1, d_out)
+        y = torch.addmm(y, h, B.T, alpha=scaling) if term is None else y + term
+    return y.view(*x.shape[:-1], d_out), h
+
+
 class LoraFunction(torch.autograd.Function):
     """y = (result, or x Wᵀ + b) + s · (x̃ Aᵀ) Bᵀ in one node; saves x, h = x̄ Aᵀ and the parameters.
 
@@ -250,26 +281,9 @@ class LoraFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
                 scaling: float, p: float, seed: int, bits: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
-        d_in, d_out = A.shape[1], B.shape[0]
         if p > 0:
             scaling = scaling / keep_probability(p)  # s̄: (x̃ Aᵀ) Bᵀ s = (x̄ Aᵀ) Bᵀ s̄
-        x2 = x.reshape(-1, d_in)
-        # the adapter's dtype may be wider than x's (fp32 adapters on a bf16 base): x̄ and h are in A's dtype, the
-        # output in x's; x is cast here and in backward, never kept cast
-        h = (x2.to(A.dtype) if dropped is None else dropped.reshape(-1, d_in)) @ A.T  # (tokens, r)
-        # with the adapter's dtype other than x's, the reference's order: (h Bᵀ)·s in A's dtype, cast, added
-        term = None if A.dtype == x.dtype else (h @ B.T).mul_(scaling).to(x.dtype)
-        if result is None:
-            w = dense_weight(weight, x.dtype)  # a 4-bit (NF4) W is decoded here and again in backward, never saved dense
-            w_t = w if fan_in_fan_out else w.T  # W as (d_in, d_out)
-            if term is None and wide_matmul_dtype(x.dtype, x.device) is None:
-                y = lora_term_plus_base(h, B, scaling, bias, x2, w_t)  # b + s̄ h Bᵀ + x Wᵀ, the term first
-            else:
-                y = _base_matmul(x2, w_t, bias)  # x Wᵀ + b
-                y = y.addmm_(h, B.T, alpha=scaling) if term is None else y.add_(term)
-        else:
-            y = result.reshape(-1, d_out)
-            y = torch.addmm(y, h, B.T, alpha=scaling) if term is None else y + term
+        y, h = lora_forward(x, dropped, result, weight, bias, A, B, scaling, fan_in_fan_out)
         need = ctx.needs_input_grad
         # x, not x̄: x is shared with the siblings and often kept anyway (o_proj's input is the attention's saved
         # output); backward rebuilds x̄ from the mask's bits (or its seed), once per sibling group
@@ -277,7 +291,7 @@ class LoraFunction(torch.autograd.Function):
                               bits if p > 0 else None)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.x_shape, ctx.x_dtype, ctx.has_result = x.shape, x.dtype, result is not None
-        return y.view(*x.shape[:-1], d_out)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -317,7 +331,7 @@ def wide_matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype |
     took 250 ms in bf16 (183 in fp16), x Wᵀ 52 ms, and the fp32 product of the same values with both casts 8 ms.
     Both accumulate in fp32 and round once to ``dtype``; only the order of the sums differs (on that machine 0.01-0.03 %
     of a product's elements differed, in the last bit). None elsewhere, and inside ``use_wide_matmul(False)``."""
-    if not _WIDE_ENABLED or device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in _HALF or not _WIDE_ENABLED or device.type != "cpu":
         return None
     return _WIDE[(dtype, "cpu")]
 
@@ -335,6 +349,7 @@ def _cpu_widening() -> dict[tuple[torch.dtype, str], torch.dtype | None]:
 
 
 _WIDE = _cpu_widening()
+_HALF = (torch.bfloat16, torch.float16)
 _WIDE_ENABLED = os.environ.get("PEFTKIT_WIDE_MATMUL", "1").lower() not in ("0", "false", "no", "off")
 
 
@@ -410,36 +425,50 @@ def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A
 FUSED_VARIANTS: dict[type, Callable[..., torch.Tensor | None]] = {}
 
 
-def _plain_frozen_base(base: nn.Module) -> bool:
-    """A Linear / Conv1D the fused function may compute itself: exact type, frozen weight, no hooks. The weight
-    is a plain tensor, or (a Linear's) NF4 from :func:`~peftkit.quantize.quantize_base` (QLoRA): the function then
-    decodes it in forward and in backward, as torchao's own linear does, in one node with the adapters."""
+def _frozen_base_weight(base: nn.Module) -> torch.Tensor | None:
+    """The weight of a Linear / Conv1D the fused function may compute itself, else None: exact type, frozen
+    weight, no hooks. The weight is a plain tensor, or (a Linear's) NF4 from :func:`~peftkit.quantize.quantize_base`
+    (QLoRA): the function then decodes it in forward and in backward, as torchao's own linear does, in one node
+    with the adapters."""
     if type(base) is not nn.Linear and not is_conv1d(base):
-        return False
-    weight = getattr(base, "weight", None)
+        return None
+    weight = base._parameters.get("weight")
+    if weight is None:
+        weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.requires_grad or base._forward_hooks or base._forward_pre_hooks:
-        return False
-    return type(weight) in (torch.Tensor, nn.Parameter) or (type(base) is nn.Linear and quantization_of(weight) == "nf4")
+        return None
+    if type(weight) in (torch.Tensor, nn.Parameter) or (type(base) is nn.Linear and quantization_of(weight) == "nf4"):
+        return weight
+    return None
 
 
+def _plain_frozen_base(base: nn.Module) -> bool:
+    """Whether :func:`_frozen_base_weight` accepts ``base``."""
+    return _frozen_base_weight(base) is not None
+
+
+def _base_bias(base: nn.Module) -> torch.Tensor | None:
+    params = base._parameters
+    return params["bias"] if "bias" in params else getattr(base, "bias", None)
 
 
 def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.Tensor:
     """The active plain-LoRA adapters ``names`` of a LoraLinear on x, through :class:`LoraFunction`."""
-    base = layer.base_layer
+    base = layer._modules["base_layer"]
     if torch.is_autocast_enabled(x.device.type):  # autocast picks the dtypes op by op: the reference path
         result = base(x)
         for name in names:
             result = layer.variant[name].forward(layer, name, x, result)
         return result
     result = None
-    weight = bias = None
-    if _plain_frozen_base(base) and base.weight.dtype == x.dtype:
-        weight, bias = base.weight, base.bias
+    bias = None
+    weight = _frozen_base_weight(base)
+    if weight is not None and weight.dtype == x.dtype:
+        bias = _base_bias(base)
     else:
-        result = base(x)
+        weight, result = None, base(x)
     for name in names:
-        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        A, B = adapter_weights(layer, name)
         fused = FUSED_VARIANTS.get(type(layer.variant[name]))
         # LoRA and DoRA also fuse with an adapter dtype other than x's (fp32 adapters on a bf16 base): they keep x
         # as it is, where the reference keeps a cast copy per target (a variant's function returns None where it
@@ -462,16 +491,19 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
         p = dropout_p(layer, name)
         # without dropout x̃ is x: passed as None, since torch.compile cannot trace one tensor given twice
         dropped, seed, bits = shared_dropout(x, p, A.dtype) if p > 0 else (None, 0, None)
-        result = LoraFunction.apply(x, dropped, result, weight if result is None else None,
-                                    bias if result is None else None, A, B, layer.scaling[name], p, seed, bits,
-                                    layer.fan_in_fan_out)
+        args = (x, dropped, result, weight if result is None else None, bias if result is None else None, A, B)
+        if torch.is_grad_enabled():
+            result = LoraFunction.apply(*args, layer.scaling[name], p, seed, bits, layer.fan_in_fan_out)
+        else:  # no node to record: the same computation, without the autograd.Function's cost
+            s = layer.scaling[name] / keep_probability(p) if p > 0 else layer.scaling[name]
+            result = lora_forward(*args, s, layer.fan_in_fan_out)[0]
     return result if result is not None else base(x)
 
 
 def dropout_p(layer: Any, name: str) -> float:
     """The adapter's dropout probability if it applies now (training), else 0."""
-    dropout = layer.lora_dropout[name]
-    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    dropout = layer._modules["lora_dropout"]._modules[name]
+    return dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
 
 
 def reference_dropped(x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -485,15 +517,34 @@ def reference_dropped(x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Te
 
 
 # ---- many adapters in one batch (S-LoRA / Punica): stacked weights, gathered per row -------------------------
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = module._parameters.get("weight")
+    return module.weight if w is None else w  # a parametrised weight is read the usual way
+
+
+def adapter_weights(layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``layer.lora_A[name].weight``, ``layer.lora_B[name].weight``), the same tensors, read from the modules'
+    own dicts: the attribute path (``Module.__getattr__``, ``ModuleDict.__getitem__``, ``Module.__getattr__``)
+    took ~3.5 µs a weight, which every LoRA call and every cache check pays."""
+    modules = layer._modules
+    return _weight(modules["lora_A"]._modules[name]), _weight(modules["lora_B"]._modules[name])
+
+
 def _row_key(layer: Any, names: tuple[str, ...]) -> tuple:
-    """What the stacked tables depend on: the adapters, their weights (identity and in-place version), scalings."""
+    """What the stacked tables depend on: the adapters, their weights (identity and in-place version), scalings.
+    Checked on every call of a generate step's every layer, so the modules are looked up once, not per name."""
     key: list[Any] = [names]
+    ranks, scaling = layer.r, layer.scaling
+    modules = layer._modules
+    A_of, B_of, magnitudes = modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_magnitude_vector"]
     for name in names:
-        if name in layer.r:
-            tensors = [layer.lora_A[name].weight, layer.lora_B[name].weight]
-            if name in layer.lora_magnitude_vector:
-                tensors += [layer.lora_magnitude_vector[name], layer.get_base_layer().weight]
-            key.append((layer.scaling[name], *((t.data_ptr(), t._version) for t in tensors)))
+        if name in ranks:
+            A, B = _weight(A_of[name]), _weight(B_of[name])
+            entry = (scaling[name], A.data_ptr(), A._version, B.data_ptr(), B._version)
+            if magnitudes and name in magnitudes:
+                m, w = magnitudes[name], layer.get_base_layer().weight
+                entry += (m.data_ptr(), m._version, w.data_ptr(), w._version)
+            key.append(entry)
     return tuple(key)
 
 
@@ -504,7 +555,7 @@ def row_tables(layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.
 
     Built once and reused while no weight changed (inference); rebuilt with autograd when gradients flow."""
     grad = torch.is_grad_enabled() and any(
-        p.requires_grad for n in names if n in layer.r for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+        p.requires_grad for n in names if n in layer.r for p in adapter_weights(layer, n))
     # under torch.compile the stacking is part of the graph (the cache key reads storage addresses, untraceable)
     key = None if grad or torch.compiler.is_compiling() else _row_key(layer, names)
     cached = getattr(layer, "_row_tables", None)
