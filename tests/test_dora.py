@@ -491,3 +491,48 @@ def test_bf16_base_fused_saves_at_most_1_25x_lora() -> None:
                 measured["dora_reference"] = saved_bytes(pm, ids)
     assert measured["dora"] <= 1.25 * measured["lora"], measured
     assert measured["dora_reference"] > 2 * measured["lora"], measured
+
+
+@pytest.mark.parametrize("make, cfg, dtype", [
+    (tiny_llama, {"target_modules": "all-linear", "bias": "all"}, torch.float32),
+    (tiny_llama, {"target_modules": "all-linear"}, torch.bfloat16),  # fp32 adapters on a bf16 base
+    (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}, torch.float32),
+])
+def test_without_gradients_no_node_and_a_kept_norm_that_follows_every_change(make, cfg, dtype, monkeypatch) -> None:
+    """Without gradients (generation) DoRA runs DoraFunction's forward as a plain function and keeps n = ‖W + sBA‖
+    between calls: outputs bit for bit those of the node, and every change to A, B, s or W (in place, as an
+    optimizer step or a merge) is seen at the next call, equal to a fresh model's output."""
+    from peftkit.methods import dora as dora_module
+
+    pm = get_peft_model(make().to(dtype), LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                                     **cfg))
+    pm.add_adapter("second", LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, **cfg))  # plain LoRA after
+    pm.set_adapter(["default", "second"])
+    pm.eval()
+    ids = torch.randint(1, 128, (3, 9))
+    calls, norms = [], []
+    apply, fast = dora_module.DoraFunction.apply, DoraVariant.fast_weight_norm
+    monkeypatch.setattr(dora_module.DoraFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(DoraVariant, "fast_weight_norm", lambda *a: norms.append(1) or fast(*a))
+    with_node = pm(ids).logits.detach()
+    targets = len(norms)
+    assert len(calls) == targets > 0
+    calls[:], norms[:] = [], []
+    with torch.no_grad():
+        assert torch.equal(pm(ids).logits, with_node)
+        assert calls == [] and len(norms) == targets  # computed once ...
+        assert torch.equal(pm(ids).logits, with_node)
+        assert len(norms) == targets  # ... and kept
+
+    layer = next(m for m in pm.modules() if isinstance(m, LoraLinear))
+    changes = [lambda: layer.lora_A["default"].weight.mul_(1.5), lambda: layer.lora_B["default"].weight.add_(0.1),
+               lambda: layer.scaling.update(default=layer.scaling["default"] * 2),
+               lambda: layer.get_base_layer().weight.mul_(0.9)]
+    before = with_node
+    for change in changes:
+        with torch.no_grad():
+            change()
+            kept = pm(ids).logits
+        fresh = pm(ids).logits.detach()  # with gradients: n computed anew in the node
+        assert torch.equal(kept, fresh) and not torch.equal(kept, before)
+        before = kept

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import PeftConfigError, PeftError
 from ..quantize import base_weight, dense_weight
 from .lora import LoraConfig, LoraLayer, LoraLinear, LoraVariant, lora_delta_weight, register_variant
-from .lora_kernels import FUSED_VARIANTS, _base_matmul, dropout_p, outer_grad
+from .lora_kernels import FUSED_VARIANTS, _base_matmul, adapter_weights, dropout_p, outer_grad
 
 
 # ---- the maths, as pure functions ------------------------------------------------------------------
@@ -93,6 +93,7 @@ class DoraVariant(LoraVariant):
     def __init__(self) -> None:
         self.merge_norm: torch.Tensor | None = None  # n at merge time, for an exact unmerge
         self._weight_sq: tuple[tuple, torch.Tensor] | None = None  # ‖W_i‖² for the fused path, keyed by W
+        self._norm: tuple[tuple, torch.Tensor] | None = None  # n without gradients, keyed by A, B, s and W
 
     def init(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
         if not isinstance(layer, LoraLinear):
@@ -125,6 +126,18 @@ class DoraVariant(LoraVariant):
             if bool((norm * norm < 1e-6 * weight_sq).any()):
                 return self.weight_norm(layer, adapter_name, weight)
             return norm
+
+    def cached_weight_norm(self, layer: LoraLinear, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`fast_weight_norm`, kept while A, B, s and the base weight stay the same tensors at the same
+        versions (and ``weight``'s dtype and device): for calls without gradients (generation), where computing
+        n again (A Wᵀ: r · d_in · d_out multiply-adds) cost more than the layer's own 16-row matmul."""
+        A, B = adapter_weights(layer, adapter_name)
+        source = layer.get_base_layer().weight
+        key = (A.data_ptr(), A._version, B.data_ptr(), B._version, source.data_ptr(), source._version,
+               layer.scaling[adapter_name], weight.dtype, weight.device)
+        if self._norm is None or self._norm[0] != key:
+            self._norm = (key, self.fast_weight_norm(layer, adapter_name, weight))
+        return self._norm[1]
 
     def weight_norm(self, layer: LoraLinear, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """n = ‖W + s·B A‖ in ``weight``'s dtype, detached."""
@@ -171,6 +184,33 @@ register_variant("dora", DoraVariant)
 
 
 # ---- the fused training path ---------------------------------------------------------------------------
+def dora_forward(x: torch.Tensor, result: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float,
+                 fan_in_fan_out: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, f): :class:`DoraFunction`'s forward computation (its arguments), with h = x Aᵀ and f = m / n for its
+    backward; called directly, without a node, when gradients are off."""
+    d_in, d_out = A.shape[1], B.shape[0]
+    x2 = x.reshape(-1, d_in)
+    h = x2.to(A.dtype) @ A.T  # (tokens, r); x is cast transiently where the adapter is wider
+    factor = magnitude / norm
+    if result is None:
+        y = _base_matmul(x2, weight if fan_in_fan_out else weight.T, None)
+        y = y.to(A.dtype)  # a no-op in one dtype
+    else:
+        y = result.reshape(-1, d_out)
+        if y.dtype != A.dtype:
+            y = y.to(A.dtype)  # a new tensor: result is never written
+            if bias is not None:
+                y.sub_(bias)
+        else:
+            y = y - bias if bias is not None else y.clone()
+    y.addmm_(h, B.T, alpha=scaling).mul_(factor)
+    if bias is not None:
+        y.add_(bias)
+    out = y.to(x.dtype).view(*x.shape[:-1], d_out)
+    return out, h, factor
+
+
 class DoraFunction(torch.autograd.Function):
     """y = f ⊙ (base + s · h Bᵀ) + b in one node, f = m / n (n detached), h = x Aᵀ, base = x Wᵀ (``weight``
     given) or result − b (``result`` given: the running output, earlier adapters included, as HF PEFT).
@@ -191,25 +231,7 @@ class DoraFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, result: torch.Tensor | None, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
                 norm: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-        d_in, d_out = A.shape[1], B.shape[0]
-        x2 = x.reshape(-1, d_in)
-        h = x2.to(A.dtype) @ A.T  # (tokens, r); x is cast transiently where the adapter is wider
-        factor = magnitude / norm
-        if result is None:
-            y = _base_matmul(x2, weight if fan_in_fan_out else weight.T, None)
-            y = y.to(A.dtype)  # a no-op in one dtype
-        else:
-            y = result.reshape(-1, d_out)
-            if y.dtype != A.dtype:
-                y = y.to(A.dtype)  # a new tensor: result is never written
-                if bias is not None:
-                    y.sub_(bias)
-            else:
-                y = y - bias if bias is not None else y.clone()
-        y.addmm_(h, B.T, alpha=scaling).mul_(factor)
-        if bias is not None:
-            y.add_(bias)
-        out = y.to(x.dtype).view(*x.shape[:-1], d_out)
+        out, h, factor = dora_forward(x, result, weight, bias, A, B, magnitude, norm, scaling, fan_in_fan_out)
         need = ctx.needs_input_grad
         ctx.save_for_backward(x if need[4] else None, h, A, B, weight if need[0] else None, magnitude, factor,
                               bias, out)
@@ -271,7 +293,12 @@ def dora_fused_forward(layer: LoraLinear, adapter_name: str, x: torch.Tensor, re
         if bias is not None and bias.dtype != x.dtype:
             return None
         dense = base_layer.weight
-    norm = layer.variant[adapter_name].fast_weight_norm(layer, adapter_name, dense_weight(dense, A.dtype))
+    variant = layer.variant[adapter_name]
+    if not torch.is_grad_enabled():  # no node to record; n kept from the last call while nothing changed
+        norm = variant.cached_weight_norm(layer, adapter_name, dense_weight(dense, A.dtype))
+        return dora_forward(x, result, weight, bias, A, B, magnitude, norm, layer.scaling[adapter_name],
+                            layer.fan_in_fan_out)[0]
+    norm = variant.fast_weight_norm(layer, adapter_name, dense_weight(dense, A.dtype))
     return DoraFunction.apply(x, result, weight, bias, A, B, magnitude, norm, layer.scaling[adapter_name],
                               layer.fan_in_fan_out)
 
