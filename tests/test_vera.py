@@ -324,3 +324,28 @@ def test_fused_saves_at_most_lora_bytes() -> None:
         reference = saved_bytes(pm, ids)
     assert fused <= 1.05 * lora
     assert reference > 1.3 * lora  # what the fused path saves
+
+
+@pytest.mark.parametrize("make, cfg", [
+    (tiny_llama, {"target_modules": "all-linear"}),
+    (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}),
+])
+def test_without_gradients_the_same_computation_runs_without_a_node(make, cfg, monkeypatch) -> None:
+    """Generation (no gradients): VeraFunction's forward as a plain function, outputs bit for bit the node's."""
+    from peftkit.methods import vera as vera_module
+
+    pm = get_peft_model(make(), VeraConfig(r=8, init_weights=False, **cfg))
+    pm.add_adapter("second", VeraConfig(r=4, init_weights=False, **cfg))
+    pm.set_adapter(["default", "second"])
+    pm.eval()
+    ids = torch.randint(1, 128, (3, 9))
+    calls = []
+    apply = vera_module.VeraFunction.apply
+    monkeypatch.setattr(vera_module.VeraFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    with_node = pm(ids).logits.detach()
+    assert len(calls) > 0
+    calls[:] = []
+    with torch.no_grad():
+        assert torch.equal(pm(ids).logits, with_node) and calls == []
+    with pm.disable_adapter(), torch.no_grad():
+        assert not torch.equal(pm(ids).logits, with_node)  # the adapters are in play

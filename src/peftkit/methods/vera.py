@@ -165,6 +165,14 @@ def vera_shared_tensors(model: nn.Module, adapter_name: str, config: VeraConfig)
 
 
 # ---- the fused training path ----------------------------------------------------------------------------
+def vera_forward(projected: torch.Tensor, result: torch.Tensor, B: torch.Tensor, d: torch.Tensor,
+                 b: torch.Tensor) -> torch.Tensor:
+    """result + b ⊙ ((u ⊙ d) Bᵀ): :class:`VeraFunction`'s forward computation, called directly (no node) when
+    gradients are off."""
+    y = torch.addcmul(result.reshape(-1, B.shape[0]), (projected * d) @ B.T, b)
+    return y.view(result.shape)
+
+
 class VeraFunction(torch.autograd.Function):
     """y = result + b ⊙ ((u ⊙ d) Bᵀ), u = x Aᵀ given (no graph: :func:`shared_projection`); saves u, not x.
 
@@ -174,11 +182,9 @@ class VeraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, projected: torch.Tensor, result: torch.Tensor, A: torch.Tensor,
                 B: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        d_out = B.shape[0]
-        y = torch.addcmul(result.reshape(-1, d_out), (projected * d) @ B.T, b)
         ctx.save_for_backward(projected, A, B, d, b)
         ctx.x_shape = x.shape
-        return y.view(result.shape)
+        return vera_forward(projected, result, B, d, b)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -294,7 +300,10 @@ class VeraLinear(AdapterLayer):
             A, B = (t.to(d) for t in self.sliced_projections(name))
             if (fused_enabled() and (isinstance(self.vera_dropout[name], nn.Identity) or not self.training)
                     and x.dtype == result.dtype == d.dtype == b.dtype):
-                result = VeraFunction.apply(x, shared_projection(x, A), result, A, B, d, b)
+                if torch.is_grad_enabled():
+                    result = VeraFunction.apply(x, shared_projection(x, A), result, A, B, d, b)
+                else:  # no node to record
+                    result = vera_forward(shared_projection(x, A), result, B, d, b)
                 continue
             xd = self.vera_dropout[name](x.to(d.dtype))
             result = result + (b * F.linear(d * F.linear(xd, A), B)).to(result.dtype)
