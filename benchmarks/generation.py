@@ -12,6 +12,8 @@ min_new_tokens=max_new_tokens)``, so every row makes all 64). Rows, each one ``g
 * ``hf_lora_1`` / ``hf_lora_8_mixed``  the same with HF PEFT on the same weights (peftkit saves the adapters,
   HF PEFT's ``PeftModel.from_pretrained`` / ``load_adapter`` loads them); the greedy tokens of the mixed rows
   are compared with peftkit's
+* ``dora_1`` / ``hf_dora_1``  one DoRA adapter (r=16, all linear layers), peftkit and HF PEFT (loaded from
+  peftkit's file)
 * ``prompt_1`` / ``prompt_8_mixed``   prompt tuning, 16 virtual tokens (HF PEFT has no per-row prompt adapters)
 * ``prefix_1`` / ``prefix_8_mixed``   prefix tuning, 16 virtual tokens
 
@@ -94,6 +96,24 @@ def lora_model(base: nn.Module, folder: Path) -> nn.Module:
     return pm.eval()
 
 
+def dora_models(base: nn.Module, folder: Path) -> tuple[nn.Module, nn.Module]:
+    """peftkit and HF PEFT with one seeded DoRA adapter (r=16, all linear layers), HF PEFT's loaded from peftkit's
+    file."""
+    from peft import PeftModel
+
+    from peftkit import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+    pm = get_peft_model(copy.deepcopy(base), config, adapter_name="a0")
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    pm.save_pretrained(folder)
+    return pm.eval(), PeftModel.from_pretrained(copy.deepcopy(base), str(folder / "a0"), adapter_name="a0").eval()
+
+
 def hf_lora_model(base: nn.Module, folder: Path) -> nn.Module:
     """HF PEFT with the same 8 adapters, loaded from peftkit's files (one subfolder per named adapter, HF PEFT's
     layout)."""
@@ -127,6 +147,7 @@ def generation_rows(args: argparse.Namespace) -> tuple[dict[str, Callable[[], to
     pk = lora_model(base, folder)
     hf = hf_lora_model(base, folder)
     prompt, prefix = prompt_model(base, "prompt"), prompt_model(base, "prefix")
+    dora, hf_dora = dora_models(base, Path(tempfile.mkdtemp(prefix="peftkit_gen_dora_")))
     torch.manual_seed(3)
     ids = torch.randint(1, base.config.vocab_size, (args.batch, args.prompt_len))
     mask = torch.ones_like(ids)
@@ -149,6 +170,7 @@ def generation_rows(args: argparse.Namespace) -> tuple[dict[str, Callable[[], to
         **({f"lora_1_{args.baseline}": with_kernels(one(pk), args.baseline),
             f"lora_8_mixed_{args.baseline}": with_kernels(many(pk), args.baseline)} if args.baseline else {}),
         "hf_lora_1": one(hf), "hf_lora_8_mixed": many(hf),
+        "dora_1": one(dora), "hf_dora_1": one(hf_dora),
         "prompt_1": one(prompt), "prompt_8_mixed": many(prompt),
         "prefix_1": one(prefix), "prefix_8_mixed": many(prefix),
     }
@@ -162,8 +184,11 @@ def generation_rows(args: argparse.Namespace) -> tuple[dict[str, Callable[[], to
             pk.set_adapter(mixed[row])
             single = {**greedy, "attention_mask": mask[row:row + 1]}
             alone.append(torch.equal(pk.generate(input_ids=ids[row:row + 1], **single)[0], ours[row]))
+        dora_ours, dora_theirs, plain = rows["dora_1"](), rows["hf_dora_1"](), rows["base"]()
     checks = {"hf_peft_same_tokens": same, "rows_equal_alone": all(alone),
-              "adapters_differ": not torch.equal(ours[0], ours[1])}
+              "adapters_differ": not torch.equal(ours[0], ours[1]),
+              "dora_hf_peft_same_tokens": (dora_ours[:, new] == dora_theirs[:, new]).float().mean().item(),
+              "dora_differs_from_base": not torch.equal(dora_ours, plain)}
     return rows, checks
 
 
@@ -209,6 +234,8 @@ RATIOS = [  # (name, numerator row, denominator row): tokens/s of the first over
     ("LoRA: 8 mixed, peftkit / HF PEFT", "lora_8_mixed", "hf_lora_8_mixed"),
     ("LoRA: 1 adapter, peftkit / HF PEFT", "lora_1", "hf_lora_1"),
     ("HF PEFT: 8 mixed / 1 adapter", "hf_lora_8_mixed", "hf_lora_1"),
+    ("DoRA: 1 adapter / base", "dora_1", "base"),
+    ("DoRA: 1 adapter, peftkit / HF PEFT", "dora_1", "hf_dora_1"),
     ("prompt tuning: 8 mixed / 1 adapter", "prompt_8_mixed", "prompt_1"),
     ("prefix tuning: 8 mixed / 1 adapter", "prefix_8_mixed", "prefix_1"),
 ]
