@@ -20,7 +20,7 @@ scalar instead of costing a pass over every input element (forward and backward)
 gradient (per target).
 
 With gradients off (evaluation, generation) the same forward computation runs as a plain function
-(:func:`lora_forward`), without building the node, whose own cost (30-40 µs a call on this project's CPU) is
+(:func:`lora_forward`), without building the node, whose own cost (~30 µs a call on this project's CPU) is
 felt in a generate step, where each matmul sees a few rows.
 
 A frozen W needs no saved input for its own backward (g W only). An NF4 W (QLoRA) is decoded by the function
