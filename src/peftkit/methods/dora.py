@@ -131,6 +131,8 @@ class DoraVariant(LoraVariant):
         """:meth:`fast_weight_norm`, kept while A, B, s and the base weight stay the same tensors at the same
         versions (and ``weight``'s dtype and device): for calls without gradients (generation), where computing
         n again (A Wᵀ: r · d_in · d_out multiply-adds) cost more than the layer's own 16-row matmul."""
+        if torch.compiler.is_compiling():  # storage addresses do not trace: computed in the graph
+            return self.fast_weight_norm(layer, adapter_name, weight)
         A, B = adapter_weights(layer, adapter_name)
         source = layer.get_base_layer().weight
         key = (A.data_ptr(), A._version, B.data_ptr(), B._version, source.data_ptr(), source._version,

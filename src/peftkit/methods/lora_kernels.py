@@ -442,11 +442,6 @@ def _frozen_base_weight(base: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _plain_frozen_base(base: nn.Module) -> bool:
-    """Whether :func:`_frozen_base_weight` accepts ``base``."""
-    return _frozen_base_weight(base) is not None
-
-
 def _base_bias(base: nn.Module) -> torch.Tensor | None:
     params = base._parameters
     return params["bias"] if "bias" in params else getattr(base, "bias", None)
