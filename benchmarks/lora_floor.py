@@ -14,8 +14,9 @@ d_in → d_out and rank r, six products per token: x̄ Aᵀ and h Bᵀ (forward)
 * ``orient``: B's gradient as gᵀ h against (hᵀ g)ᵀ, per d_out (``lora_kernels.outer_grad`` picks by d_out).
 * ``order``: the forward's term-first order (``lora_kernels.lora_term_plus_base``: b + s·h Bᵀ written first, x Wᵀ
   accumulated into it by the matmul) against base-first (x Wᵀ + b, then ``addmm_`` of the term), per target shape.
-* ``mask``: a dropout mask drawn from its seed (``dropout_keep``) against unpacked from bits (``unpack_keep``),
-  and the packing forward adds, per element of a tokens × hidden input.
+* ``mask``: a sibling group's dropout work per element of its input, forward and backward, now (the drops' gaps,
+  ``lora_kernels.drop_gaps``; x̄ a copy with those elements zeroed; the gradient term zeroed there in place)
+  against session 12's dense mask (16 random bits an element, kept as bits), at p 0.05 and 0.1.
 
 Pairs run alternately, ``--rounds`` rounds, medians of per-round ratios (a busy machine slows both sides alike).
 
@@ -153,26 +154,70 @@ def order(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _dense_mask_before(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Session 12's mask, kept here to measure against: 16 random bits an element (four lanes of a 64-bit draw)
+    compared into 0/1 bytes, packed 8 a byte by numpy for backward, copied into x's dtype as the keep mask."""
+    import numpy as np
+
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    n = x.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64)
+    lanes = words.view(torch.int16)[:n].view(x.shape)
+    flags = torch.ge(lanes, -(2**15) + round(p * 2**16), out=torch.empty(x.shape, dtype=torch.uint8))
+    bits = torch.from_numpy(np.packbits(flags.numpy().reshape(-1)))
+    return torch.empty(x.shape, dtype=x.dtype).copy_(flags), bits
+
+
+def _unpack_before(bits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    import numpy as np
+
+    flags = torch.from_numpy(np.unpackbits(bits.numpy(), count=x.numel()))
+    return torch.empty(x.shape, dtype=x.dtype).copy_(flags.view(x.shape))
+
+
 def mask(args: argparse.Namespace) -> dict[str, Any]:
+    """A target group's dropout work per element of its input, before (session 12: a dense mask, kept as bits)
+    and now (the drops' gaps, x̄ a copy with them zeroed, the gradient term zeroed there in place), forward and
+    backward, side by side. Each side does what the fused path does for one group with one target: forward makes
+    x̄ and what it keeps, backward makes x̄ again and masks the term g_h A."""
     tokens, out = args.batch * args.seq, {}
-    p, seed = 0.05, 1234
-    for width in sorted({args.hidden, args.intermediate}):
-        x = torch.randn(tokens, width)
-        with lora_kernels.use_packed_mask(True):
-            _, bits = lora_kernels._draw_keep(x, p, seed, torch.float32)
-        with lora_kernels.use_packed_mask(False):
-            times = alternate({
-                "draw": lambda x=x: lora_kernels.dropout_keep(x.shape, p, seed, x.device, torch.float32),
-                "unpack": lambda x=x, bits=bits: lora_kernels.unpack_keep(bits, x.shape, torch.float32),
-                "draw (forward, no bits)": lambda x=x: lora_kernels._draw_keep(x, p, seed, torch.float32),
-            }, args.rounds, args.inner)
-        with lora_kernels.use_packed_mask(True):
-            times |= alternate({"draw and pack (forward)": lambda x=x: lora_kernels._draw_keep(x, p, seed, torch.float32)},
-                               args.rounds, args.inner)
-        n = x.numel()
-        ns = {k: statistics.median(v) * 1e9 / n for k, v in times.items()}
-        out[str(width)] = {"ns_per_element": ns, "unpack_vs_draw": ratio(times, "unpack", "draw"),
-                           "bits_bytes_vs_x_fp32": 1 / 32}
+    seed = 1234
+    for p in (0.05, 0.1):
+        for width in sorted({args.hidden, args.intermediate}):
+            x, term = torch.randn(tokens, width), torch.randn(tokens, width)
+            n = x.numel()
+            _, bits = _dense_mask_before(x, p, seed)
+            gaps = lora_kernels.kept_gaps(lora_kernels.drop_gaps(n, p, seed, x.device), n)
+
+            def forward_before(x=x, p=p):
+                keep, bits = _dense_mask_before(x, p, seed)
+                return x.mul(keep), bits
+
+            def backward_before(x=x, bits=bits, term=term):
+                keep = _unpack_before(bits, x)
+                return x.mul(keep), term.mul_(keep)
+
+            def forward_now(x=x, p=p, n=n):
+                drawn = lora_kernels.drop_gaps(n, p, seed, x.device)
+                return lora_kernels.drop_(x.clone(), lora_kernels.drop_positions(drawn)), lora_kernels.kept_gaps(drawn, n)
+
+            def backward_now(x=x, gaps=gaps, term=term, p=p, n=n):
+                positions = lora_kernels.drop_positions(gaps if gaps is not None else
+                                                        lora_kernels.drop_gaps(n, p, seed, x.device))
+                return lora_kernels.drop_(x.clone(), positions), lora_kernels.drop_(term, positions)
+
+            times = alternate({"forward before": forward_before, "forward now": forward_now,
+                               "backward before": backward_before, "backward now": backward_now,
+                               "gaps alone": lambda n=n, p=p: lora_kernels.drop_gaps(n, p, seed, torch.device("cpu")),
+                               "x copy alone": lambda x=x: x.clone()}, args.rounds, args.inner)
+            ns = {k: statistics.median(v) * 1e9 / n for k, v in times.items()}
+            out[f"p{p}_{width}"] = {
+                "p": p, "width": width, "ns_per_element": ns,
+                "forward_now_vs_before": ratio(times, "forward now", "forward before"),
+                "backward_now_vs_before": ratio(times, "backward now", "backward before"),
+                "kept_bytes_per_element": {"before": bits.numel() / n,
+                                           "now": 0.0 if gaps is None else gaps.numel() * gaps.element_size() / n}}
     return out
 
 
@@ -205,12 +250,15 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
                   for n, r in res["order"].items()]
         lines.append("")
     if "mask" in res:
-        lines += ["| input width | draw ns/el | unpack ns/el | unpack ÷ draw | forward without bits ns/el | "
-                  "forward with bits ns/el |", "|---:|---:|---:|---:|---:|---:|"]
-        for w, r in res["mask"].items():
-            ns = r["ns_per_element"]
-            lines.append(f"| {w} | {ns['draw']:.2f} | {ns['unpack']:.2f} | {r['unpack_vs_draw']:.2f} | "
-                         f"{ns['draw (forward, no bits)']:.2f} | {ns['draw and pack (forward)']:.2f} |")
+        lines += ["| p | input width | forward ns/el before → now | backward ns/el before → now | now ÷ before "
+                  "(fwd, bwd) | gaps alone ns/el | x copy ns/el | kept B/el before → now |",
+                  "|---:|---:|---|---|---|---:|---:|---|"]
+        for r in res["mask"].values():
+            ns, kept = r["ns_per_element"], r["kept_bytes_per_element"]
+            lines.append(f"| {r['p']} | {r['width']} | {ns['forward before']:.2f} → **{ns['forward now']:.2f}** | "
+                         f"{ns['backward before']:.2f} → **{ns['backward now']:.2f}** | "
+                         f"{r['forward_now_vs_before']:.2f}, {r['backward_now_vs_before']:.2f} | "
+                         f"{ns['gaps alone']:.2f} | {ns['x copy alone']:.2f} | {kept['before']:.3f} → {kept['now']:.3f} |")
     return "\n".join(lines)
 
 

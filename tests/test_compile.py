@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_llama
 
 from peftkit import LoraConfig, get_peft_model
+from peftkit.methods import lora_kernels
 from peftkit.methods.base import RowAdapters
 from peftkit.methods.lora import LoraLinear
 
@@ -138,3 +139,42 @@ def test_lora_layer_on_a_bf16_base_compiles_as_one_graph() -> None:
     layer = _layer(pm)
     _compiled_layer_equals_eager(layer, torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16,
                                                     requires_grad=True), out_tol=0)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_lora_layer_with_dropout_compiles_with_one_mask_per_step(backend: str) -> None:
+    """With dropout the mask's seed is drawn in Python (a graph break): the compiled layer runs, and its backward
+    applies the mask its forward drew (inside compile backward draws it again from the seed instead of keeping its
+    gaps): A's gradient equals the finite-difference derivative of the compiled loss (fp64, same seed). With
+    aot_eager the mask is eager's own (same torch.manual_seed, same output and gradients); inductor replaces
+    torch's random ops with its own generator, so there the mask is another, equally distributed one."""
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_llama().double(), LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False,
+                                                          lora_dropout=0.3)).train()
+    layer = _layer(pm)
+    A = layer.lora_A["default"].weight
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=backend)
+
+    def loss(run, seed: int = 5) -> torch.Tensor:
+        lora_kernels.clear_caches()  # else a run finds the previous one's x̄ (same x) in the siblings' cache
+        torch.manual_seed(seed)
+        return run(x).square().sum()
+
+    got = loss(compiled)
+    (grad_A,) = torch.autograd.grad(got, [A])
+    direction, eps = torch.randn_like(A), 1e-6
+    with torch.no_grad():
+        A.add_(eps * direction)
+        plus = loss(compiled)
+        A.sub_(2 * eps * direction)
+        minus = loss(compiled)
+        A.add_(eps * direction)
+    torch.testing.assert_close((plus - minus) / (2 * eps), (grad_A * direction).sum(), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert not torch.equal(loss(compiled, seed=6), got.detach())  # another seed, another mask
+    if backend == "aot_eager":
+        want = loss(layer)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad_A, torch.autograd.grad(want, [A])[0], rtol=1e-10, atol=1e-12)

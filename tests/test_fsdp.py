@@ -185,6 +185,38 @@ def test_every_method_sharded_reaches_the_one_process_adapter_and_each_process_h
 # ---- peftkit train with strategy fsdp: equal to one process, killed and resumed, resharded ------------------
 
 
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = (Path("/proc") / entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _wait_gone(pids: list[int], timeout: float = 30.0) -> None:
+    """Until no process of ``pids`` is left (killed workers are reaped by init, not by the test)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                alive.append(pid)
+        if not alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes {pids} still alive after SIGKILL")
+
+
 @pytest.mark.slow
 def test_fsdp_run_matches_one_process_and_resumes_exactly_after_a_kill_also_on_one_process(root, tmp_path):
     steps, every = 16, 2
@@ -210,15 +242,19 @@ def test_fsdp_run_matches_one_process_and_resumes_exactly_after_a_kill_also_on_o
     assert sorted(os.listdir(last)) == ["sharded", "trainer_state.pt"]  # no gathered adapter per checkpoint
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(os.listdir(last / "sharded"))
 
-    # killed (SIGKILL to torchrun and its workers) right after a checkpoint, then resumed on 2 processes
+    # killed (SIGKILL to torchrun and its two workers) right after a checkpoint, then resumed on 2 processes
     proc = subprocess.Popen([*TORCHRUN, "--master_port", "29643", *train, str(tmp_path / "killed.yaml")], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpts / "checkpoint-4" / "trainer_state.pt").is_file():
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = _children(proc.pid)  # torchrun starts each worker in a session of its own: killpg misses them
+    assert len(workers) == 2
+    for pid in [proc.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    _wait_gone(workers)
     assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it was killed"
     kept = tmp_path / "kept"
     shutil.copytree(ckpts, kept / "checkpoints", symlinks=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import tiny_llama, tiny_t5
-from test_lora_fused import _count_nodes, _packed
+from test_lora_fused import _count_nodes, _gaps
 
 from peftkit import LoraConfig, get_peft_model
 from peftkit.methods import lora_joint
@@ -80,8 +80,8 @@ def test_joint_function_gradcheck(packed: bool) -> None:
         for i, t in zip([1, 2, 3, 5, 6, 7, 9, 10, 11], params, strict=True):
             full[i] = t
         dropped = x.detach() * dropout_keep(x.shape, p, seed, x.device, x.dtype)
-        bits = _packed(dropout_keep(x.shape, p, seed, x.device)) if packed else None  # kept, or drawn again
-        outs = lora_joint.JointLoraFunction.apply(x, dropped, (0.7, 1.3, 2.0), p, seed, bits, *full)
+        gaps = _gaps(dropout_keep(x.shape, p, seed, x.device)) if packed else None  # kept, or drawn again
+        outs = lora_joint.JointLoraFunction.apply(x, dropped, (0.7, 1.3, 2.0), p, seed, gaps, *full)
         return tuple(outs[i] for i in used)
 
     params = [t for t in tensors if t.requires_grad]
@@ -287,7 +287,8 @@ def test_joint_on_an_nf4_or_half_base_equals_the_per_target_path(base: str) -> N
     with use_joint(False):
         sep_loss, _, sep, sep_joint = _step(pm, ids)
     assert sep_joint == 0 and grads.keys() == sep.keys() and len(grads) == 28
-    tol = 1e-5 if base == "nf4" else 2e-2
+    # bf16: the largest relative difference in a gradient was 0.015 (median), 0.03 (95th percentile) over 40 seeds
+    tol = 1e-5 if base == "nf4" else 3e-2
     references = [(sep, tol)]
     if base != "nf4":  # the reference rounds in other places (an fp32 copy of x per target, bf16 sums): 6 %
         with use_fused(False):

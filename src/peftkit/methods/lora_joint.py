@@ -58,6 +58,7 @@ from .lora_kernels import (
     _dropped_for_backward,
     _frozen_base_weight,
     adapter_weights,
+    drop_,
     dropout_p,
     fused_enabled,
     keep_probability,
@@ -205,12 +206,12 @@ def joined_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
                 _drop_group(leader)
         _state.pending = pending = {}
     p = lead[4]
-    dropped, seed, bits = shared_dropout(x, p, lead[1].dtype) if p > 0 else (None, 0, None)  # x̄ in A's dtype
+    dropped, seed, gaps = shared_dropout(x, p, lead[1].dtype) if p > 0 else (None, 0, None)  # x̄ in A's dtype
     tensors: list[torch.Tensor | None] = []
     for _, A, B, base, _ in members:
         tensors += [base.weight, base.bias, A, B]
     scalings = tuple(m_layer.scaling[m[0]] for m_layer, m in zip(layers, members, strict=True))
-    outs = JointLoraFunction.apply(x, dropped, scalings, p, seed, bits, *tensors)
+    outs = JointLoraFunction.apply(x, dropped, scalings, p, seed, gaps, *tensors)
     x_ref, version, leader_ref = weakref.ref(x), version_of(x), weakref.ref(layer)
     for follower, member, out in zip(layers[1:], members[1:], outs[1:], strict=True):
         pending[id(follower)] = (x_ref, version, leader_ref, _param_versions(member), out)
@@ -222,12 +223,12 @@ class JointLoraFunction(torch.autograd.Function):
 
     ``tensors``: per target (W (d_out, d_in), frozen, plain or NF4, and bias or None, in x's dtype; A (r, d_in) and
     B (d_out, r) in the adapters' dtype, x's or wider); ``dropped`` is x̄ = x ⊙ keep in the adapters' dtype (mask of
-    ``seed``) or None without dropout; ``bits`` the mask packed (kept for backward) or None (backward draws it
+    ``seed``) or None without dropout; ``gaps`` the mask's gaps kept for backward or None (backward draws them
     again from ``seed``)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, scalings: tuple[float, ...], p: float,
-                seed: int, bits: torch.Tensor | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                seed: int, gaps: torch.Tensor | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         n = len(scalings)
         weights, biases, As, Bs = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
@@ -250,7 +251,7 @@ class JointLoraFunction(torch.autograd.Function):
                 y = _base_matmul(x2, w_t, biases[i]).addmm_(h, Bs[i].T, alpha=scalings[i])
             outs.append(y.view(*x.shape[:-1], -1))
             start += r
-        ctx.save_for_backward(x, H, bits, *weights, *As, *Bs)
+        ctx.save_for_backward(x, H, gaps, *weights, *As, *Bs)
         ctx.scalings, ctx.p, ctx.seed, ctx.n = scalings, p, seed, n
         ctx.has_bias = tuple(b is not None for b in biases)
         return tuple(outs)
@@ -258,9 +259,9 @@ class JointLoraFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         n = ctx.n
-        x, H, bits, *rest = ctx.saved_tensors
+        x, H, gaps, *rest = ctx.saved_tensors
         weights, As, Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
-        need = ctx.needs_input_grad  # x, dropped, scalings, p, seed, bits, then (W, b, A, B) per target
+        need = ctx.needs_input_grad  # x, dropped, scalings, p, seed, gaps, then (W, b, A, B) per target
         d_in, ad = x.shape[-1], H.dtype  # H is in the adapters' dtype
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         grad_H = H.new_zeros(H.shape) if any(g is None for g in gs) else None
@@ -282,10 +283,10 @@ class JointLoraFunction(torch.autograd.Function):
             start += r
         if grad_H is None:
             grad_H = torch.cat(parts, 1)
-        keep = dropped = None
+        drops = dropped = None
         need_A = any(need[6 + 4 * i + 2] for i in range(n))
         if ctx.p > 0:
-            keep, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, ad, need_A, bits)
+            drops, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, ad, need_A, gaps)
         elif need_A:
             dropped = x.to(ad)
         if need_A:
@@ -299,8 +300,8 @@ class JointLoraFunction(torch.autograd.Function):
         grad_x = None
         if need[0]:
             grad_x = grad_H @ torch.cat(As)
-            if keep is not None:
-                grad_x.mul_(keep.view(-1, d_in))
+            if drops is not None:
+                drop_(grad_x, drops)
             grad_x = grad_x.to(x.dtype)  # the LoRA terms summed in the adapters' dtype, then cast
             for i in range(n):
                 if gs[i] is None:

@@ -30,15 +30,18 @@ When the base is not a plain frozen Linear/Conv1D (nested adapter layers, an int
 another adapter came first, the base output ``result`` is computed as usual and the function only adds
 ``s · h Bᵀ`` into it.
 
-Dropout: ``keep`` comes from :func:`dropout_keep`, a mask drawn from one integer seed (16 random bits per
-element, kept where they are ≥ p·2¹⁶, so p is rounded to a multiple of 2⁻¹⁶). One seed, hence one mask,
-serves every target that reads the same input tensor (q, k and v read one normed hidden state): the first
-target draws it, its siblings find it in a small per-thread cache keyed by the input tensor's identity and
-version. HF PEFT draws an independent mask per target; in expectation the two are the same estimator. In
-training such siblings usually run as one node instead (methods/lora_joint.py); this function is the path for
-every other target and case. On CPU the mask is also kept for backward packed as bits (1/32 of x's bytes in fp32;
-unpacking took about a fifth of the time of drawing it again); elsewhere, or with ``use_packed_mask(False)``,
-backward draws it again from the seed.
+Dropout: the mask comes from one integer seed as the gaps between its dropped elements (:func:`drop_gaps`:
+each element dropped independently with probability p, so the run of kept elements before each drop is
+geometric; ~p·n draws instead of one per element). x̄ = x ⊙ keep is a copy of x with those elements zeroed, and
+backward zeroes them in the input's gradient term the same way (:func:`drop_`: a write of p·n elements, not a
+multiply over n). One seed, hence one mask, serves every target that reads the same input tensor (q, k and v read
+one normed hidden state): the first target draws it, its siblings find it in a small per-thread cache keyed by the
+input tensor's identity and version. HF PEFT draws an independent mask per target; in expectation the two are the
+same estimator. In training such siblings usually run as one node instead (methods/lora_joint.py); this function
+is the path for every other target and case. The gaps are kept for backward in the narrowest integer dtype that
+holds them (uint8 at p = 0.05: ~p bytes an element, 1/80 of x in fp32; never more than the mask as bits would
+take); inside torch.compile, with ``use_packed_mask(False)``, or where they would take more, backward draws them
+again from the seed.
 
 The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
 plain torch ops under ordinary autograd, with the same seeds and masks, so outputs and gradients match the
@@ -54,6 +57,7 @@ recomputed forward redraws the same masks.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import weakref
@@ -65,11 +69,6 @@ import torch.nn as nn
 
 from ..quantize import dense_weight, quantization_of
 from ..targeting import is_conv1d
-
-try:  # optional: packs the dropout masks kept for backward (without it backward draws them again)
-    import numpy as _np
-except ImportError:  # pragma: no cover - numpy comes with transformers
-    _np = None
 
 _FUSED = os.environ.get("PEFTKIT_LORA_FUSED", "1").lower() not in ("0", "false", "no", "off")
 
@@ -91,44 +90,94 @@ def use_fused(enabled: bool) -> Iterator[None]:
 
 
 # ---- dropout: a mask from a seed, shared by the targets that read one input ----------------------------
-_BITS = 16
-_PACKED = os.environ.get("PEFTKIT_LORA_PACKED_MASK", "1").lower() not in ("0", "false", "no", "off")
+_KEEP = os.environ.get("PEFTKIT_LORA_PACKED_MASK", "1").lower() not in ("0", "false", "no", "off")
+_SIGMAS = 8.0  # gaps drawn beyond the expected count: a second batch is needed with probability ~1e-15
 
 
 @contextlib.contextmanager
 def use_packed_mask(enabled: bool) -> Iterator[None]:
-    """``with use_packed_mask(False): ...`` draws dropout masks again in backward instead of keeping them as bits
+    """``with use_packed_mask(False): ...`` draws dropout masks again in backward instead of keeping their gaps
     (process-wide; ``PEFTKIT_LORA_PACKED_MASK=0`` in the environment for good)."""
-    global _PACKED
-    before, _PACKED = _PACKED, enabled
+    global _KEEP
+    before, _KEEP = _KEEP, enabled
     try:
         yield
     finally:
-        _PACKED = before
+        _KEEP = before
 
 
 def keep_probability(p: float) -> float:
-    """1 − p with p rounded to the mask's resolution (a multiple of 2⁻¹⁶): the mask's exact keep rate."""
-    return 1.0 - round(p * 2**_BITS) / 2**_BITS
+    """1 − p, the mask's keep rate: the gaps between dropped elements are drawn from p itself."""
+    return 1.0 - p
+
+
+def drop_gaps(n: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The dropout mask of probability p over n elements (flattened in row-major order) that ``seed`` determines,
+    as the gaps between its dropped elements: int64, each ≥ 1, the k-th dropped element at index
+    gap₁ + … + gapₖ − 1, every index < n.
+
+    Each element is dropped independently with probability p (a Bernoulli process), so the number of kept
+    elements before each drop is geometric, P(G = j) = (1 − p)ʲ p: G = ⌊ln U / ln(1 − p)⌋ for U uniform on (0, 1)
+    (32 random bits each, two per 64-bit draw of a torch generator seeded with ``seed``; logarithm in fp64; the
+    distribution is exact but for U's 2⁻³² steps). ~p·n draws instead of one per element, and applying the mask a
+    sparse write (:func:`drop_`) instead of a multiply: at p = 0.05 a sibling group's dropout work took 0.43-0.49×
+    the time of session 12's dense 16-bit mask in forward, 0.48-0.75× in backward (benchmarks/lora_floor.py
+    --parts mask, one thread)."""
+    if not 0 < p < 1:
+        raise ValueError(f"a dropout mask needs 0 < p < 1, got p = {p}")
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    scale = 1.0 / math.log1p(-p)
+    chunks: list[torch.Tensor] = []
+    covered = 0  # elements the gaps so far span
+    while covered < n:
+        mean = (n - covered) * p
+        m = max(int(mean + _SIGMAS * math.sqrt(mean * (1.0 - p))), 0) + 16
+        words = torch.empty((m + 1) // 2, dtype=torch.int64, device=device)
+        words.random_(-(2**63), None, generator=generator)  # every 64-bit pattern (no modulo)
+        u = words.view(torch.int32)[:m].to(torch.float64)  # k ∈ [−2³¹, 2³¹)
+        u.mul_(2.0**-32).add_(0.5 + 2.0**-33)  # U = (k + 2³¹ + ½) / 2³² ∈ (0, 1)
+        gaps = u.log_().mul_(scale).ceil_().to(torch.int64)  # G + 1 (ln U / ln(1 − p) is never an integer but 0)
+        chunks.append(gaps)
+        ends = gaps.cumsum(0)  # each drop's index + 1, from ``covered`` on
+        covered += int(ends[-1])
+    if len(chunks) > 1:
+        gaps = torch.cat(chunks)
+        ends = gaps.cumsum(0)
+    return gaps[:int(torch.searchsorted(ends, n, right=True))]
+
+
+def drop_positions(gaps: torch.Tensor) -> torch.Tensor:
+    """The flat indices (int64, ascending) of the dropped elements whose gaps :func:`drop_gaps` gave (int64 or
+    one of :func:`kept_gaps`' narrow dtypes)."""
+    return gaps.to(torch.int64).cumsum(0).sub_(1)
 
 
 def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device,
                  dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """The keep-mask (``shape``) of dropout probability p that ``seed`` determines, on ``device``: bool, or 0/1 in
-    ``dtype`` (compared straight into it: no bool intermediate).
+    """The keep-mask (``shape``) of dropout probability p that ``seed`` determines (:func:`drop_gaps`), on
+    ``device``, dense: bool, or 0/1 in ``dtype``. The fused path never builds it; the reference path multiplies
+    by it."""
+    keep = torch.ones(shape.numel(), dtype=dtype, device=device)
+    return keep.index_fill_(0, drop_positions(drop_gaps(shape.numel(), p, seed, device)), 0).view(shape)
 
-    Four 16-bit lanes per 64-bit random draw: ~5× faster than ``torch.rand`` on CPU, same on every call."""
-    n = 1
-    for size in shape:
-        n *= size
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64, device=device)
-    lanes = words.view(torch.int16)[:n].view(shape)
-    threshold = -(2 ** (_BITS - 1)) + round(p * 2**_BITS)
-    if dtype == torch.bool:
-        return lanes >= threshold
-    return torch.ge(lanes, threshold, out=torch.empty(shape, dtype=dtype, device=device))
+
+def drop_(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Zero the dropped elements of ``t`` in place (a contiguous tensor of the input's shape, or one viewed as
+    (tokens, d_in)), at ``positions`` (:func:`drop_positions`): a write of p·n elements, no pass over the rest."""
+    t.view(-1).index_fill_(0, positions, 0)
+    return t
+
+
+def kept_gaps(gaps: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The gaps to keep for backward in the narrowest integer dtype that holds them (uint8 when all are ≤ 255, as
+    at p = 0.05 nearly always), or None where that would take more bytes than the mask as bits (n/8): then
+    backward draws the gaps again from the seed."""
+    if gaps.numel() == 0:
+        return gaps.to(torch.uint8)
+    top = int(gaps.max())
+    dtype = next((d for d in (torch.uint8, torch.int16, torch.int32) if top <= torch.iinfo(d).max), torch.int64)
+    return gaps.to(dtype) if gaps.numel() * dtype.itemsize * 8 <= n else None
 
 
 def draw_seed() -> int:
@@ -137,16 +186,16 @@ def draw_seed() -> int:
 
 
 class _SiblingCache(threading.local):
-    """Forward: the last dropped input, (input (weakly), its version, p, x̃'s dtype) -> (seed, x̃); x̃ is held
-    until another input arrives (at most one input-sized tensor). Backward: the last regenerated (mask, x̃) by
-    seed, input and dtype, so siblings whose backwards run one after another regenerate once."""
+    """Forward: the last dropped input, (input (weakly), its version, p, x̄'s dtype) -> (seed, x̄, kept gaps); x̄ is
+    held until another input arrives (at most one input-sized tensor). Backward: the last (positions, x̄) by seed,
+    input and dtype, so siblings whose backwards run one after another rebuild x̄ once."""
 
     def __init__(self) -> None:
         self.key: tuple[Any, int, float, torch.dtype] | None = None
         self.seed = 0
         self.dropped: torch.Tensor | None = None
-        self.bits: torch.Tensor | None = None
-        self.backward: tuple[tuple[int, int, torch.Size, torch.dtype], torch.Tensor, torch.Tensor] | None = None
+        self.gaps: torch.Tensor | None = None
+        self.backward: tuple[tuple[int, int, torch.Size, torch.dtype], torch.Tensor, torch.Tensor | None] | None = None
 
 
 _cache = _SiblingCache()
@@ -159,23 +208,24 @@ def version_of(x: torch.Tensor) -> int:
 
 def shared_dropout(x: torch.Tensor, p: float, dtype: torch.dtype | None = None
                    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """(x̄, seed, bits): x̄ = x ⊙ keep in ``dtype`` (default x's; the adapter's where they differ, e.g. a bf16 x under
+    """(x̄, seed, gaps): x̄ = x ⊙ keep in ``dtype`` (default x's; the adapter's where they differ, e.g. a bf16 x under
     fp32 adapters; x̃ = x̄ / (1 − p), the caller folds the factor into its scaling) with no autograd graph (the
-    caller's backward applies the mask), its seed, and the mask packed 8 elements a byte for backward to unpack
-    instead of drawing it again (:func:`packs_mask`; else None). A sibling target calling with the same tensor
-    (same version) gets the same three."""
+    caller's backward applies the mask), its seed, and the mask's gaps for backward (:func:`kept_gaps`: ~p bytes an
+    element) or None (backward draws them again). A sibling target calling with the same tensor (same version)
+    gets the same three."""
     dtype = x.dtype if dtype is None else dtype
     key = _cache.key
     version = version_of(x)
     if key is not None and key[0]() is x and key[1:] == (version, p, dtype):
-        return _cache.dropped, _cache.seed, _cache.bits
+        return _cache.dropped, _cache.seed, _cache.gaps
     seed = draw_seed()
-    _cache.dropped = _cache.bits = None  # free the previous input's x̃ first
+    _cache.dropped = _cache.gaps = None  # free the previous input's x̄ first
     with torch.no_grad():
-        keep, bits = _draw_keep(x, p, seed, dtype)
-        dropped = _masked(x.detach(), keep, dtype)
-    _cache.key, _cache.seed, _cache.dropped, _cache.bits = (weakref.ref(x), version, p, dtype), seed, dropped, bits
-    return dropped, seed, bits
+        gaps = drop_gaps(x.numel(), p, seed, x.device)
+        dropped = drop_(_dense_copy(x.detach(), dtype), drop_positions(gaps))
+        kept = kept_gaps(gaps, x.numel()) if keeps_mask() else None
+    _cache.key, _cache.seed, _cache.dropped, _cache.gaps = (weakref.ref(x), version, p, dtype), seed, dropped, kept
+    return dropped, seed, kept
 
 
 def shared_seed(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> int:
@@ -183,61 +233,42 @@ def shared_seed(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> 
     return shared_dropout(x, p, dtype)[1]
 
 
-def packs_mask(x: torch.Tensor) -> bool:
-    """Whether x's dropout mask is kept for backward as bits: on CPU, with numpy, outside torch.compile. There
-    drawing a mask took 1.9-3.0 ns an element (torch's CPU generator, 4 elements a 64-bit draw, and the compare)
-    and unpacking its bits 0.4-0.5 ns (numpy.unpackbits and a copy into the gradient's dtype); packing added
-    0.15-0.7 ns to forward (benchmarks/lora_floor.py --parts mask, one thread). The bits take 1/32 of x's bytes in
-    fp32. On an accelerator drawing again is cheap and the mask is not kept."""
-    return _PACKED and _np is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+def keeps_mask() -> bool:
+    """Whether dropout masks are kept for backward as their gaps (default; not inside torch.compile, where backward
+    draws them again): at p = 0.05 about 1/20 byte an element, 1/80 of x in fp32 (a mask as bits takes 1/32);
+    rebuilding the positions from them costs a cumulative sum over p·n numbers."""
+    return _KEEP and not torch.compiler.is_compiling()
 
 
-def _draw_keep(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(keep as 0/1 in ``dtype``, the same mask packed 8 a byte or None) of ``seed`` for x."""
-    if not packs_mask(x):
-        return dropout_keep(x.shape, p, seed, x.device, dtype), None
-    flags = dropout_keep(x.shape, p, seed, x.device, torch.uint8)  # 0/1 bytes: packbits reads them as they are
-    bits = torch.from_numpy(_np.packbits(flags.numpy().reshape(-1)))
-    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(flags), bits
-
-
-def unpack_keep(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """The 0/1 mask (``shape``, ``dtype``) that :func:`shared_dropout` packed into ``bits``."""
-    flags = torch.from_numpy(_np.unpackbits(bits.numpy(), count=shape.numel()))
-    return torch.empty(shape, dtype=dtype).copy_(flags.view(shape))
-
-
-def _masked(x: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x ⊙ keep in ``dtype``, a new tensor (x itself is never written)."""
-    cast = x.to(dtype)  # x itself when it already has the dtype
-    return cast.mul(keep) if cast is x else cast.mul_(keep)
+def _dense_copy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new contiguous tensor of x's values in ``dtype`` (x itself is never written)."""
+    cast = x.to(dtype, memory_format=torch.contiguous_format)
+    return cast.clone() if cast is x else cast
 
 
 def _dropped_for_backward(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype, need_dropped: bool,
-                          bits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(keep as 0/1 in ``dtype``, x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the saved input x, unpacked
-    from ``bits`` where forward kept them, else drawn again; once for siblings whose backwards run in a row. A 0/1
-    mask of the gradient's dtype lets every target mask its term with one in-place multiply (``mul_``) where a
-    bool mask costs ~6× the time on CPU."""
+                          gaps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the dropped elements' positions, x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the saved input x, from
+    the ``gaps`` forward kept or drawn again; once for siblings whose backwards run in a row."""
     key = (seed, x.data_ptr(), x.shape, dtype)
     cached = _cache.backward
     if cached is not None and cached[0] == key and (cached[2] is not None or not need_dropped):
         return cached[1], cached[2]
     _cache.backward = None
-    keep = _keep_for_backward(x.shape, p, seed, x.device, dtype, bits)
-    dropped = _masked(x, keep, dtype) if need_dropped else None
-    _cache.backward = (key, keep, dropped)
-    return keep, dropped
+    positions = _positions_for_backward(x.numel(), p, seed, x.device, gaps)
+    dropped = drop_(_dense_copy(x, dtype), positions) if need_dropped else None
+    _cache.backward = (key, positions, dropped)
+    return positions, dropped
 
 
-def _keep_for_backward(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype,
-                       bits: torch.Tensor | None) -> torch.Tensor:
-    return unpack_keep(bits, shape, dtype) if bits is not None else dropout_keep(shape, p, seed, device, dtype)
+def _positions_for_backward(n: int, p: float, seed: int, device: torch.device,
+                            gaps: torch.Tensor | None) -> torch.Tensor:
+    return drop_positions(gaps if gaps is not None else drop_gaps(n, p, seed, device))
 
 
 def clear_caches() -> None:
-    """Drop this thread's dropout caches (each holds at most one input-sized x̃ and mask until replaced)."""
-    _cache.key, _cache.dropped, _cache.bits, _cache.backward = None, None, None, None
+    """Drop this thread's dropout caches (each holds at most one input-sized x̄ and a mask until replaced)."""
+    _cache.key, _cache.dropped, _cache.gaps, _cache.backward = None, None, None, None
 
 
 # ---- the fused function ----------------------------------------------------------------------------------
@@ -274,36 +305,36 @@ class LoraFunction(torch.autograd.Function):
     x, x̄ (..., d_in); result (..., d_out) or None; weight (d_out, d_in), or (d_in, d_out) when
     ``fan_in_fan_out``, or None (then ``result`` is given); A (r, d_in); B (d_out, r). ``dropped`` is None
     without dropout, else x̄ = x ⊙ keep in A's dtype (``shared_dropout(x, p, A.dtype)``, mask of seed ``seed``,
-    packed as ``bits`` or None; the function folds 1/(1 − p) into ``scaling``). W must be frozen (no gradient for
+    its gaps ``gaps`` kept for backward or None; the function folds 1/(1 − p) into ``scaling``). W must be frozen (no gradient for
     it)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
-                scaling: float, p: float, seed: int, bits: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
+                scaling: float, p: float, seed: int, gaps: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
         if p > 0:
             scaling = scaling / keep_probability(p)  # s̄: (x̃ Aᵀ) Bᵀ s = (x̄ Aᵀ) Bᵀ s̄
         y, h = lora_forward(x, dropped, result, weight, bias, A, B, scaling, fan_in_fan_out)
         need = ctx.needs_input_grad
         # x, not x̄: x is shared with the siblings and often kept anyway (o_proj's input is the attention's saved
-        # output); backward rebuilds x̄ from the mask's bits (or its seed), once per sibling group
+        # output); backward rebuilds x̄ from the mask's gaps (or its seed), once per sibling group
         ctx.save_for_backward(x if need[5] else None, h if need[6] else None, A, B, weight if need[0] else None,
-                              bits if p > 0 else None)
+                              gaps if p > 0 else None)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.x_shape, ctx.x_dtype, ctx.has_result = x.shape, x.dtype, result is not None
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, h, A, B, weight, bits = ctx.saved_tensors
+        x, h, A, B, weight, gaps = ctx.saved_tensors
         need = ctx.needs_input_grad
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, B.shape[0])
         ga = g.to(A.dtype)  # g itself when the adapter shares its dtype
-        keep = dropped = None
+        drops = dropped = None
         if p > 0 and (need[0] or need[5]):
-            keep, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5], bits) if x is not None else \
-                (_keep_for_backward(ctx.x_shape, p, ctx.seed, g.device, A.dtype, bits), None)
+            drops, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5], gaps) if x is not None else \
+                (_positions_for_backward(ctx.x_shape.numel(), p, ctx.seed, g.device, gaps), None)
         elif need[5]:
             dropped = x.to(A.dtype)
         grad_x = grad_result = grad_bias = grad_A = grad_B = None
@@ -316,7 +347,7 @@ class LoraFunction(torch.autograd.Function):
             if need[0]:
                 w = None if weight is None else dense_weight(weight, g.dtype)
                 w = None if w is None else (w.T if ctx.fan_in_fan_out else w)  # (d_out, d_in)
-                grad_x = _input_grad(g, w, grad_h, A, keep, ctx.x_dtype).view(ctx.x_shape)
+                grad_x = _input_grad(g, w, grad_h, A, drops, ctx.x_dtype).view(ctx.x_shape)
         if ctx.has_result and need[2]:
             grad_result = grad_out
         if need[4]:
@@ -400,17 +431,17 @@ def outer_grad(g: torch.Tensor, h: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A: torch.Tensor,
-                keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+                drops: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """g W (``w``: W as (d_out, d_in), or None when the base's own backward gives it) + (g_h A) ⊙ keep, in x's
-    ``dtype`` (``keep``: 0/1 in A's dtype, or None without dropout). The LoRA term is made first (with dropout,
-    masked in place) and the big matmul accumulates g W into it (``addmm_``, β = 1, inside the matmul's own pass,
+    ``dtype`` (``drops``: the dropped elements' positions, or None without dropout). The LoRA term is made first
+    (with dropout, its dropped elements zeroed in place) and the big matmul accumulates g W into it (``addmm_``, β = 1, inside the matmul's own pass,
     as :func:`lora_term_plus_base` does in forward): adding the term into g W afterwards would be one more pass
     over an input-sized tensor. An adapter wider than x: the term is computed in the adapter's dtype and cast, as
     autograd does for the reference's cast of x, then added into g W."""
     wide = w is not None and wide_matmul_dtype(g.dtype, g.device) is not None
     lora = grad_h @ A
-    if keep is not None:
-        lora.mul_(keep.view(-1, A.shape[1]))
+    if drops is not None:
+        drop_(lora, drops)
     if A.dtype != dtype:
         lora = lora.to(dtype)
         return lora if w is None else _base_matmul(g, w, None).add_(lora)
@@ -485,10 +516,10 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
             continue
         p = dropout_p(layer, name)
         # without dropout x̃ is x: passed as None, since torch.compile cannot trace one tensor given twice
-        dropped, seed, bits = shared_dropout(x, p, A.dtype) if p > 0 else (None, 0, None)
+        dropped, seed, gaps = shared_dropout(x, p, A.dtype) if p > 0 else (None, 0, None)
         args = (x, dropped, result, weight if result is None else None, bias if result is None else None, A, B)
         if torch.is_grad_enabled():
-            result = LoraFunction.apply(*args, layer.scaling[name], p, seed, bits, layer.fan_in_fan_out)
+            result = LoraFunction.apply(*args, layer.scaling[name], p, seed, gaps, layer.fan_in_fan_out)
         else:  # no node to record: the same computation, without the autograd.Function's cost
             s = layer.scaling[name] / keep_probability(p) if p > 0 else layer.scaling[name]
             result = lora_forward(*args, s, layer.fan_in_fan_out)[0]
