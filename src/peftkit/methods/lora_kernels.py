@@ -123,6 +123,12 @@ def drop_gaps(n: int, p: float, seed: int, device: torch.device) -> torch.Tensor
     sparse write (:func:`drop_`) instead of a multiply: at p = 0.05 a sibling group's dropout work took 0.43-0.49×
     the time of session 12's dense 16-bit mask in forward, 0.48-0.75× in backward (benchmarks/lora_floor.py
     --parts mask, one thread)."""
+    return _draw_drops(n, p, seed, device)[0]
+
+
+def _draw_drops(n: int, p: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`drop_gaps`, :func:`drop_positions` of them): the positions come from the same cumulative sum that
+    finds where the gaps pass n."""
     if not 0 < p < 1:
         raise ValueError(f"a dropout mask needs 0 < p < 1, got p = {p}")
     generator = torch.Generator(device=device)
@@ -137,14 +143,16 @@ def drop_gaps(n: int, p: float, seed: int, device: torch.device) -> torch.Tensor
         words.random_(-(2**63), None, generator=generator)  # every 64-bit pattern (no modulo)
         u = words.view(torch.int32)[:m].to(torch.float64)  # k ∈ [−2³¹, 2³¹)
         u.mul_(2.0**-32).add_(0.5 + 2.0**-33)  # U = (k + 2³¹ + ½) / 2³² ∈ (0, 1)
-        gaps = u.log_().mul_(scale).ceil_().to(torch.int64)  # G + 1 (ln U / ln(1 − p) is never an integer but 0)
+        # G + 1 as ⌈ln U / ln(1 − p)⌉: the two differ only where that quotient is exactly a whole number ≥ 1 in fp64
+        gaps = u.log_().mul_(scale).ceil_().to(torch.int64)
         chunks.append(gaps)
         ends = gaps.cumsum(0)  # each drop's index + 1, from ``covered`` on
         covered += int(ends[-1])
     if len(chunks) > 1:
         gaps = torch.cat(chunks)
         ends = gaps.cumsum(0)
-    return gaps[:int(torch.searchsorted(ends, n, right=True))]
+    count = int(torch.searchsorted(ends, n, right=True))
+    return gaps[:count], ends[:count].sub_(1)
 
 
 def drop_positions(gaps: torch.Tensor) -> torch.Tensor:
@@ -159,7 +167,7 @@ def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device,
     ``device``, dense: bool, or 0/1 in ``dtype``. The fused path never builds it; the reference path multiplies
     by it."""
     keep = torch.ones(shape.numel(), dtype=dtype, device=device)
-    return keep.index_fill_(0, drop_positions(drop_gaps(shape.numel(), p, seed, device)), 0).view(shape)
+    return keep.index_fill_(0, _draw_drops(shape.numel(), p, seed, device)[1], 0).view(shape)
 
 
 def drop_(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -221,8 +229,8 @@ def shared_dropout(x: torch.Tensor, p: float, dtype: torch.dtype | None = None
     seed = draw_seed()
     _cache.dropped = _cache.gaps = None  # free the previous input's x̄ first
     with torch.no_grad():
-        gaps = drop_gaps(x.numel(), p, seed, x.device)
-        dropped = drop_(_dense_copy(x.detach(), dtype), drop_positions(gaps))
+        gaps, positions = _draw_drops(x.numel(), p, seed, x.device)
+        dropped = drop_(_dense_copy(x.detach(), dtype), positions)
         kept = kept_gaps(gaps, x.numel()) if keeps_mask() else None
     _cache.key, _cache.seed, _cache.dropped, _cache.gaps = (weakref.ref(x), version, p, dtype), seed, dropped, kept
     return dropped, seed, kept
@@ -263,7 +271,7 @@ def _dropped_for_backward(x: torch.Tensor, p: float, seed: int, dtype: torch.dty
 
 def _positions_for_backward(n: int, p: float, seed: int, device: torch.device,
                             gaps: torch.Tensor | None) -> torch.Tensor:
-    return drop_positions(gaps if gaps is not None else drop_gaps(n, p, seed, device))
+    return drop_positions(gaps) if gaps is not None else _draw_drops(n, p, seed, device)[1]
 
 
 def clear_caches() -> None:
