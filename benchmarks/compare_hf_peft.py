@@ -190,6 +190,12 @@ def saved_activation_bytes(step: Callable[[], Any], model: nn.Module) -> int:
     return sum(n for ptr, n in kept.items() if ptr not in excluded)
 
 
+def adamw(params: list[torch.Tensor], args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW as ``--optimizer`` says: ``adamw`` torch's default (on CPU a Python loop over the tensors, ~12 ops
+    each), ``fused`` its fused kernel (transformers' Trainer default, ``adamw_torch_fused``, since torch 2.8)."""
+    return torch.optim.AdamW(params, lr=1e-4, fused=getattr(args, "optimizer", "adamw") == "fused" or None)
+
+
 # ---- the workers ----------------------------------------------------------------------------------------------
 def train_setup(lib: str, case: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[], float]]:
     """A model of one row (lib: peftkit | hf | floor | full) and its training step on a fixed batch."""
@@ -203,7 +209,7 @@ def train_setup(lib: str, case: str, args: argparse.Namespace) -> tuple[nn.Modul
             model.requires_grad_(False)
             model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+        optimizer = adamw(params, args) if params else None
     else:
         pm = wrap(lib, case, model)
         if case == "lora_fa":
@@ -211,7 +217,7 @@ def train_setup(lib: str, case: str, args: argparse.Namespace) -> tuple[nn.Modul
                 __import__("peft.optimizers", fromlist=["x"]).create_lorafa_optimizer
             optimizer = make(pm, r=RANK, lora_alpha=ALPHA, lr=1e-4)
         else:
-            optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+            optimizer = adamw([p for p in pm.parameters() if p.requires_grad], args)
     pm.train()
 
     def step() -> float:
@@ -565,6 +571,9 @@ def main() -> None:
     parser.add_argument("--io-repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", choices=("adamw", "fused"), default="adamw",
+                        help="the training step's AdamW: torch's default (a loop over the tensors on CPU) or fused "
+                             "(transformers' Trainer default)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="the base model's dtype (bf16: the adapters stay fp32, both libraries' default)")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor and full fine-tuning rows")
@@ -602,7 +611,7 @@ def main() -> None:
 
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
         "hidden", "intermediate", "layers", "batch", "seq", "mixed_batch", "mixed_seq", "warmup", "steps",
-        "infer_repeat", "io_repeat", "threads", "seed", "dtype", "jobs", "cases", "device")] + ([] if args.vs_lora else ["--no-vs-lora"])
+        "infer_repeat", "io_repeat", "threads", "seed", "dtype", "jobs", "cases", "device", "optimizer")] + ([] if args.vs_lora else ["--no-vs-lora"])
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(CASES)}")

@@ -202,9 +202,17 @@ def with_kernels(run: Callable[[], torch.Tensor], revision: str) -> Callable[[],
 
     kernels = baseline_kernels(revision)
 
+    def per_row_then(layer: nn.Module, x: torch.Tensor, result: torch.Tensor | None, rows: Any) -> torch.Tensor:
+        # LoraLinear.forward now leaves the base layer to per_row_lora (result None); before session 14 it ran the
+        # base layer and checked the adapters' mix itself, on every call
+        if result is None:
+            result = layer.base_layer(x)
+        layer._check_row_mix(rows.names)
+        return kernels.per_row_lora(layer, x, result, rows)
+
     def swapped() -> torch.Tensor:
         before = lora_module.lora_linear_forward, lora_module.per_row_lora
-        lora_module.lora_linear_forward, lora_module.per_row_lora = kernels.lora_linear_forward, kernels.per_row_lora
+        lora_module.lora_linear_forward, lora_module.per_row_lora = kernels.lora_linear_forward, per_row_then
         try:
             return run()
         finally:

@@ -228,3 +228,55 @@ def test_greedy_generation_with_adapter_names_equals_hf_peft(tmp_path) -> None:
         plain = pm.generate(input_ids=ids, adapter_names=["__base__"] * 4, **greedy)
     assert torch.equal(ours, theirs)
     assert not torch.equal(ours[[0, 1, 3]], plain[[0, 1, 3]])  # the adapters change what is generated
+
+
+def test_a_generate_call_checks_each_layers_tables_once(monkeypatch) -> None:
+    """The stacked tables' cache key (every adapter weight's storage and version) is read on a layer's first call
+    of a generate call, not on every step; the next call reads it again and sees a change made in between."""
+    from peftkit.methods import lora_kernels
+    from peftkit.methods.lora import LoraLinear
+
+    pm = _three_adapters(tiny_llama, target_modules=["q_proj", "v_proj", "down_proj"])
+    layers = {id(m) for m in pm.modules() if isinstance(m, LoraLinear)}
+    checked: list[int] = []
+    real = lora_kernels._row_key
+    monkeypatch.setattr(lora_kernels, "_row_key", lambda layer, names: checked.append(id(layer)) or real(layer, names))
+    ids = torch.randint(1, 128, (3, 5))
+    names = ["b", "c", "default"]
+    greedy = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    first = pm.generate(ids, adapter_names=names, **greedy)
+    assert sorted(checked) == sorted(layers)  # once per layer over 6 steps (prefill + 5 decode steps)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["c"].weight.mul_(40)
+    again = pm.generate(ids, adapter_names=names, **greedy)
+    assert len(checked) == 2 * len(layers)
+    pm.set_adapter("c")
+    assert torch.equal(again[1:2], pm.generate(ids[1:2], **greedy))  # the change is used
+    assert torch.equal(again[[0, 2]], first[[0, 2]]) and not torch.equal(again[1], first[1])
+
+
+def test_base_matmul_into_the_rows_term_equals_base_then_term(monkeypatch) -> None:
+    """Without gradients the mixed rows' s·B A x is written first and x Wᵀ + b accumulated into it; with gradients
+    the base layer runs first and the term is added: the same values (fp32 rounding apart), grouped and gathered,
+    with a bias (GPT-2's Conv1D) and without."""
+    from peftkit.methods import lora_kernels
+
+    taken: list[bool] = []
+    real = lora_kernels._plain_base
+    monkeypatch.setattr(lora_kernels, "_plain_base",
+                        lambda layer, x: taken.append((out := real(layer, x)) is not None) or out)
+    for make, targets in ((tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])):
+        pm = _three_adapters(make, target_modules=targets)
+        with torch.no_grad():  # GPT-2's biases start at zero
+            biases = [p.normal_(0, 0.5) for n, p in pm.named_parameters() if n.endswith("base_layer.bias")]
+        assert bool(biases) == (make is tiny_gpt2)
+        for names in (["b", "__base__", "default", "c"], ["default"] * 7 + ["c"]):
+            ids = torch.randint(1, 128, (len(names), 40))
+            with torch.no_grad():
+                fused = pm(ids, adapter_names=names).logits
+            reference = pm(ids, adapter_names=names).logits  # gradients on: base layer, then the term
+            assert reference.requires_grad
+            torch.testing.assert_close(fused, reference.detach(), rtol=1e-5, atol=1e-5)
+            assert (fused[0] - fused[-1]).abs().max() > 1e-2
+    assert taken and all(taken)  # every call without gradients took the base matmul itself

@@ -80,6 +80,10 @@ class RowAdapters:
     pick: torch.Tensor  # (batch,) int64: index with -1 replaced by len(names), the stacked tables' base slot
     groups: RowGroups
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
+    # per layer, what a method made of its adapters' weights for these rows (LoRA's stacked tables), kept for
+    # the rest of this call: a generate call's steps run every layer again with weights that cannot change
+    # between them (no optimizer runs inside generate), so each layer's tables are checked once per call
+    _tables: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_names(cls, adapter_names: list[str]) -> RowAdapters:

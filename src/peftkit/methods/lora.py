@@ -231,14 +231,14 @@ class LoraLinear(LoraLayer):
             out = joined_forward(self, x) if len(self.active_adapters) == 1 else None
             return out if out is not None else lora_linear_forward(self, x, self.active_adapters)
         # ---- the reference path: base layer, then each adapter's variant --------------------------------
+        if not off and self.row_adapters is not None:  # each row through its own adapter (lora_kernels.per_row_lora)
+            rows = self.row_adapters
+            rows.check_batch(x.shape[0])
+            return per_row_lora(self, x, None if not args and not kwargs else self.base_layer(x, *args, **kwargs),
+                                rows)
         result = self.base_layer(x, *args, **kwargs)
         if off:
             return result
-        if self.row_adapters is not None:  # each row through its own adapter (lora_kernels.per_row_lora)
-            rows = self.row_adapters
-            self._check_row_mix(rows.names)
-            rows.check_batch(x.shape[0])
-            return per_row_lora(self, x, result, rows)
         for name in self.active_adapters:
             result = self.variant[name].forward(self, name, x, result)
         return result
