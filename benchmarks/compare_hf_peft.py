@@ -84,6 +84,7 @@ def _case(peftkit_cfg: Callable[[Any], Any], hf_cfg: Callable[[Any], Any] | None
 CASES: dict[str, dict[str, Any]] = {
     "lora": _case(lambda pk: _lora(pk), lambda hf: _lora(hf)),
     "lora_p05": _case(lambda pk: _lora(pk, 0.05), lambda hf: _lora(hf, 0.05)),
+    "lora_p03": _case(lambda pk: _lora(pk, 0.3), lambda hf: _lora(hf, 0.3)),  # only when named (--cases)
     "lora_fa": _case(lambda pk: pk.LoraFAConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"),
                      lambda hf: _lora(hf)),  # HF: LoRA + its create_lorafa_optimizer
     "vera": _case(lambda pk: pk.VeraConfig(r=VERA_RANK, target_modules="all-linear"),
@@ -106,6 +107,9 @@ SHAPES: dict[str, tuple[int, int, int]] = {"narrow256": (256, 688, 8), "narrow51
 MIXABLE = ("lora", "vera", "dora", "ia3")  # mixed-batch rows
 EVAL_CASES = ("lora", "vera", "dora", "ia3")  # inference / mixed / io rows (LoRA-FA is LoRA at inference)
 JOBS = ("train", "infer", "mixed", "io")
+
+
+NAMED_ONLY = ("lora_p03",)  # cases a run includes only when --cases names them (dropout's dense mask, p ≥ 1/8)
 
 
 # ---- shared helpers (worker side) -----------------------------------------------------------------------------
@@ -553,7 +557,8 @@ def table(summary: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated, from {', '.join(JOBS)}")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--cases", default=",".join(c for c in CASES if c not in NAMED_ONLY),
+                        help=f"comma-separated, from {', '.join(CASES)} (default all but {', '.join(NAMED_ONLY)})")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1376)

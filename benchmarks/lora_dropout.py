@@ -123,11 +123,11 @@ def part_steps(args: argparse.Namespace) -> dict[str, Any]:
         kernels = baseline_kernels(args.baseline)
         joint = baseline_joint(args.baseline, kernels)
         rows[f"lora_p0_{args.baseline}"] = baseline_step(args, "lora", kernels, joint)
-        rows[f"lora_p05_{args.baseline}"] = baseline_step(args, "lora_p05", kernels, joint)
-    rows["lora_p05"] = bench.train_setup("peftkit", "lora_p05", args)[1]
+        rows[f"{args.dropped}_{args.baseline}"] = baseline_step(args, args.dropped, kernels, joint)
+    rows[args.dropped] = bench.train_setup("peftkit", args.dropped, args)[1]
     if args.separate:  # sibling targets each in its own node, as before lora_joint
         rows["lora_p0_separate"] = separate(bench.train_setup("peftkit", "lora", args)[1])
-        rows["lora_p05_separate"] = separate(bench.train_setup("peftkit", "lora_p05", args)[1])
+        rows[f"{args.dropped}_separate"] = separate(bench.train_setup("peftkit", args.dropped, args)[1])
     if args.rows:  # a subset, e.g. the two p 0.05 rows for a long A/B of kernels
         rows = {k: v for k, v in rows.items() if k in args.rows.split(",")}
     times = round_robin(rows, args.turns, rotate=True, progress=True)
@@ -359,6 +359,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--dropped", default="lora_p05", choices=("lora_p05", "lora_p03"),
+                        help="steps: compare_hf_peft's case of the rows with dropout (lora_p03: p 0.3, a dense mask)")
     parser.add_argument("--rows", default="", help="steps: only these rows (comma-separated; default all)")
     parser.add_argument("--repeat", type=int, default=20, help="repeats of each mask op (ops)")
     parser.add_argument("--top", type=int, default=14, help="ops shown in the profile table")

@@ -14,9 +14,11 @@ d_in → d_out and rank r, six products per token: x̄ Aᵀ and h Bᵀ (forward)
 * ``orient``: B's gradient as gᵀ h against (hᵀ g)ᵀ, per d_out (``lora_kernels.outer_grad`` picks by d_out).
 * ``order``: the forward's term-first order (``lora_kernels.lora_term_plus_base``: b + s·h Bᵀ written first, x Wᵀ
   accumulated into it by the matmul) against base-first (x Wᵀ + b, then ``addmm_`` of the term), per target shape.
-* ``mask``: a sibling group's dropout work per element of its input, forward and backward, now (the drops' gaps,
-  ``lora_kernels.drop_gaps``; x̄ a copy with those elements zeroed; the gradient term zeroed there in place)
-  against session 12's dense mask (16 random bits an element, kept as bits), at p 0.05 and 0.1.
+* ``mask``: a sibling group's dropout work per element of its input, forward and backward: the drops' gaps
+  (``lora_kernels.drop_gaps``; x̄ a copy with those elements zeroed; the gradient term zeroed there in place), the
+  dense mask (``lora_kernels.dense_keep``, used from p = 1/8: 16-bit lanes, kept as bits packed in torch) and
+  session 12's dense mask (16-bit lanes, kept as bits packed by numpy), at each p of ``--mask-p`` (default 0.05,
+  0.1).
 
 Pairs run alternately, ``--rounds`` rounds, medians of per-round ratios (a busy machine slows both sides alike).
 
@@ -177,13 +179,16 @@ def _unpack_before(bits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def mask(args: argparse.Namespace) -> dict[str, Any]:
-    """A target group's dropout work per element of its input, before (session 12: a dense mask, kept as bits)
-    and now (the drops' gaps, x̄ a copy with them zeroed, the gradient term zeroed there in place), forward and
-    backward, side by side. Each side does what the fused path does for one group with one target: forward makes
-    x̄ and what it keeps, backward makes x̄ again and masks the term g_h A."""
+    """A target group's dropout work per element of its input, side by side: session 12's dense mask (kept as
+    bits by numpy), the drops' gaps (x̄ a copy with them zeroed, the gradient term zeroed there in place) and the
+    dense mask of session 14 (x̄ and the term multiplied by it, kept as bits), forward and backward, at each of
+    ``--mask-p``; "now" is what ``lora_kernels.dense_mask_from`` picks at that p. Each side does what the fused
+    path does for one group with one target: forward makes x̄ and what it keeps, backward makes x̄ again and masks
+    the term g_h A."""
     tokens, out = args.batch * args.seq, {}
     seed = 1234
-    for p in (0.05, 0.1):
+    cpu = torch.device("cpu")
+    for p in (float(v) for v in args.mask_p.split(",")):
         for width in sorted({args.hidden, args.intermediate}):
             x, term = torch.randn(tokens, width), torch.randn(tokens, width)
             n = x.numel()
@@ -198,26 +203,41 @@ def mask(args: argparse.Namespace) -> dict[str, Any]:
                 keep = _unpack_before(bits, x)
                 return x.mul(keep), term.mul_(keep)
 
-            def forward_now(x=x, p=p, n=n):
+            def forward_gaps(x=x, p=p, n=n):
                 drawn = lora_kernels.drop_gaps(n, p, seed, x.device)
                 return lora_kernels.drop_(x.clone(), lora_kernels.drop_positions(drawn)), lora_kernels.kept_gaps(drawn, n)
 
-            def backward_now(x=x, gaps=gaps, term=term, p=p, n=n):
+            def backward_gaps(x=x, gaps=gaps, term=term, p=p, n=n):
                 positions = lora_kernels.drop_positions(gaps if gaps is not None else
                                                         lora_kernels.drop_gaps(n, p, seed, x.device))
                 return lora_kernels.drop_(x.clone(), positions), lora_kernels.drop_(term, positions)
 
-            times = alternate({"forward before": forward_before, "forward now": forward_now,
-                               "backward before": backward_before, "backward now": backward_now,
-                               "gaps alone": lambda n=n, p=p: lora_kernels.drop_gaps(n, p, seed, torch.device("cpu")),
+            bits = lora_kernels.pack_bits(lora_kernels.dense_keep(n, p, seed, cpu))
+
+            def forward_dense(x=x, p=p, n=n):  # as shared_dropout: x̄ made in the keep mask's buffer, bits kept
+                flags = lora_kernels.dense_keep(n, p, seed, cpu)
+                return lora_kernels._keep_as(flags, x.shape, x.dtype).mul_(x), lora_kernels.pack_bits(flags)
+
+            def backward_dense(x=x, term=term, p=p, n=n, bits=bits):  # as _dropped_for_backward, then the term
+                keep = lora_kernels._keep_as(lora_kernels.unpack_bits(bits, n), x.shape, x.dtype)
+                return keep.mul(x), lora_kernels.drop_(term, keep)
+
+            times = alternate({"forward before": forward_before, "forward gaps": forward_gaps,
+                               "forward dense": forward_dense, "backward before": backward_before,
+                               "backward gaps": backward_gaps, "backward dense": backward_dense,
                                "x copy alone": lambda x=x: x.clone()}, args.rounds, args.inner)
+            now = "dense" if lora_kernels.dense_mask_from(p) else "gaps"
+            times["forward now"], times["backward now"] = times[f"forward {now}"], times[f"backward {now}"]
             ns = {k: statistics.median(v) * 1e9 / n for k, v in times.items()}
             out[f"p{p}_{width}"] = {
-                "p": p, "width": width, "ns_per_element": ns,
+                "p": p, "width": width, "now": now, "ns_per_element": ns,
                 "forward_now_vs_before": ratio(times, "forward now", "forward before"),
                 "backward_now_vs_before": ratio(times, "backward now", "backward before"),
+                "dense_vs_gaps": {"forward": ratio(times, "forward dense", "forward gaps"),
+                                  "backward": ratio(times, "backward dense", "backward gaps")},
                 "kept_bytes_per_element": {"before": bits.numel() / n,
-                                           "now": 0.0 if gaps is None else gaps.numel() * gaps.element_size() / n}}
+                                           "now": bits.numel() / n if now == "dense" else 0.0 if gaps is None
+                                           else gaps.numel() * gaps.element_size() / n}}
     return out
 
 
@@ -250,15 +270,16 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
                   for n, r in res["order"].items()]
         lines.append("")
     if "mask" in res:
-        lines += ["| p | input width | forward ns/el before → now | backward ns/el before → now | now ÷ before "
-                  "(fwd, bwd) | gaps alone ns/el | x copy ns/el | kept B/el before → now |",
-                  "|---:|---:|---|---|---|---:|---:|---|"]
+        lines += ["| p | input width | forward ns/el: session 12 / gaps / dense | backward ns/el: session 12 / gaps / "
+                  "dense | now | dense ÷ gaps (fwd, bwd) | now ÷ session 12 (fwd, bwd) | kept B/el session 12 → now |",
+                  "|---:|---:|---|---|---|---|---|---|"]
         for r in res["mask"].values():
-            ns, kept = r["ns_per_element"], r["kept_bytes_per_element"]
-            lines.append(f"| {r['p']} | {r['width']} | {ns['forward before']:.2f} → **{ns['forward now']:.2f}** | "
-                         f"{ns['backward before']:.2f} → **{ns['backward now']:.2f}** | "
+            ns, kept, dg = r["ns_per_element"], r["kept_bytes_per_element"], r["dense_vs_gaps"]
+            lines.append(f"| {r['p']} | {r['width']} | {ns['forward before']:.2f} / {ns['forward gaps']:.2f} / "
+                         f"{ns['forward dense']:.2f} | {ns['backward before']:.2f} / {ns['backward gaps']:.2f} / "
+                         f"{ns['backward dense']:.2f} | {r['now']} | {dg['forward']:.2f}, {dg['backward']:.2f} | "
                          f"{r['forward_now_vs_before']:.2f}, {r['backward_now_vs_before']:.2f} | "
-                         f"{ns['gaps alone']:.2f} | {ns['x copy alone']:.2f} | {kept['before']:.3f} → {kept['now']:.3f} |")
+                         f"{kept['before']:.3f} → {kept['now']:.3f} |")
     return "\n".join(lines)
 
 
@@ -273,6 +294,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7, help="floor steps timed (matmuls)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mask-p", default="0.05,0.1", help="dropout probabilities of the mask part")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.hidden, args.intermediate, args.layers = bench.SHAPES[args.shape]

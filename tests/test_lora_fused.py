@@ -80,29 +80,43 @@ def _gaps(keep: torch.Tensor) -> torch.Tensor:
     return torch.diff(dropped, prepend=torch.tensor([-1])).to(torch.uint8)
 
 
+def _bits(keep: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask packed eight elements a byte, element 8k + j at bit j of byte k, as forward keeps a dense mask
+    (p ≥ 1/8), written out with a weighted sum (independently of lora_kernels' bit tricks)."""
+    flags = keep.reshape(-1).to(torch.int64)
+    flags = torch.cat([flags, flags.new_zeros((-flags.numel()) % 8)]).view(-1, 8)
+    return (flags * (2 ** torch.arange(8))).sum(1).to(torch.uint8)
+
+
+def _kept(keep: torch.Tensor, p: float) -> torch.Tensor:
+    """What forward keeps of the mask for backward: its gaps below p = 1/8, its bits from there."""
+    return _bits(keep) if p >= 0.125 else _gaps(keep)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4])
 @pytest.mark.parametrize("packed", [False, True])
-def test_fused_function_gradcheck(packed: bool) -> None:
+def test_fused_function_gradcheck(packed: bool, p: float) -> None:
     """LoraFunction's backward against finite differences (both routes: base inside and base given), the mask
-    drawn again from its seed in backward or rebuilt from the gaps forward kept."""
+    drawn again from its seed in backward or rebuilt from what forward kept (gaps at p 0.1, bits at 0.4)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     W, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64, requires_grad=True)
     A = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    p, seed = 0.4, 1234
+    seed = 1234 if p > 0.2 else 1
     dropped = x.detach() * dropout_keep(x.shape, p, seed, x.device) / keep_probability(p)
 
     def routed(x, b, A, B):  # x̄ = x ⊙ keep must follow x for finite differences: rebuild it from the same mask
         xd = x.detach() * dropout_keep(x.shape, p, seed, x.device)  # the function folds 1/(1 − p) into s
-        gaps = _gaps(dropout_keep(x.shape, p, seed, x.device)) if packed else None
-        return LoraFunction.apply(x, xd, None, W, b, A, B, 1.5, p, seed, gaps, False)
+        kept = _kept(dropout_keep(x.shape, p, seed, x.device), p) if packed else None
+        return LoraFunction.apply(x, xd, None, W, b, A, B, 1.5, p, seed, kept, False)
 
     assert torch.autograd.gradcheck(routed, (x, b, A, B))
     result = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, r, A, B: LoraFunction.apply(x, x.detach(), r, None, None, A, B, 0.7, 0.0, 0, None, False),
         (x, result, A, B))
-    assert dropped.ne(0).float().mean() < 0.9  # the mask really drops
+    assert 0 < dropped.eq(0).sum() < x.numel()  # the mask really drops, and keeps
 
 
 @pytest.mark.parametrize("joint", [False, True])
@@ -159,16 +173,18 @@ def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
 
 
 def _kept_mask_bytes(shape: torch.Size, p: float) -> int:
-    """Bytes of the mask forward keeps for the last seed drawn: its gaps, a byte each where all fit in uint8 (two
-    where one is wider), none where they would take more than the mask as bits (n/8)."""
+    """Bytes of the mask forward keeps for the last seed drawn: from p = 1/8 its bits (⌈n/8⌉); below, its gaps, a
+    byte each where all fit in uint8 (two where one is wider), none where they would take more than bits."""
     if p == 0:
         return 0
+    if p >= 0.125:
+        return (shape.numel() + 7) // 8
     gaps = _gaps(dropout_keep(shape, p, lora_kernels._cache.seed, torch.device("cpu"))).to(torch.int64)
     width = 1 if gaps.numel() == 0 or gaps.max() <= 255 else 2
     return gaps.numel() * width if gaps.numel() * width * 8 <= shape.numel() else 0
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3])
 def test_fused_saves_less_than_reference(p: float) -> None:
     tokens, d_in, r = 64, 96, 4
     layer = LoraLinear(nn.Linear(d_in, 80).requires_grad_(False))
@@ -179,7 +195,7 @@ def test_fused_saves_less_than_reference(p: float) -> None:
     fused = _saved_bytes(layer, x)
     with use_fused(False):
         reference = _saved_bytes(layer, x)
-    # x and h, and with dropout the mask's gaps (~p bytes an element); with use_packed_mask(False) only its seed
+    # x and h, and with dropout the mask's gaps (~p bytes an element) or bits; with use_packed_mask(False) only its seed
     mask = _kept_mask_bytes(x.shape, p)
     assert fused == tokens * (d_in + r) * 4 + mask and (mask > 0.05 * x.numel() if p > 0 else mask == 0)
     assert fused < reference if p > 0 else fused <= reference
@@ -234,24 +250,57 @@ def test_dropout_costs_the_fewest_passes_over_the_input() -> None:
     assert _input_sized_passes(layer, x) == []
 
 
+def test_dense_dropout_mask_passes_over_the_input() -> None:
+    """From p = 1/8 the mask is dense (a 16-bit lane an element): forward compares the lanes into 0/1 bytes (ge),
+    copies them into x's dtype and multiplies x in (x̄ is made in the mask's buffer); backward unpacks the bits
+    forward kept (on eighth-sized words, no input-sized pass), copies them into x's dtype, multiplies x and the
+    LoRA term by it. Drawn again (use_packed_mask(False)), backward compares lanes once more."""
+    tokens, d_in = 64, 96
+    layer = LoraLinear(nn.Linear(d_in, 80).requires_grad_(False))
+    layer.update_layer("default", LoraConfig(r=4, lora_dropout=0.3, init_lora_weights=False), "m")
+    layer.set_adapter(["default"])
+    layer.train()
+    assert _input_sized_passes(layer, torch.randn(tokens, d_in, requires_grad=True)) == \
+        ["ge", "copy_", "mul_", "copy_", "mul", "mul_"]
+    with use_packed_mask(False):
+        assert _input_sized_passes(layer, torch.randn(tokens, d_in, requires_grad=True)) == \
+            ["ge", "copy_", "mul_", "ge", "copy_", "mul", "mul_"]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+def test_mask_bits_pack_and_unpack_exactly(n: int) -> None:
+    torch.manual_seed(n)
+    flags = (torch.rand(n) < 0.5).to(torch.uint8)
+    bits = lora_kernels.pack_bits(flags)
+    assert torch.equal(bits, _bits(flags)) and bits.numel() == (n + 7) // 8
+    assert torch.equal(lora_kernels.unpack_bits(bits, n), flags)
+    every = torch.arange(256, dtype=torch.uint8)  # every byte value round trip
+    assert torch.equal(lora_kernels.pack_bits(lora_kernels.unpack_bits(every, 2048)), every)
+
+
 def _runs(flags: torch.Tensor) -> torch.Tensor:
     """Lengths of the runs of kept elements before each drop in a flat 0/1 mask (a drop right after a drop: 0)."""
     dropped = torch.nonzero(flags == 0).reshape(-1)
     return torch.diff(dropped, prepend=torch.tensor([-1])) - 1
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3])
+@pytest.mark.parametrize("p", [0.05, 0.12, 0.125, 0.3, 0.7])
 def test_dropout_mask_is_a_bernoulli_process_of_rate_p(p: float) -> None:
     """Each element dropped independently with probability p: the drop rate is p (to 5 standard errors), the runs
     of kept elements before each drop are geometric, P(run = j) = (1 − p)ʲ p, pairs of neighbours both drop at
-    p², and the rate is the same at the start and the end of the tensor. Deterministic per seed."""
+    p², and the rate is the same at the start and the end of the tensor. Deterministic per seed. Below p = 1/8
+    the mask is drawn as gaps from p itself; from 1/8 dense, from 16-bit lanes: p in steps of 2⁻¹⁶, and the keep
+    rate the function scales by is that mask's own."""
     shape = torch.Size((500, 800))
     n = shape.numel()
     keep = dropout_keep(shape, p, 7, torch.device("cpu"))
     flags = keep.reshape(-1).to(torch.int64)
     rate = 1 - flags.double().mean().item()
     assert abs(rate - p) < 5 * (p * (1 - p) / n) ** 0.5
-    assert keep_probability(p) == 1 - p
+    if p < 0.125:
+        assert keep_probability(p) == 1 - p
+    else:
+        assert keep_probability(p) == 1 - round(p * 65536) / 65536 and abs(keep_probability(p) - (1 - p)) <= 2**-17
     for half in (flags[: n // 2], flags[n // 2:]):
         assert abs((1 - half.double().mean().item()) - p) < 5 * (p * (1 - p) / (n // 2)) ** 0.5
     both = ((flags[:-1] == 0) & (flags[1:] == 0)).double().mean().item()

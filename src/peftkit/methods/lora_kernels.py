@@ -41,7 +41,9 @@ same estimator. In training such siblings usually run as one node instead (metho
 is the path for every other target and case. The gaps are kept for backward in the narrowest integer dtype that
 holds them (uint8 at p = 0.05: ~p bytes an element, 1/80 of x in fp32; never more than the mask as bits would
 take); inside torch.compile, with ``use_packed_mask(False)``, or where they would take more, backward draws them
-again from the seed.
+again from the seed. From p = 1/8 (:data:`DENSE_FROM`), where the gaps would take more bytes than the mask as bits,
+the mask is drawn dense instead, a 16-bit lane an element (:func:`dense_keep`), and kept as bits
+(:func:`pack_bits`): there a gap per few elements costs more time than that too.
 
 The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
 plain torch ops under ordinary autograd, with the same seeds and masks, so outputs and gradients match the
@@ -107,8 +109,9 @@ def use_packed_mask(enabled: bool) -> Iterator[None]:
 
 
 def keep_probability(p: float) -> float:
-    """1 − p, the mask's keep rate: the gaps between dropped elements are drawn from p itself."""
-    return 1.0 - p
+    """The mask's keep rate: 1 − p for the gaps (drawn from p itself); for a dense mask (p ≥ :data:`DENSE_FROM`)
+    1 − p rounded to its lanes' 2⁻¹⁶ steps, the rate it really keeps, so that x̃ = x̄ / keep rate stays unbiased."""
+    return 1.0 - (round(p * 2**16) / 2**16 if dense_mask_from(p) else p)
 
 
 def drop_gaps(n: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -123,14 +126,81 @@ def drop_gaps(n: int, p: float, seed: int, device: torch.device) -> torch.Tensor
     sparse write (:func:`drop_`) instead of a multiply: at p = 0.05 a sibling group's dropout work took 0.43-0.49×
     the time of session 12's dense 16-bit mask in forward, 0.48-0.75× in backward (benchmarks/lora_floor.py
     --parts mask, one thread)."""
-    return _draw_drops(n, p, seed, device)[0]
+    _check_p(p)
+    return _gap_drops(n, p, seed, device)[0]
 
 
-def _draw_drops(n: int, p: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(:func:`drop_gaps`, :func:`drop_positions` of them): the positions come from the same cumulative sum that
-    finds where the gaps pass n."""
+def _check_p(p: float) -> None:
     if not 0 < p < 1:
         raise ValueError(f"a dropout mask needs 0 < p < 1, got p = {p}")
+
+
+def dense_mask_from(p: float) -> bool:
+    """Whether a mask of probability p is drawn dense (:func:`dense_keep`, kept as bits) rather than as gaps: from
+    p = 1/8 (:data:`DENSE_FROM`) on, where the gaps in uint8 would take more bytes than bits (~p bytes an element
+    against 1/8) and cost more time: the gaps' work grows with p (~10 ns a drop to draw, sum and write, and above
+    1/8 backward draws them again), a dense mask's is ~2.8 ns an element at every p, forward and backward together
+    (benchmarks/lora_floor.py --parts mask: at p 0.1 the two were even, at 0.05 the gaps ahead)."""
+    return p >= DENSE_FROM
+
+
+DENSE_FROM = 0.125
+
+
+def dense_keep(n: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The kept elements (uint8 (n,), 1 where kept, 0 where dropped) of the mask of probability p over n elements
+    that ``seed`` determines, for p ≥ :data:`DENSE_FROM`: element i is dropped where the i-th 16-bit lane of a
+    torch generator seeded with ``seed`` (four a 64-bit draw, every pattern equally likely) is among the lowest
+    round(p·2¹⁶) of its 2¹⁶ values: a drop rate of p in 2⁻¹⁶ steps (:func:`keep_probability` scales by the rate
+    kept). Kept for backward as bits (:func:`pack_bits`)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)  # every 64-bit pattern (no modulo)
+    lanes = words.view(torch.int16)[:n]
+    return torch.ge(lanes, -(2**15) + round(p * 2**16), out=torch.empty(n, dtype=torch.uint8, device=device))
+
+
+def _signed(v: int) -> int:
+    return v - 2**64 if v >= 2**63 else v
+
+
+_PACK = 0x0102040810204080  # Σ 2^(56 − 7j): byte j's low bit lands on bit 56 + j of the product
+_SPREAD = 0x0101010101010101  # a byte repeated into all eight
+_BIT_J = _signed(0x8040201008040201)  # byte j keeps its bit j
+_CARRY = 0x7F7F7F7F7F7F7F7F  # a byte's nonzero value carries into its bit 7, never into the next byte
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """0/1 bytes (uint8 (n,)) packed eight a byte, element 8k + j at bit j of byte k (uint8 (⌈n/8⌉,)). The eight
+    flags of a 64-bit word gathered by one multiply (in uint64: wraps, as in C) and a shift: ~0.2 ns an element."""
+    pad = (-flags.numel()) % 8
+    if pad:
+        flags = torch.cat([flags, flags.new_zeros(pad)])
+    top = flags.view(torch.uint64).mul(_PACK).view(torch.int64)
+    return top.bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`pack_bits`' inverse: uint8 (n,) of 0/1. Each byte spread into a 64-bit word's eight bytes (one
+    multiply), byte j masked to bit j, then every nonzero byte turned into 1 (+0x7F carries into bit 7, a shift by 7
+    brings it down)."""
+    words = bits.to(torch.uint64).mul_(_SPREAD).view(torch.int64)
+    words.bitwise_and_(_BIT_J).add_(_CARRY).bitwise_right_shift_(7).bitwise_and_(_SPREAD)
+    return words.view(torch.uint8)[:n]
+
+
+def _draw_drops(n: int, p: float, seed: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(gaps, drops) of the mask that ``seed`` determines: below :data:`DENSE_FROM` the gaps (:func:`drop_gaps`) and
+    the dropped elements' flat positions (:func:`drop_positions`, from the same cumulative sum that finds where the
+    gaps pass n); from it (None, :func:`dense_keep`)."""
+    _check_p(p)
+    if dense_mask_from(p):
+        return None, dense_keep(n, p, seed, device)
+    return _gap_drops(n, p, seed, device)
+
+
+def _gap_drops(n: int, p: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     scale = 1.0 / math.log1p(-p)
@@ -166,21 +236,35 @@ def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device,
     """The keep-mask (``shape``) of dropout probability p that ``seed`` determines (:func:`drop_gaps`), on
     ``device``, dense: bool, or 0/1 in ``dtype``. The fused path never builds it; the reference path multiplies
     by it."""
-    keep = torch.ones(shape.numel(), dtype=dtype, device=device)
-    return keep.index_fill_(0, _draw_drops(shape.numel(), p, seed, device)[1], 0).view(shape)
+    drops = _draw_drops(shape.numel(), p, seed, device)[1]
+    if drops.dtype == torch.uint8:  # dense: already the keep mask
+        return drops.view(shape).to(dtype)
+    return torch.ones(shape.numel(), dtype=dtype, device=device).index_fill_(0, drops, 0).view(shape)
 
 
-def drop_(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def drop_(t: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:
     """Zero the dropped elements of ``t`` in place (a contiguous tensor of the input's shape, or one viewed as
-    (tokens, d_in)), at ``positions`` (:func:`drop_positions`): a write of p·n elements, no pass over the rest."""
-    t.view(-1).index_fill_(0, positions, 0)
+    (tokens, d_in)). ``drops``: their flat positions (int64, :func:`drop_positions`: a write of p·n elements, no
+    pass over the rest), or for a dense mask (p ≥ :data:`DENSE_FROM`) the keep mask over the elements, 0/1 in a
+    floating dtype or as :func:`dense_keep`'s bytes: t is multiplied by it, as the reference does."""
+    if drops.dtype == torch.int64:
+        t.view(-1).index_fill_(0, drops, 0)
+    else:
+        t.view(-1).mul_(drops.view(-1) if drops.is_floating_point() else drops.view(-1).to(t.dtype))
     return t
 
 
-def kept_gaps(gaps: torch.Tensor, n: int) -> torch.Tensor | None:
+def _keep_as(flags: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dense_keep`'s bytes as a 0/1 tensor of ``shape`` in ``dtype``."""
+    return torch.empty(shape, dtype=dtype, device=flags.device).copy_(flags.view(shape))
+
+
+def kept_gaps(gaps: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """The gaps to keep for backward in the narrowest integer dtype that holds them (uint8 when all are ≤ 255, as
     at p = 0.05 nearly always), or None where that would take more bytes than the mask as bits (n/8): then
     backward draws the gaps again from the seed."""
+    if gaps is None:  # a dense mask (p ≥ DENSE_FROM): drawn again in backward
+        return None
     if gaps.numel() == 0:
         return gaps.to(torch.uint8)
     top = int(gaps.max())
@@ -195,7 +279,7 @@ def draw_seed() -> int:
 
 class _SiblingCache(threading.local):
     """Forward: the last dropped input, (input (weakly), its version, p, x̄'s dtype) -> (seed, x̄, kept gaps); x̄ is
-    held until another input arrives (at most one input-sized tensor). Backward: the last (positions, x̄) by seed,
+    held until another input arrives (at most one input-sized tensor). Backward: the last (drops, x̄) by seed,
     input and dtype, so siblings whose backwards run one after another rebuild x̄ once."""
 
     def __init__(self) -> None:
@@ -229,9 +313,13 @@ def shared_dropout(x: torch.Tensor, p: float, dtype: torch.dtype | None = None
     seed = draw_seed()
     _cache.dropped = _cache.gaps = None  # free the previous input's x̄ first
     with torch.no_grad():
-        gaps, positions = _draw_drops(x.numel(), p, seed, x.device)
-        dropped = drop_(_dense_copy(x.detach(), dtype), positions)
-        kept = kept_gaps(gaps, x.numel()) if keeps_mask() else None
+        gaps, drops = _draw_drops(x.numel(), p, seed, x.device)
+        if gaps is None:  # dense (p ≥ DENSE_FROM): x̄ = keep ⊙ x made in the keep mask's buffer, its bits kept
+            dropped = _keep_as(drops, x.shape, dtype).mul_(x.detach())
+            kept = pack_bits(drops) if keeps_mask() and x.device.type == "cpu" else None
+        else:
+            dropped = drop_(_dense_copy(x.detach(), dtype), drops)
+            kept = kept_gaps(gaps, x.numel()) if keeps_mask() else None
     _cache.key, _cache.seed, _cache.dropped, _cache.gaps = (weakref.ref(x), version, p, dtype), seed, dropped, kept
     return dropped, seed, kept
 
@@ -242,9 +330,10 @@ def shared_seed(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> 
 
 
 def keeps_mask() -> bool:
-    """Whether dropout masks are kept for backward as their gaps (default; not inside torch.compile, where backward
-    draws them again): at p = 0.05 about 1/20 byte an element, 1/80 of x in fp32 (a mask as bits takes 1/32);
-    rebuilding the positions from them costs a cumulative sum over p·n numbers."""
+    """Whether dropout masks are kept for backward (default; not inside torch.compile, where backward draws them
+    again): as their gaps below p = 1/8 (at p = 0.05 about 1/20 byte an element, 1/80 of x in fp32; rebuilding
+    the positions costs a cumulative sum over p·n numbers), as bits from it (1/8 byte an element, on CPU;
+    elsewhere a dense mask is drawn again)."""
     return _KEEP and not torch.compiler.is_compiling()
 
 
@@ -256,22 +345,30 @@ def _dense_copy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _dropped_for_backward(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype, need_dropped: bool,
                           gaps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the dropped elements' positions, x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the saved input x, from
+    """(the dropped elements (:func:`drop_`'s ``drops``), x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the saved input x, from
     the ``gaps`` forward kept or drawn again; once for siblings whose backwards run in a row."""
     key = (seed, x.data_ptr(), x.shape, dtype)
     cached = _cache.backward
     if cached is not None and cached[0] == key and (cached[2] is not None or not need_dropped):
         return cached[1], cached[2]
     _cache.backward = None
-    positions = _positions_for_backward(x.numel(), p, seed, x.device, gaps)
-    dropped = drop_(_dense_copy(x, dtype), positions) if need_dropped else None
-    _cache.backward = (key, positions, dropped)
-    return positions, dropped
+    drops = _drops_for_backward(x.numel(), p, seed, x.device, gaps)
+    if drops.dtype == torch.uint8:  # dense: the keep mask in the adapter's dtype, multiplied by twice
+        drops = _keep_as(drops, x.shape, dtype)
+        dropped = None if not need_dropped else drops.mul(x) if x.dtype == dtype else \
+            _dense_copy(x, dtype).mul_(drops)
+    else:
+        dropped = drop_(_dense_copy(x, dtype), drops) if need_dropped else None
+    _cache.backward = (key, drops, dropped)
+    return drops, dropped
 
 
-def _positions_for_backward(n: int, p: float, seed: int, device: torch.device,
-                            gaps: torch.Tensor | None) -> torch.Tensor:
-    return drop_positions(gaps) if gaps is not None else _draw_drops(n, p, seed, device)[1]
+def _drops_for_backward(n: int, p: float, seed: int, device: torch.device, kept: torch.Tensor | None) -> torch.Tensor:
+    """The dropped elements (:func:`drop_`'s ``drops``) from what forward kept of the mask (its gaps, or for a dense
+    mask its bits), or drawn again from the seed."""
+    if kept is None:
+        return _draw_drops(n, p, seed, device)[1]
+    return unpack_bits(kept, n) if dense_mask_from(p) else drop_positions(kept)
 
 
 def clear_caches() -> None:
@@ -342,7 +439,7 @@ class LoraFunction(torch.autograd.Function):
         drops = dropped = None
         if p > 0 and (need[0] or need[5]):
             drops, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5], gaps) if x is not None else \
-                (_positions_for_backward(ctx.x_shape.numel(), p, ctx.seed, g.device, gaps), None)
+                (_drops_for_backward(ctx.x_shape.numel(), p, ctx.seed, g.device, gaps), None)
         elif need[5]:
             dropped = x.to(A.dtype)
         grad_x = grad_result = grad_bias = grad_A = grad_B = None
@@ -441,7 +538,7 @@ def outer_grad(g: torch.Tensor, h: torch.Tensor, s: float) -> torch.Tensor:
 def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A: torch.Tensor,
                 drops: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """g W (``w``: W as (d_out, d_in), or None when the base's own backward gives it) + (g_h A) ⊙ keep, in x's
-    ``dtype`` (``drops``: the dropped elements' positions, or None without dropout). The LoRA term is made first
+    ``dtype`` (``drops``: the dropped elements, as :func:`drop_` takes them, or None without dropout). The LoRA term is made first
     (with dropout, its dropped elements zeroed in place) and the big matmul accumulates g W into it (``addmm_``, β = 1, inside the matmul's own pass,
     as :func:`lora_term_plus_base` does in forward): adding the term into g W afterwards would be one more pass
     over an input-sized tensor. An adapter wider than x: the term is computed in the adapter's dtype and cast, as
