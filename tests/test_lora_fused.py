@@ -316,6 +316,18 @@ def test_dropout_mask_is_a_bernoulli_process_of_rate_p(p: float) -> None:
     assert as_float.dtype == torch.float32 and torch.equal(as_float, keep.float())  # the same mask as 0/1
 
 
+def test_the_mask_is_dense_from_one_eighth_and_always_off_the_cpu() -> None:
+    """The gaps serve the CPU below p = 1/8; from 1/8, and on any other device at every p (no host waits on a
+    GPU), the mask is dense, and the keep rate the functions scale by follows the mask actually drawn."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [lora_kernels.dense_mask_from(p, cpu) for p in (0.05, 0.1249, 0.125, 0.5)] == [False, False, True, True]
+    assert all(lora_kernels.dense_mask_from(p, gpu) for p in (0.01, 0.05, 0.5))
+    assert lora_kernels.dense_mask_from(0.05) is False  # no device: the CPU's rule
+    p = 0.05 + 1e-6  # not a multiple of 2⁻¹⁶
+    assert keep_probability(p, cpu) == keep_probability(p) == 1 - p
+    assert keep_probability(p, gpu) == 1 - round(p * 2**16) / 2**16 != 1 - p
+
+
 def test_dropout_mask_draws_more_gaps_when_the_first_batch_falls_short(monkeypatch) -> None:
     """The gaps come in batches sized to cover n with ~8 standard deviations to spare; made to fall short, the
     mask draws further batches from the same generator and is still a rate-p mask over all n elements."""

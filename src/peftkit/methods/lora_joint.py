@@ -233,7 +233,7 @@ class JointLoraFunction(torch.autograd.Function):
         n = len(scalings)
         weights, biases, As, Bs = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
         if p > 0:
-            scalings = tuple(s / keep_probability(p) for s in scalings)
+            scalings = tuple(s / keep_probability(p, x.device) for s in scalings)
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
         ad = As[0].dtype  # the adapters' dtype: x's, or wider (fp32 adapters on a bf16 base); x is cast, never kept

@@ -43,7 +43,8 @@ holds them (uint8 at p = 0.05: ~p bytes an element, 1/80 of x in fp32; never mor
 take); inside torch.compile, with ``use_packed_mask(False)``, or where they would take more, backward draws them
 again from the seed. From p = 1/8 (:data:`DENSE_FROM`), where the gaps would take more bytes than the mask as bits,
 the mask is drawn dense instead, a 16-bit lane an element (:func:`dense_keep`), and kept as bits
-(:func:`pack_bits`): there a gap per few elements costs more time than that too.
+(:func:`pack_bits`): there a gap per few elements costs more time than that too. On a GPU the mask is always
+dense and drawn again in backward (the gaps would make the host wait on the device; a draw there is cheap).
 
 The reference: with ``use_fused(False)`` (or ``PEFTKIT_LORA_FUSED=0`` in the environment) every LoRA layer runs
 plain torch ops under ordinary autograd, with the same seeds and masks, so outputs and gradients match the
@@ -108,10 +109,11 @@ def use_packed_mask(enabled: bool) -> Iterator[None]:
         _KEEP = before
 
 
-def keep_probability(p: float) -> float:
-    """The mask's keep rate: 1 − p for the gaps (drawn from p itself); for a dense mask (p ≥ :data:`DENSE_FROM`)
-    1 − p rounded to its lanes' 2⁻¹⁶ steps, the rate it really keeps, so that x̃ = x̄ / keep rate stays unbiased."""
-    return 1.0 - (round(p * 2**16) / 2**16 if dense_mask_from(p) else p)
+def keep_probability(p: float, device: torch.device | None = None) -> float:
+    """The keep rate of the mask of probability p on ``device`` (default CPU): 1 − p for the gaps (drawn from p
+    itself); for a dense mask (:func:`dense_mask_from`) 1 − p rounded to its lanes' 2⁻¹⁶ steps, the rate it really
+    keeps, so that x̃ = x̄ / keep rate stays unbiased."""
+    return 1.0 - (round(p * 2**16) / 2**16 if dense_mask_from(p, device) else p)
 
 
 def drop_gaps(n: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -135,13 +137,16 @@ def _check_p(p: float) -> None:
         raise ValueError(f"a dropout mask needs 0 < p < 1, got p = {p}")
 
 
-def dense_mask_from(p: float) -> bool:
-    """Whether a mask of probability p is drawn dense (:func:`dense_keep`, kept as bits) rather than as gaps: from
-    p = 1/8 (:data:`DENSE_FROM`) on, where the gaps in uint8 would take more bytes than bits (~p bytes an element
-    against 1/8) and cost more time: the gaps' work grows with p (~10 ns a drop to draw, sum and write, and above
-    1/8 backward draws them again), a dense mask's is ~2.8 ns an element at every p, forward and backward together
-    (benchmarks/lora_floor.py --parts mask: at p 0.1 the two were even, at 0.05 the gaps ahead)."""
-    return p >= DENSE_FROM
+def dense_mask_from(p: float, device: torch.device | None = None) -> bool:
+    """Whether a mask of probability p on ``device`` (default CPU) is drawn dense (:func:`dense_keep`) rather than
+    as gaps. On CPU from p = 1/8 (:data:`DENSE_FROM`) on, where the gaps in uint8 would take more bytes than bits
+    (~p bytes an element against 1/8) and cost more time: the gaps' work grows with p (~10 ns a drop to draw, sum
+    and write, and above 1/8 backward draws them again), a dense mask's is ~4 ns an element at every p, forward
+    and backward together (benchmarks/lora_floor.py --parts mask: at p 0.1 the gaps were 0.7-0.9× its time, at
+    0.05 0.6-0.7×). Elsewhere (a GPU) always: there a draw per element costs next to nothing, and the gaps would
+    make the host wait for the device three times a mask (how many gaps cover n, how many fall in it, their
+    largest), which a dense mask never does."""
+    return p >= DENSE_FROM or (device is not None and device.type != "cpu")
 
 
 DENSE_FROM = 0.125
@@ -195,7 +200,7 @@ def _draw_drops(n: int, p: float, seed: int, device: torch.device) -> tuple[torc
     the dropped elements' flat positions (:func:`drop_positions`, from the same cumulative sum that finds where the
     gaps pass n); from it (None, :func:`dense_keep`)."""
     _check_p(p)
-    if dense_mask_from(p):
+    if dense_mask_from(p, device):
         return None, dense_keep(n, p, seed, device)
     return _gap_drops(n, p, seed, device)
 
@@ -368,7 +373,7 @@ def _drops_for_backward(n: int, p: float, seed: int, device: torch.device, kept:
     mask its bits), or drawn again from the seed."""
     if kept is None:
         return _draw_drops(n, p, seed, device)[1]
-    return unpack_bits(kept, n) if dense_mask_from(p) else drop_positions(kept)
+    return unpack_bits(kept, n) if dense_mask_from(p, device) else drop_positions(kept)
 
 
 def clear_caches() -> None:
@@ -418,7 +423,7 @@ class LoraFunction(torch.autograd.Function):
                 weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
                 scaling: float, p: float, seed: int, gaps: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
         if p > 0:
-            scaling = scaling / keep_probability(p)  # s̄: (x̃ Aᵀ) Bᵀ s = (x̄ Aᵀ) Bᵀ s̄
+            scaling = scaling / keep_probability(p, x.device)  # s̄: (x̃ Aᵀ) Bᵀ s = (x̄ Aᵀ) Bᵀ s̄
         y, h = lora_forward(x, dropped, result, weight, bias, A, B, scaling, fan_in_fan_out)
         need = ctx.needs_input_grad
         # x, not x̄: x is shared with the siblings and often kept anyway (o_proj's input is the attention's saved
@@ -626,7 +631,7 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
         if torch.is_grad_enabled():
             result = LoraFunction.apply(*args, layer.scaling[name], p, seed, gaps, layer.fan_in_fan_out)
         else:  # no node to record: the same computation, without the autograd.Function's cost
-            s = layer.scaling[name] / keep_probability(p) if p > 0 else layer.scaling[name]
+            s = layer.scaling[name] / keep_probability(p, x.device) if p > 0 else layer.scaling[name]
             result = lora_forward(*args, s, layer.fan_in_fan_out)[0]
     return result if result is not None else base(x)
 
@@ -644,7 +649,7 @@ def reference_dropped(x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Te
     if p == 0:
         return xa
     keep = dropout_keep(x.shape, p, shared_seed(x, p, dtype), x.device)
-    return xa * keep * (1.0 / keep_probability(p))
+    return xa * keep * (1.0 / keep_probability(p, x.device))
 
 
 # ---- many adapters in one batch (S-LoRA / Punica): stacked weights, gathered per row -------------------------
