@@ -154,10 +154,10 @@ DENSE_FROM = 0.125
 
 def dense_keep(n: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
     """The kept elements (uint8 (n,), 1 where kept, 0 where dropped) of the mask of probability p over n elements
-    that ``seed`` determines, for p ≥ :data:`DENSE_FROM`: element i is dropped where the i-th 16-bit lane of a
-    torch generator seeded with ``seed`` (four a 64-bit draw, every pattern equally likely) is among the lowest
-    round(p·2¹⁶) of its 2¹⁶ values: a drop rate of p in 2⁻¹⁶ steps (:func:`keep_probability` scales by the rate
-    kept). Kept for backward as bits (:func:`pack_bits`)."""
+    that ``seed`` determines, where :func:`dense_mask_from` says so: element i is dropped where the i-th 16-bit
+    lane of a torch generator seeded with ``seed`` (four a 64-bit draw, every pattern equally likely) is among the
+    lowest round(p·2¹⁶) of its 2¹⁶ values: a drop rate of p in 2⁻¹⁶ steps (:func:`keep_probability` scales by the
+    rate kept). Kept for backward as bits on CPU (:func:`pack_bits`), drawn again elsewhere."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
@@ -283,7 +283,7 @@ def draw_seed() -> int:
 
 
 class _SiblingCache(threading.local):
-    """Forward: the last dropped input, (input (weakly), its version, p, x̄'s dtype) -> (seed, x̄, kept gaps); x̄ is
+    """Forward: the last dropped input, (input (weakly), its version, p, x̄'s dtype) -> (seed, x̄, kept gaps or bits); x̄ is
     held until another input arrives (at most one input-sized tensor). Backward: the last (drops, x̄) by seed,
     input and dtype, so siblings whose backwards run one after another rebuild x̄ once."""
 
@@ -350,8 +350,9 @@ def _dense_copy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _dropped_for_backward(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype, need_dropped: bool,
                           gaps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the dropped elements (:func:`drop_`'s ``drops``), x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the saved input x, from
-    the ``gaps`` forward kept or drawn again; once for siblings whose backwards run in a row."""
+    """(the dropped elements (:func:`drop_`'s ``drops``), x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the
+    saved input x, from what forward kept (``gaps``: the gaps, or a dense mask's bits) or drawn again; once for
+    siblings whose backwards run in a row."""
     key = (seed, x.data_ptr(), x.shape, dtype)
     cached = _cache.backward
     if cached is not None and cached[0] == key and (cached[2] is not None or not need_dropped):
