@@ -243,7 +243,7 @@ def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device,
     by it."""
     drops = _draw_drops(shape.numel(), p, seed, device)[1]
     if drops.dtype == torch.uint8:  # dense: already the keep mask
-        return drops.view(shape).to(dtype)
+        return _keep_as(drops, shape, dtype)
     return torch.ones(shape.numel(), dtype=dtype, device=device).index_fill_(0, drops, 0).view(shape)
 
 
@@ -264,12 +264,10 @@ def _keep_as(flags: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torc
     return torch.empty(shape, dtype=dtype, device=flags.device).copy_(flags.view(shape))
 
 
-def kept_gaps(gaps: torch.Tensor | None, n: int) -> torch.Tensor | None:
+def kept_gaps(gaps: torch.Tensor, n: int) -> torch.Tensor | None:
     """The gaps to keep for backward in the narrowest integer dtype that holds them (uint8 when all are ≤ 255, as
     at p = 0.05 nearly always), or None where that would take more bytes than the mask as bits (n/8): then
     backward draws the gaps again from the seed."""
-    if gaps is None:  # a dense mask (p ≥ DENSE_FROM): drawn again in backward
-        return None
     if gaps.numel() == 0:
         return gaps.to(torch.uint8)
     top = int(gaps.max())
