@@ -207,8 +207,10 @@ _ELEMENTWISE = {"ge", "lt", "mul", "mul_", "add", "add_", "addcmul", "addcmul_",
                 "masked_fill_", "_to_copy", "copy_", "clone", "div", "div_", "sub", "sub_", "random_", "index_fill_"}
 
 
-def _input_sized_passes(layer: nn.Module, x: torch.Tensor) -> list[str]:
-    """The elementwise ATen ops writing an x-sized tensor in one forward + backward of ``layer`` on x."""
+def _input_sized_passes(layer: nn.Module, x: torch.Tensor, held: bool = True) -> list[str]:
+    """The elementwise ATen ops writing an x-sized tensor in one forward + backward of ``layer`` on x; with
+    ``held=False`` on a copy of x that nothing holds after the forward (as a norm's output in a model: x̄ is then
+    saved instead of it)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Recorder(TorchDispatchMode):
@@ -224,28 +226,45 @@ def _input_sized_passes(layer: nn.Module, x: torch.Tensor) -> list[str]:
             return out
 
     params = [p for p in layer.parameters() if p.requires_grad]
+    given = x if held else x.clone()  # saves nothing, passes the gradient through: the copy dies with the forward
     with Recorder() as recorder:
-        torch.autograd.grad(layer(x).sum(), [x, *params])
+        out = layer(given).sum()
+        del given
+        torch.autograd.grad(out, [x, *params])
     return recorder.ops
 
 
-def test_dropout_costs_the_fewest_passes_over_the_input() -> None:
-    """Dropout's passes over input-sized tensors in one forward + backward of a target: x copied once each way
-    (x̄), and the dropped elements zeroed in place (``index_fill_``: a write of p·n elements, not a pass) in x̄ and,
-    per target, in the LoRA term g_h A, into which the matmul then accumulates g W; the 1/(1 − p) rides on the
-    scalar s. Before session 13: the mask compared (ge), copied into x's dtype and multiplied in each way, plus a
-    multiply per target (6 passes; 8 before session 6). The mask is drawn as ~p·n gaps, not one number per element,
-    kept for backward or (use_packed_mask(False)) drawn again: the same passes either way."""
-    tokens, d_in = 64, 96
-    layer = LoraLinear(nn.Linear(d_in, 80).requires_grad_(False))
-    layer.update_layer("default", LoraConfig(r=4, lora_dropout=0.1, init_lora_weights=False), "m")
+def _dropout_layer(p: float) -> LoraLinear:
+    layer = LoraLinear(nn.Linear(96, 80).requires_grad_(False))
+    layer.update_layer("default", LoraConfig(r=4, lora_dropout=p, init_lora_weights=False), "m")
     layer.set_adapter(["default"])
-    layer.train()
+    return layer.train()
+
+
+def test_dropout_costs_the_fewest_passes_over_the_input() -> None:
+    """Dropout's passes over input-sized tensors in one forward + backward of a target: x copied once (x̄) and the
+    dropped elements zeroed in place (``index_fill_``: a write of p·n elements, not a pass) in forward; in backward
+    only the LoRA term g_h A's dropped elements zeroed, into which the matmul then accumulates g W, since x̄ itself
+    was saved (x is not kept by anything else); the 1/(1 − p) rides on the scalar s. Where something else keeps x
+    (here the caller holds it until backward), that is found at the start of backward and from then on x is saved
+    and backward copies and zeroes x̄ again (session 13's passes). Before session 13: the mask compared (ge), copied
+    into x's dtype and multiplied in each way, plus a multiply per target (6 passes; 8 before session 6). The mask
+    is drawn as ~p·n gaps, kept for backward or (use_packed_mask(False)) drawn again: the same passes either way."""
+    tokens, d_in = 64, 96
+    layer = _dropout_layer(0.1)
     x = torch.randn(tokens, d_in, requires_grad=True)
-    passes = ["clone", "index_fill_", "clone", "index_fill_", "index_fill_"]
-    assert _input_sized_passes(layer, x) == passes
-    with use_packed_mask(False):  # a new input (the same one would find its x̄ in the siblings' cache)
-        assert _input_sized_passes(layer, torch.randn(tokens, d_in, requires_grad=True)) == passes
+    saved_dropped, saved_x = ["clone", "index_fill_", "index_fill_"], ["clone", "index_fill_", "clone", "index_fill_", "index_fill_"]
+    for _ in range(2):
+        assert _input_sized_passes(layer, x, held=False) == saved_dropped
+    with use_packed_mask(False):
+        assert _input_sized_passes(layer, x, held=False) == saved_dropped
+    assert not layer._lora_input_choice.keep_input
+    assert _input_sized_passes(layer, x) == saved_dropped  # x̄ saved; x found alive when backward starts
+    assert layer._lora_input_choice.keep_input
+    for held in (True, False):  # x from then on, held or not
+        assert _input_sized_passes(layer, torch.randn(tokens, d_in, requires_grad=True), held) == saved_x
+    with use_packed_mask(False):
+        assert _input_sized_passes(layer, torch.randn(tokens, d_in, requires_grad=True)) == saved_x
     layer.eval()  # without dropout none at all: the LoRA term is added inside the matmuls (addmm_)
     assert _input_sized_passes(layer, x) == []
 
@@ -253,13 +272,17 @@ def test_dropout_costs_the_fewest_passes_over_the_input() -> None:
 def test_dense_dropout_mask_passes_over_the_input() -> None:
     """From p = 1/8 the mask is dense (a 16-bit lane an element): forward compares the lanes into 0/1 bytes (ge),
     copies them into x's dtype and multiplies x in (x̄ is made in the mask's buffer); backward unpacks the bits
-    forward kept (on eighth-sized words, no input-sized pass), copies them into x's dtype, multiplies x and the
-    LoRA term by it. Drawn again (use_packed_mask(False)), backward compares lanes once more."""
+    forward kept (on eighth-sized words, no input-sized pass), copies them into x's dtype and multiplies the LoRA
+    term by it (x̄ was saved); where x is saved instead (something else keeps it), x too. Drawn again
+    (use_packed_mask(False)), backward compares lanes once more."""
     tokens, d_in = 64, 96
-    layer = LoraLinear(nn.Linear(d_in, 80).requires_grad_(False))
-    layer.update_layer("default", LoraConfig(r=4, lora_dropout=0.3, init_lora_weights=False), "m")
-    layer.set_adapter(["default"])
-    layer.train()
+    layer = _dropout_layer(0.3)
+    assert _input_sized_passes(layer, torch.randn(tokens, d_in, requires_grad=True), held=False) == \
+        ["ge", "copy_", "mul_", "copy_", "mul_"]  # x̄ saved: backward masks the LoRA term only
+    with use_packed_mask(False):
+        assert _input_sized_passes(layer, torch.randn(tokens, d_in, requires_grad=True), held=False) == \
+            ["ge", "copy_", "mul_", "ge", "copy_", "mul_"]
+    layer._lora_input_choice.keep_input = True  # x saved (something else keeps it): backward makes x̄ again
     assert _input_sized_passes(layer, torch.randn(tokens, d_in, requires_grad=True)) == \
         ["ge", "copy_", "mul_", "copy_", "mul", "mul_"]
     with use_packed_mask(False):
@@ -638,3 +661,24 @@ def test_without_gradients_the_same_computation_runs_without_a_node(make, cfg, d
         torch.manual_seed(6)
         with torch.no_grad():
             assert not torch.equal(pm(ids).logits, without)
+
+
+def test_x_bar_is_saved_until_something_else_is_found_keeping_x() -> None:
+    """A target whose input another node keeps (Sigmoid saves its output): the first step saves x̄ beside that x
+    (one input-sized tensor more), finds x alive when backward starts, and every later step saves x instead; the
+    gradients are the same either way (x̄ is the same numbers whether saved or made again)."""
+    tokens, d_in = 48, 96
+    torch.manual_seed(0)
+    layer = _dropout_layer(0.1)
+    model = nn.Sequential(nn.Linear(32, d_in).requires_grad_(False), nn.Sigmoid(), layer).train()
+    x = torch.randn(tokens, 32, requires_grad=True)
+    grads, sizes = [], []
+    for _ in range(3):
+        torch.manual_seed(5)
+        sizes.append(_saved_bytes(model, x))
+        grads.append([p.grad.clone() for p in layer.parameters() if p.requires_grad])
+        layer.zero_grad(set_to_none=True)
+    assert sizes[0] - sizes[1] == tokens * d_in * 4 and sizes[1] == sizes[2]
+    assert layer._lora_input_choice.keep_input
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert torch.equal(a, b)

@@ -83,7 +83,7 @@ def test_joint_function_gradcheck(packed: bool, p: float) -> None:
             full[i] = t
         dropped = x.detach() * dropout_keep(x.shape, p, seed, x.device, x.dtype)
         gaps = _kept(dropout_keep(x.shape, p, seed, x.device), p) if packed else None  # kept, or drawn again
-        outs = lora_joint.JointLoraFunction.apply(x, dropped, (0.7, 1.3, 2.0), p, seed, gaps, *full)
+        outs = lora_joint.JointLoraFunction.apply(x, dropped, (0.7, 1.3, 2.0), p, seed, gaps, None, *full)
         return tuple(outs[i] for i in used)
 
     params = [t for t in tensors if t.requires_grad]
@@ -305,3 +305,47 @@ def test_joint_on_an_nf4_or_half_base_equals_the_per_target_path(base: str) -> N
             scale = other[name].float().abs().max().item()
             torch.testing.assert_close(grads[name].float(), other[name].float(), rtol=0,
                                        atol=atol * max(scale, 1e-3), msg=name)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_with_dropout_x_bar_is_saved_where_only_lora_keeps_x(monkeypatch, p: float) -> None:
+    """In a Llama block q/k/v's and gate/up's input (a norm's output) and down_proj's (the MLP's product) are kept
+    by nothing but LoRA: their nodes save x̄ itself, so backward makes x̄ again only for o_proj (whose input is a
+    view of the attention's output, which attention keeps). The same saved bytes and the same step, to the bit,
+    as saving x everywhere (session 14), and no input is found alive at backward."""
+    from saved_bytes import saved_bytes
+
+    from peftkit.methods import lora_kernels
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                 target_modules="all-linear", lora_dropout=p))
+    pm.train()
+    ids = torch.randint(1, 128, (3, 9))
+    rebuilt = []
+    real = lora_kernels._dropped_for_backward
+
+    def spy(*args, **kwargs):
+        rebuilt.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_kernels, "_dropped_for_backward", spy)
+    monkeypatch.setattr(lora_joint, "_dropped_for_backward", spy)
+    steps = {}
+    for mode in ("x_bar", "x"):
+        if mode == "x":
+            for m in pm.modules():
+                if type(m).__name__ == "LoraLinear":
+                    lora_kernels.input_choice(m).keep_input = True
+        rebuilt.clear()
+        torch.manual_seed(3)
+        size = saved_bytes(pm, ids)
+        _, _, grads, _ = _step(pm, ids, seed=3)
+        steps[mode] = (size, grads, len(rebuilt))
+        if mode == "x_bar":
+            choices = [m._lora_input_choice for m in pm.modules() if "_lora_input_choice" in m.__dict__]
+            assert len(choices) == 2 * 4 and not any(c.keep_input for c in choices)  # q (leader), o, gate, down
+    assert steps["x_bar"][0] == steps["x"][0]
+    assert steps["x_bar"][2] == 2 * 2 and steps["x"][2] == 2 * 2 * 4  # o_proj's per layer vs every group's
+    assert steps["x_bar"][1].keys() == steps["x"][1].keys()
+    for name, grad in steps["x_bar"][1].items():
+        assert torch.equal(grad, steps["x"][1][name]), name

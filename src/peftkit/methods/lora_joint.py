@@ -56,15 +56,19 @@ from ..quantize import dense_weight
 from .lora_kernels import (
     _base_matmul,
     _dropped_for_backward,
+    _drops_for_saved,
     _frozen_base_weight,
     adapter_weights,
     drop_,
     dropout_p,
     fused_enabled,
+    input_choice,
     keep_probability,
     lora_term_plus_base,
     outer_grad,
+    saves_dropped,
     shared_dropout,
+    verify_inputs,
     version_of,
     wide_matmul_dtype,
 )
@@ -211,7 +215,8 @@ def joined_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     for _, A, B, base, _ in members:
         tensors += [base.weight, base.bias, A, B]
     scalings = tuple(m_layer.scaling[m[0]] for m_layer, m in zip(layers, members, strict=True))
-    outs = JointLoraFunction.apply(x, dropped, scalings, p, seed, gaps, *tensors)
+    choice = input_choice(layer) if p > 0 else None
+    outs = JointLoraFunction.apply(x, dropped, scalings, p, seed, gaps, choice, *tensors)
     x_ref, version, leader_ref = weakref.ref(x), version_of(x), weakref.ref(layer)
     for follower, member, out in zip(layers[1:], members[1:], outs[1:], strict=True):
         pending[id(follower)] = (x_ref, version, leader_ref, _param_versions(member), out)
@@ -228,7 +233,8 @@ class JointLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, scalings: tuple[float, ...], p: float,
-                seed: int, gaps: torch.Tensor | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                seed: int, gaps: torch.Tensor | None, choice: Any, *tensors: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         n = len(scalings)
         weights, biases, As, Bs = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
@@ -251,17 +257,22 @@ class JointLoraFunction(torch.autograd.Function):
                 y = _base_matmul(x2, w_t, biases[i]).addmm_(h, Bs[i].T, alpha=scalings[i])
             outs.append(y.view(*x.shape[:-1], -1))
             start += r
-        ctx.save_for_backward(x, H, gaps, *weights, *As, *Bs)
+        # x̄ where nothing else keeps x (lora_kernels.InputChoice), else x
+        need_A = any(ctx.needs_input_grad[7 + 4 * i + 2] for i in range(n))
+        ctx.saved_dropped = need_A and saves_dropped(x, dropped, choice)
+        ctx.save_for_backward(dropped if ctx.saved_dropped else x, H, gaps, *weights, *As, *Bs)
         ctx.scalings, ctx.p, ctx.seed, ctx.n = scalings, p, seed, n
         ctx.has_bias = tuple(b is not None for b in biases)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        verify_inputs()
         n = ctx.n
         x, H, gaps, *rest = ctx.saved_tensors
         weights, As, Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
-        need = ctx.needs_input_grad  # x, dropped, scalings, p, seed, gaps, then (W, b, A, B) per target
+        need = ctx.needs_input_grad  # x, dropped, scalings, p, seed, gaps, choice, then (W, b, A, B) per target
+        need = need[:6] + need[7:]  # without choice's: need[6 + 4i + k] is target i's k-th tensor
         d_in, ad = x.shape[-1], H.dtype  # H is in the adapters' dtype
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         grad_H = H.new_zeros(H.shape) if any(g is None for g in gs) else None
@@ -285,7 +296,10 @@ class JointLoraFunction(torch.autograd.Function):
             grad_H = torch.cat(parts, 1)
         drops = dropped = None
         need_A = any(need[6 + 4 * i + 2] for i in range(n))
-        if ctx.p > 0:
+        if ctx.saved_dropped:  # x̄ itself was saved
+            dropped = x
+            drops = _drops_for_saved(dropped, ctx.p, ctx.seed, gaps) if need[0] else None
+        elif ctx.p > 0:
             drops, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, ad, need_A, gaps)
         elif need_A:
             dropped = x.to(ad)
@@ -313,4 +327,4 @@ class JointLoraFunction(torch.autograd.Function):
                     grad_x.add_(_base_matmul(gs[i], w, None))
             grad_x = grad_x.view(x.shape)
         flat = [t for per in grad_tensors for t in per]
-        return (grad_x, None, None, None, None, None, *flat)
+        return (grad_x, None, None, None, None, None, None, *flat)

@@ -6,9 +6,10 @@ Plain LoRA on a Linear (or GPT-2 Conv1D) computes, for x (..., d_in) and each ac
 
 :class:`LoraFunction` does that in one autograd node and saves only what backward needs:
 
-    saved          x (one tensor for every sibling that reads the same input: q, k, v; gate, up) and
-                   h = A x̄ (tokens × r); the dropout mask is an integer seed: backward regenerates it and
-                   x̄ once per sibling group
+    saved          x, or with dropout x̄ where nothing else keeps x (:class:`InputChoice`), one tensor for every
+                   sibling that reads the same input (q, k, v; gate, up); h = A x̄ (tokens × r); the dropout
+                   mask's gaps or bits (or only its seed): backward makes x̄ again, once per sibling group,
+                   only where it saved x
     forward        y = addmm(b, x, Wᵀ); y += s̄ · h Bᵀ          (one add-matmul into the output)
     backward       g_B = s̄ · gᵀ h,   g_h = s̄ · g B,   g_A = g_hᵀ x̄
                    g_x = g W  +  (g_h A) ⊙ keep                (without dropout the LoRA term is added into g W
@@ -378,6 +379,79 @@ def _drops_for_backward(n: int, p: float, seed: int, device: torch.device, kept:
 def clear_caches() -> None:
     """Drop this thread's dropout caches (each holds at most one input-sized x̄ and a mask until replaced)."""
     _cache.key, _cache.dropped, _cache.gaps, _cache.backward = None, None, None, None
+    _inputs.unverified = {}
+
+
+# ---- what a node with dropout saves: x, or x̄ where nothing else keeps x ------------------------------------
+class InputChoice:
+    """Whether a LoRA layer (or a sibling group's leader) with dropout saves its input x for backward, from which
+    backward makes x̄ again (a copy of x and a write of the drops), or x̄ itself, which backward reads as it is.
+
+    Backward needs x̄ (g_A = g_hᵀ x̄) and the mask (g_x's term), never x. x̄ takes as many bytes as x (same dtype), so
+    saving it instead costs nothing where nothing else keeps x until backward: a norm's output read only by q, k,
+    v (or gate, up), an MLP's product read only by down_proj. Where another node saves x too (o_proj's input on
+    CPU is a view of the attention's saved output), x̄ would be a second input-sized tensor. So x̄ is saved unless
+    x is a view (of something another node may keep) or this layer's input has been found alive at the start of
+    a backward pass (:func:`verify_inputs`: it is then kept by something else, and x is saved from then on)."""
+
+    __slots__ = ("keep_input",)
+
+    def __init__(self) -> None:
+        self.keep_input = False
+
+
+class _Inputs(threading.local):
+    def __init__(self) -> None:
+        self.unverified: dict[int, tuple[weakref.ref, InputChoice]] = {}  # by id(choice): its latest input
+
+
+_inputs = _Inputs()
+_CHOICE = "_lora_input_choice"
+
+
+def input_choice(layer: Any) -> InputChoice:
+    """``layer``'s :class:`InputChoice` (made on first use)."""
+    choice = layer.__dict__.get(_CHOICE)
+    if choice is None:
+        choice = layer.__dict__[_CHOICE] = InputChoice()
+    return choice
+
+
+def saves_dropped(x: torch.Tensor, dropped: torch.Tensor | None, choice: InputChoice | None) -> bool:
+    """Whether a node saves x̄ (``dropped``) instead of x (:class:`InputChoice`); if so, x is noted, to be looked
+    for at the start of backward (:func:`verify_inputs`)."""
+    if (dropped is None or choice is None or choice.keep_input or dropped.dtype != x.dtype or x._is_view()
+            or torch.compiler.is_compiling()):
+        return False
+    _inputs.unverified[id(choice)] = (weakref.ref(x), choice)
+    return True
+
+
+def verify_inputs() -> None:
+    """At a LoRA node's backward: each input whose x̄ was saved instead of it and that is still alive is kept by
+    something else (another node saved it, or the caller holds it): its layer saves x from its next call on, the
+    choice that keeps the fewest bytes. Checked at the first LoRA node of a backward pass, before the nodes that
+    saved x have run theirs (all of them, in a model whose LoRA targets sit in every block)."""
+    unverified = _inputs.unverified
+    if unverified:
+        _inputs.unverified = {}
+        for ref, choice in unverified.values():
+            if ref() is not None:
+                choice.keep_input = True
+
+
+def _drops_for_saved(dropped: torch.Tensor, p: float, seed: int, gaps: torch.Tensor | None) -> torch.Tensor:
+    """The dropped elements (:func:`drop_`'s ``drops``; a dense mask as 0/1 in x̄'s dtype) for a node that saved
+    x̄ itself; once for siblings whose backwards run in a row."""
+    key = (seed, dropped.data_ptr(), dropped.shape, dropped.dtype)
+    cached = _cache.backward
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    drops = _drops_for_backward(dropped.numel(), p, seed, dropped.device, gaps)
+    if drops.dtype == torch.uint8:
+        drops = _keep_as(drops, dropped.shape, dropped.dtype)
+    _cache.backward = (key, drops, None)
+    return drops
 
 
 # ---- the fused function ----------------------------------------------------------------------------------
@@ -420,28 +494,34 @@ class LoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
-                scaling: float, p: float, seed: int, gaps: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
+                scaling: float, p: float, seed: int, gaps: torch.Tensor | None, fan_in_fan_out: bool,
+                choice: InputChoice | None = None) -> torch.Tensor:
         if p > 0:
             scaling = scaling / keep_probability(p, x.device)  # s̄: (x̃ Aᵀ) Bᵀ s = (x̄ Aᵀ) Bᵀ s̄
         y, h = lora_forward(x, dropped, result, weight, bias, A, B, scaling, fan_in_fan_out)
         need = ctx.needs_input_grad
-        # x, not x̄: x is shared with the siblings and often kept anyway (o_proj's input is the attention's saved
-        # output); backward rebuilds x̄ from the mask's gaps (or its seed), once per sibling group
-        ctx.save_for_backward(x if need[5] else None, h if need[6] else None, A, B, weight if need[0] else None,
-                              gaps if p > 0 else None)
+        # x̄ where nothing else keeps x (InputChoice; the siblings save the same x̄), else x, from which backward
+        # rebuilds x̄ with the mask's gaps (or its seed), once per sibling group
+        ctx.saved_dropped = need[5] and saves_dropped(x, dropped, choice)
+        ctx.save_for_backward(dropped if ctx.saved_dropped else x if need[5] else None, h if need[6] else None,
+                              A, B, weight if need[0] else None, gaps if p > 0 else None)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.x_shape, ctx.x_dtype, ctx.has_result = x.shape, x.dtype, result is not None
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        verify_inputs()
         x, h, A, B, weight, gaps = ctx.saved_tensors
         need = ctx.needs_input_grad
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, B.shape[0])
         ga = g.to(A.dtype)  # g itself when the adapter shares its dtype
         drops = dropped = None
-        if p > 0 and (need[0] or need[5]):
+        if ctx.saved_dropped:  # x̄ itself was saved
+            dropped = x
+            drops = _drops_for_saved(dropped, p, ctx.seed, gaps) if need[0] else None
+        elif p > 0 and (need[0] or need[5]):
             drops, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5], gaps) if x is not None else \
                 (_drops_for_backward(ctx.x_shape.numel(), p, ctx.seed, g.device, gaps), None)
         elif need[5]:
@@ -461,7 +541,7 @@ class LoraFunction(torch.autograd.Function):
             grad_result = grad_out
         if need[4]:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_result, None, grad_bias, grad_A, grad_B, None, None, None, None, None
+        return grad_x, None, grad_result, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None
 
 
 def wide_matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
@@ -628,7 +708,8 @@ def lora_linear_forward(layer: Any, x: torch.Tensor, names: list[str]) -> torch.
         dropped, seed, gaps = shared_dropout(x, p, A.dtype) if p > 0 else (None, 0, None)
         args = (x, dropped, result, weight if result is None else None, bias if result is None else None, A, B)
         if torch.is_grad_enabled():
-            result = LoraFunction.apply(*args, layer.scaling[name], p, seed, gaps, layer.fan_in_fan_out)
+            result = LoraFunction.apply(*args, layer.scaling[name], p, seed, gaps, layer.fan_in_fan_out,
+                                        input_choice(layer) if p > 0 else None)
         else:  # no node to record: the same computation, without the autograd.Function's cost
             s = layer.scaling[name] / keep_probability(p, x.device) if p > 0 else layer.scaling[name]
             result = lora_forward(*args, s, layer.fan_in_fan_out)[0]
