@@ -227,6 +227,9 @@ def test_inference_keeps_the_per_target_path_and_checkpointing_gives_the_same_st
         _, _, grads, _ = _step(pm, ids)
         assert len(calls) == (2 if reentrant else 4) * 2  # per layer: q/k/v and gate/up, in forward and/or replay
         _assert_same(grads, plain, atol=0)
+        # x̄ saved in place of x throughout (no input found alive at backward: lora_kernels.InputChoice)
+        choices = [m._lora_input_choice for m in pm.modules() if "_lora_input_choice" in m.__dict__]
+        assert len(choices) == 2 * 4 and not any(c.keep_input for c in choices)
         pm.base_model.model.gradient_checkpointing_disable()
 
 

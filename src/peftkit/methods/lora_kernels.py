@@ -400,9 +400,12 @@ class InputChoice:
         self.keep_input = False
 
 
-class _Inputs(threading.local):
+class _Inputs:
+    """The inputs whose x̄ was saved instead of them, by id(choice): each layer's latest (so at most one a layer).
+    One for the process, not per thread: on a GPU autograd runs backward on a device thread of its own."""
+
     def __init__(self) -> None:
-        self.unverified: dict[int, tuple[weakref.ref, InputChoice]] = {}  # by id(choice): its latest input
+        self.unverified: dict[int, tuple[weakref.ref, InputChoice]] = {}
 
 
 _inputs = _Inputs()
@@ -430,8 +433,9 @@ def saves_dropped(x: torch.Tensor, dropped: torch.Tensor | None, choice: InputCh
 def verify_inputs() -> None:
     """At a LoRA node's backward: each input whose x̄ was saved instead of it and that is still alive is kept by
     something else (another node saved it, or the caller holds it): its layer saves x from its next call on, the
-    choice that keeps the fewest bytes. Checked at the first LoRA node of a backward pass, before the nodes that
-    saved x have run theirs (all of them, in a model whose LoRA targets sit in every block)."""
+    choice that keeps the fewest bytes. Checked once, at the first LoRA node to run in a backward pass: the nodes
+    nearest the loss may have freed what they saved by then, so an input only they kept can be missed (costing its
+    bytes, never a number); a LoRA input in any earlier block is still held by whatever keeps it."""
     unverified = _inputs.unverified
     if unverified:
         _inputs.unverified = {}
