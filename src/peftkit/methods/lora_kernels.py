@@ -469,7 +469,7 @@ def lora_forward(x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Te
     x2 = x.reshape(-1, d_in)
     # the adapter's dtype may be wider than x's (fp32 adapters on a bf16 base): x̄ and h are in A's dtype, the
     # output in x's; x is cast here and in backward, never kept cast
-    h = (x2.to(A.dtype) if dropped is None else dropped.reshape(-1, d_in)) @ A.T  # (tokens, r)
+    h = (dropped.reshape(-1, d_in) if dropped is not None else x2 if A.dtype == x.dtype else x2.to(A.dtype)) @ A.T
     # with the adapter's dtype other than x's, the reference's order: (h Bᵀ)·s in A's dtype, cast, added
     term = None if A.dtype == x.dtype else (h @ B.T).mul_(scaling).to(x.dtype)
     if result is None:
@@ -520,7 +520,7 @@ class LoraFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, B.shape[0])
-        ga = g.to(A.dtype)  # g itself when the adapter shares its dtype
+        ga = g if A.dtype == g.dtype else g.to(A.dtype)
         drops = dropped = None
         if ctx.saved_dropped:  # x̄ itself was saved
             dropped = x
@@ -529,7 +529,7 @@ class LoraFunction(torch.autograd.Function):
             drops, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5], gaps) if x is not None else \
                 (_drops_for_backward(ctx.x_shape.numel(), p, ctx.seed, g.device, gaps), None)
         elif need[5]:
-            dropped = x.to(A.dtype)
+            dropped = x if x.dtype == A.dtype else x.to(A.dtype)
         grad_x = grad_result = grad_bias = grad_A = grad_B = None
         if need[6]:
             grad_B = outer_grad(ga, h, s)
