@@ -271,9 +271,10 @@ def work_saved(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def work_time(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Step times of peftkit, HF PEFT and the floor on the same batch, in this one process, stepping in turn
-    (peftkit, HF, floor, peftkit, ...) so that a busy machine slows all three alike; the ratios are per turn.
-    (lib is ignored: the three rows are always timed together.)"""
+    """Step times of peftkit, HF PEFT and the floor on the same batch, in this one process, stepping in turn so
+    that a busy machine slows all three alike; the ratios are per turn. The order rotates each turn (peftkit, HF,
+    floor; then HF, floor, peftkit; ...) so that no row always follows the same one (a step runs slower after a
+    row that evicted its weights from the cache). (lib is ignored: the three rows are always timed together.)"""
     rows = {name: train_setup(name, case, args)[1] for name in ("peftkit", "hf", "floor")}
     if case != "lora" and args.vs_lora:  # peftkit's own LoRA, stepped in the same turns
         rows["lora"] = train_setup("peftkit", "lora", args)[1]
@@ -281,9 +282,10 @@ def work_time(lib: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.warmup):
             step()
     times: dict[str, list[float]] = {k: [] for k in rows}
-    for _ in range(args.steps):
-        for name, step in rows.items():
-            times[name] += timed(step, 1)
+    names = list(rows)
+    for turn in range(args.steps):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            times[name] += timed(rows[name], 1)
     turns = list(zip(times["peftkit"], times["hf"], times["floor"], strict=True))
     out = {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
            "pk_vs_hf": statistics.median(a / b for a, b, _ in turns),
