@@ -682,3 +682,19 @@ def test_x_bar_is_saved_until_something_else_is_found_keeping_x() -> None:
     assert layer._lora_input_choice.keep_input
     for a, b in zip(grads[0], grads[1], strict=True):
         assert torch.equal(a, b)
+
+
+def test_inputs_to_verify_are_seen_by_a_backward_on_another_thread() -> None:
+    """On a GPU autograd runs backward on a device thread of its own: the inputs a forward noted (x̄ saved in x's
+    place) must be visible there. Here the backward runs on another Python thread, with x held by the caller: the
+    layer switches to saving x."""
+    import threading
+
+    layer = _dropout_layer(0.1)
+    x = torch.randn(32, 96, requires_grad=True)
+    out = layer(x).sum()
+    assert not layer._lora_input_choice.keep_input
+    thread = threading.Thread(target=out.backward)
+    thread.start()
+    thread.join()
+    assert x.grad is not None and layer._lora_input_choice.keep_input
