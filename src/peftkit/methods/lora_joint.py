@@ -56,7 +56,6 @@ from ..quantize import dense_weight
 from .lora_kernels import (
     _base_matmul,
     _dropped_for_backward,
-    _drops_for_saved,
     _frozen_base_weight,
     adapter_weights,
     drop_,
@@ -297,11 +296,8 @@ class JointLoraFunction(torch.autograd.Function):
             grad_H = torch.cat(parts, 1)
         drops = dropped = None
         need_A = any(need[6 + 4 * i + 2] for i in range(n))
-        if ctx.saved_dropped:  # x̄ itself was saved
-            dropped = x
-            drops = _drops_for_saved(dropped, ctx.p, ctx.seed, gaps) if need[0] else None
-        elif ctx.p > 0:
-            drops, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, ad, need_A, gaps)
+        if ctx.p > 0:
+            drops, dropped = _dropped_for_backward(x, ctx.p, ctx.seed, ad, need_A, gaps, ctx.saved_dropped)
         elif need_A:
             dropped = x if x.dtype == ad else x.to(ad)
         if need_A:

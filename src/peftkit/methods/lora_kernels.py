@@ -348,10 +348,14 @@ def _dense_copy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _dropped_for_backward(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype, need_dropped: bool,
-                          gaps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          gaps: torch.Tensor | None, saved_dropped: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the dropped elements (:func:`drop_`'s ``drops``), x̄ = x ⊙ keep in ``dtype`` or None) of ``seed`` for the
     saved input x, from what forward kept (``gaps``: the gaps, or a dense mask's bits) or drawn again; once for
-    siblings whose backwards run in a row."""
+    siblings whose backwards run in a row. With ``saved_dropped`` forward saved x̄ itself (:class:`InputChoice`): x
+    is x̄, returned as it is (never held by the cache)."""
+    if saved_dropped:
+        return _dropped_for_backward(x, p, seed, dtype, False, gaps)[0], x
     key = (seed, x.data_ptr(), x.shape, dtype)
     cached = _cache.backward
     if cached is not None and cached[0] == key and (cached[2] is not None or not need_dropped):
@@ -444,20 +448,6 @@ def verify_inputs() -> None:
                 choice.keep_input = True
 
 
-def _drops_for_saved(dropped: torch.Tensor, p: float, seed: int, gaps: torch.Tensor | None) -> torch.Tensor:
-    """The dropped elements (:func:`drop_`'s ``drops``; a dense mask as 0/1 in x̄'s dtype) for a node that saved
-    x̄ itself; once for siblings whose backwards run in a row."""
-    key = (seed, dropped.data_ptr(), dropped.shape, dropped.dtype)
-    cached = _cache.backward
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    drops = _drops_for_backward(dropped.numel(), p, seed, dropped.device, gaps)
-    if drops.dtype == torch.uint8:
-        drops = _keep_as(drops, dropped.shape, dropped.dtype)
-    _cache.backward = (key, drops, None)
-    return drops
-
-
 # ---- the fused function ----------------------------------------------------------------------------------
 def lora_forward(x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Tensor | None,
                  weight: torch.Tensor | None, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
@@ -522,11 +512,9 @@ class LoraFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, B.shape[0])
         ga = g if A.dtype == g.dtype else g.to(A.dtype)
         drops = dropped = None
-        if ctx.saved_dropped:  # x̄ itself was saved
-            dropped = x
-            drops = _drops_for_saved(dropped, p, ctx.seed, gaps) if need[0] else None
-        elif p > 0 and (need[0] or need[5]):
-            drops, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5], gaps) if x is not None else \
+        if p > 0 and (need[0] or need[5]):
+            drops, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5], gaps, ctx.saved_dropped) \
+                if x is not None else \
                 (_drops_for_backward(ctx.x_shape.numel(), p, ctx.seed, g.device, gaps), None)
         elif need[5]:
             dropped = x if x.dtype == A.dtype else x.to(A.dtype)
