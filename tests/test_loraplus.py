@@ -48,7 +48,7 @@ def test_other_methods_and_bad_ratio() -> None:
 
 def test_trainer_honours_weight_decay_and_head_lr_with_loraplus(tmp_path) -> None:
     """``peftkit train`` with LoRA+: A at lr, B at 16·lr (both decayed), the head at head_lr with weight_decay;
-    one step equals torch's AdamW run by hand with those groups, bit for bit."""
+    one step equals torch's AdamW run by hand with those groups, bit for bit (fused, as the trainer runs it on CPU)."""
     import tiny_run
 
     from peftkit.train import Runner, parse_spec
@@ -74,7 +74,7 @@ def test_trainer_honours_weight_decay_and_head_lr_with_loraplus(tmp_path) -> Non
     grads = {n: torch.randn_like(p) for n, p in named}
     copies = {n: p.detach().clone().requires_grad_(True) for n, p in named}
     by_hand = torch.optim.AdamW([{"params": [copies[n] for n, _ in named if group_of(n) == g], "lr": rate,
-                                  "weight_decay": decay} for g, (rate, decay) in intended.items()])
+                                  "weight_decay": decay} for g, (rate, decay) in intended.items()], fused=True)
     for n, p in named:
         p.grad, copies[n].grad = grads[n].clone(), grads[n].clone()
     runner.optimizer.step()

@@ -161,6 +161,23 @@ def test_loss_is_normalised_over_the_global_batch(root, tmp_path):
             torch.testing.assert_close(pa, pb, atol=2e-6, rtol=1e-5)
 
 
+def test_the_optimizer_is_torchs_fused_adamw_where_torch_has_its_kernel(root, tmp_path):
+    """The trainer's AdamW is fused (one kernel a tensor; on CPU the default is ~12 Python-dispatched ops a tensor),
+    as transformers' Trainer defaults to; tensors torch has no fused kernel for keep the default AdamW."""
+    from peftkit.train.loop import fused_adamw_supported
+
+    runner = Runner(parse_spec(lm_config(root, tmp_path / "f", max_steps=2)), quiet=True)
+    assert runner.optimizer.defaults["fused"] is True
+    before = {n: p.detach().clone() for n, p in runner.model.named_parameters() if p.requires_grad}
+    runner.train()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, before[n])
+               for n, p in runner.model.named_parameters() if p.requires_grad and "lora_B" in n)
+    assert fused_adamw_supported([torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)])
+    assert not fused_adamw_supported([torch.zeros(2), torch.zeros(2, dtype=torch.int64)])
+    assert not fused_adamw_supported([torch.zeros(2, device="meta")])
+    assert not fused_adamw_supported([])
+
+
 @pytest.mark.parametrize("method", ["head", "full", "ia3", "bitfit", "houlsby", "pfeiffer", "vera", "dora", "rslora",
                                     "lora_fa", "delta_lora", "loraplus", "qlora", "prompt", "p_tuning", "prefix"])
 def test_every_method_trains_through_the_runner(root, tmp_path, method):

@@ -72,6 +72,20 @@ _RESUME_KEYS = ("lr", "schedule", "warmup_steps", "batch_size", "grad_accum", "w
                 "loraplus_lr_ratio", "head_lr", "seed")
 
 
+def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these tensors (floating point, each on a device torch has the kernel
+    for, DTensors included), as transformers' Trainer does by default (``adamw_torch_fused``). On CPU torch's
+    default AdamW is a Python loop of ~12 ops a tensor: with LoRA's many small tensors (two a target) that loop
+    is the optimizer's whole cost (112 tensors: 11.7 ms a step against 1.1 ms fused; benchmarks/RESULTS.md,
+    issue 20 session 16). The same update up to rounding (~1e-7 relative)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a torch without the helper: the two devices every torch with fused AdamW has
+        devices = {"cpu", "cuda"}
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
 @dataclass
 class RunResult:
     output_dir: str
@@ -334,7 +348,8 @@ class Runner(Scorer):
         if heads:
             groups.append({"params": heads, "lr": t.head_lr if t.head_lr is not None else self.lr})
         groups = [g for g in groups if g["params"]]
-        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=t.weight_decay)
+        fused = fused_adamw_supported([p for g in groups for p in g["params"]])
+        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=t.weight_decay, fused=fused or None)
 
     def _lr_factor(self, step: int) -> float:
         t = self.spec.training
