@@ -11,6 +11,10 @@ d_in → d_out and rank r, six products per token: x̄ Aᵀ and h Bᵀ (forward)
   fusion of the surrounding passes can remove with BLAS products (each is a skinny matmul, bound by reading its
   tokens × width operand, not by its multiply-adds). 1 + their sum over the model ÷ the floor step is the step
   ratio with every other LoRA cost (dropout, Python, the optimizer) at zero.
+* ``bound``: the floor step, the floor step followed by LoRA's products as peftkit runs them at dropout 0
+  (siblings joined, every output preallocated: ``joint_products``), and peftkit's whole LoRA step at dropout 0 and
+  0.05, in rotating turns: how far the step is from "floor + LoRA's matmuls, everything else free", measured in
+  the same turns rather than counted (not in the default parts: ``--parts bound``).
 * ``orient``: B's gradient as gᵀ h against (hᵀ g)ᵀ, per d_out (``lora_kernels.outer_grad`` picks by d_out).
 * ``order``: the forward's term-first order (``lora_kernels.lora_term_plus_base``: b + s·h Bᵀ written first, x Wᵀ
   accumulated into it by the matmul) against base-first (x Wᵀ + b, then ``addmm_`` of the term), per target shape.
@@ -24,6 +28,7 @@ Pairs run alternately, ``--rounds`` rounds, medians of per-round ratios (a busy 
 
     PYTHONPATH=src python benchmarks/lora_floor.py --shape narrow256            # batch 4 × 256, 1 thread
     PYTHONPATH=src python benchmarks/lora_floor.py --shape narrow512 --parts flops,matmuls
+    PYTHONPATH=src python benchmarks/lora_floor.py --shape narrow256 --parts bound --turns 30
 
 Writes benchmarks/results/lora_floor_<shape>.json (``--out``) and prints the tables RESULTS.md shows.
 """
@@ -119,6 +124,60 @@ def matmuls(args: argparse.Namespace, floor_ms: float) -> dict[str, Any]:
     return {"targets": rows, "floor_step_ms": floor_ms, "frozen_linears_ms": args.layers * frozen_total,
             "lora_products_ms": args.layers * lora_total,
             "step_ratio_floor": 1 + args.layers * lora_total / floor_ms}
+
+
+SIBLINGS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # lora_joint's groups in a Llama block
+
+
+def joint_products(args: argparse.Namespace) -> Callable[[], None]:
+    """LoRA's products over the whole model as peftkit runs them at dropout 0 (siblings reading one x share
+    x Aᵀ, g_Hᵀ x and g_H A: lora_joint), on random operands with every output preallocated (``out=``): nothing
+    allocated, no Python between the products but the loop, no dropout, no optimizer. Its time added to the floor
+    step's is what a LoRA step would cost if all of LoRA's other work were free."""
+    tokens, r, shapes = args.batch * args.seq, RANK, targets(args.hidden, args.intermediate)
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> None:
+        calls.append((a, b, torch.empty(a.shape[0], b.shape[1])))
+
+    for _ in range(args.layers):
+        for group in SIBLINGS:
+            d_in, n = shapes[group[0]][0], len(group)
+            x, A = torch.randn(tokens, d_in), torch.randn(n * r, d_in)
+            mm(x, A.T)  # H = x [A₁; …; Aₙ]ᵀ
+            gH = torch.randn(tokens, n * r)
+            for name in group:
+                d_out = shapes[name][1]
+                h, B, g = torch.randn(tokens, r), torch.randn(d_out, r), torch.randn(tokens, d_out)
+                mm(h, B.T)  # the term s·h Bᵀ
+                mm(g, B)  # g_h = s·g B
+                mm(h.T, g) if d_out <= 512 else mm(g.T, h)  # B's gradient, in outer_grad's orientation
+            mm(gH.T, x)  # [g_A₁; …] = g_Hᵀ x
+            mm(gH, A)  # g_H [A₁; …; Aₙ], the input gradient's LoRA term
+
+    def run() -> None:
+        for a, b, out in calls:
+            torch.mm(a, b, out=out)
+
+    return run
+
+
+def bound(args: argparse.Namespace) -> dict[str, Any]:
+    """The floor step, the floor step followed by LoRA's products alone (``joint_products``), and peftkit's LoRA
+    step at dropout 0 and 0.05, in turns (rotating order), ``--turns`` turns: per-turn ratios to the floor."""
+    products = joint_products(args)
+    floor = bench.train_setup("floor", "-", args)[1]
+    rows = {"floor": floor, "floor + LoRA's products": lambda: (floor(), products()),
+            "peftkit p 0": bench.train_setup("peftkit", "lora", args)[1],
+            "peftkit p 0.05": bench.train_setup("peftkit", "lora_p05", args)[1]}
+    times = round_robin(rows, args.turns, rotate=True)
+    alone = alternate({"products": products}, args.turns, 1)["products"]
+    ratios = median_ratios(times, "floor")
+    return {"step_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "vs_floor": ratios,
+            "quartiles_vs_floor": {k: statistics.quantiles([a / b for a, b in zip(v, times["floor"], strict=True)], n=4)
+                                   for k, v in times.items() if k != "floor"},
+            "products_alone_ms": statistics.median(alone) * 1e3, "optimizer": getattr(args, "optimizer", "fused"),
+            "times_s": times}
 
 
 def floor_step_ms(args: argparse.Namespace) -> float:
@@ -260,6 +319,15 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
         lines += ["", f"floor step {m['floor_step_ms']:.0f} ms; frozen block linears alone {m['frozen_linears_ms']:.0f} ms; "
                   f"LoRA's products alone {m['lora_products_ms']:.0f} ms → step ratio floor (products) "
                   f"**{m['step_ratio_floor']:.3f}**", ""]
+    if "bound" in res:
+        b = res["bound"]
+        lines += [f"| row ({args.turns} turns, rotating; AdamW {b['optimizer']}) | step ms | × floor, median | quartiles |",
+                  "|---|---:|---:|---|"]
+        for k, ms in b["step_ms"].items():
+            q = b["quartiles_vs_floor"].get(k)
+            lines.append(f"| {k} | {ms:.0f} | **{b['vs_floor'][k]:.3f}** | "
+                         + (f"{q[0]:.3f}–{q[2]:.3f}" if q else "-") + " |")
+        lines += ["", f"LoRA's products alone (the same calls, timed by themselves): {b['products_alone_ms']:.1f} ms", ""]
     if "orient" in res:
         lines += ["| d_out | gᵀ h ms | (hᵀ g)ᵀ ÷ gᵀ h |", "|---:|---:|---:|"]
         lines += [f"| {d} | {r['plain_ms']:.3f} | {r['transposed_vs_plain']:.2f} |" for d, r in res["orient"].items()]
@@ -292,6 +360,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--inner", type=int, default=5, help="calls per round of each timed op")
     parser.add_argument("--steps", type=int, default=7, help="floor steps timed (matmuls)")
+    parser.add_argument("--turns", type=int, default=20, help="turns of the bound part's four rows")
+    parser.add_argument("--optimizer", choices=("adamw", "fused"), default="fused",
+                        help="the bound part's peftkit rows' AdamW (compare_hf_peft --optimizer)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mask-p", default="0.05,0.1", help="dropout probabilities of the mask part")
@@ -307,7 +378,7 @@ def main() -> None:
         res["flops"] = flops(args)
     if "matmuls" in parts:
         res["matmuls"] = matmuls(args, floor_step_ms(args))
-    for part, fn in (("orient", orient), ("order", order), ("mask", mask)):
+    for part, fn in (("bound", bound), ("orient", orient), ("order", order), ("mask", mask)):
         if part in parts:
             res[part] = fn(args)
     text = table(res, args)
