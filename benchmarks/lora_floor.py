@@ -11,10 +11,11 @@ d_in → d_out and rank r, six products per token: x̄ Aᵀ and h Bᵀ (forward)
   fusion of the surrounding passes can remove with BLAS products (each is a skinny matmul, bound by reading its
   tokens × width operand, not by its multiply-adds). 1 + their sum over the model ÷ the floor step is the step
   ratio with every other LoRA cost (dropout, Python, the optimizer) at zero.
-* ``bound``: the floor step, the floor step followed by LoRA's products as peftkit runs them at dropout 0
-  (siblings joined, every output preallocated: ``joint_products``), and peftkit's whole LoRA step at dropout 0 and
-  0.05, in rotating turns: how far the step is from "floor + LoRA's matmuls, everything else free", measured in
-  the same turns rather than counted (not in the default parts: ``--parts bound``).
+* ``bound``: the floor step, the floor step followed by LoRA's products as peftkit runs them (siblings joined,
+  every output preallocated: ``joint_products``), the same with dropout 0.05's passes (the gaps' draw, x̄'s copy,
+  the drops' writes both ways), and peftkit's whole LoRA step at dropout 0 and 0.05, in rotating turns: how far
+  the step is from "floor + LoRA's matmuls (and dropout's passes), everything else free", measured in the same
+  turns rather than counted (not in the default parts: ``--parts bound``).
 * ``orient``: B's gradient as gᵀ h against (hᵀ g)ᵀ, per d_out (``lora_kernels.outer_grad`` picks by d_out).
 * ``order``: the forward's term-first order (``lora_kernels.lora_term_plus_base``: b + s·h Bᵀ written first, x Wᵀ
   accumulated into it by the matmul) against base-first (x Wᵀ + b, then ``addmm_`` of the term), per target shape.
@@ -129,22 +130,43 @@ def matmuls(args: argparse.Namespace, floor_ms: float) -> dict[str, Any]:
 SIBLINGS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # lora_joint's groups in a Llama block
 
 
-def joint_products(args: argparse.Namespace) -> Callable[[], None]:
-    """LoRA's products over the whole model as peftkit runs them at dropout 0 (siblings reading one x share
-    x Aᵀ, g_Hᵀ x and g_H A: lora_joint), on random operands with every output preallocated (``out=``): nothing
-    allocated, no Python between the products but the loop, no dropout, no optimizer. Its time added to the floor
-    step's is what a LoRA step would cost if all of LoRA's other work were free."""
+def joint_products(args: argparse.Namespace, p: float = 0.0) -> Callable[[], None]:
+    """LoRA's products over the whole model as peftkit runs them (siblings reading one x share x̄ Aᵀ, g_Hᵀ x̄ and
+    g_H A: lora_joint), on random operands with every output preallocated (``out=``): nothing allocated but what
+    the ops make themselves, no Python between them but the loop, no optimizer. Its time added to the floor step's
+    is what a LoRA step would cost if all of LoRA's other work were free. With ``p`` > 0 also dropout's passes as
+    peftkit makes them: per group the mask's gaps drawn (``lora_kernels._gap_drops``), x copied into x̄ and the
+    drops zeroed (forward), the drops' positions summed again from the kept gaps and zeroed in the input
+    gradient's LoRA term (backward), and for o_proj (which keeps x, not x̄: a view) x̄ made again in backward."""
     tokens, r, shapes = args.batch * args.seq, RANK, targets(args.hidden, args.intermediate)
-    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    calls: list[Callable[[], Any]] = []
 
     def mm(a: torch.Tensor, b: torch.Tensor) -> None:
-        calls.append((a, b, torch.empty(a.shape[0], b.shape[1])))
+        out = torch.empty(a.shape[0], b.shape[1])
+        calls.append(lambda: torch.mm(a, b, out=out))
+
+    def dropped(x: torch.Tensor, xbar: torch.Tensor, gaps: list[torch.Tensor]) -> None:  # forward: draw, x̄
+        def run() -> None:
+            gaps[0] = lora_kernels._gap_drops(x.numel(), p, 1234, x.device)[0].to(torch.uint8)
+            xbar.copy_(x).view(-1).index_fill_(0, lora_kernels.drop_positions(gaps[0]), 0)
+        calls.append(run)
+
+    def masked(term: torch.Tensor, gaps: list[torch.Tensor], x: torch.Tensor | None, xbar: torch.Tensor) -> None:
+        def run() -> None:  # backward: the positions again, x̄ again where x was kept, the term's drops zeroed
+            drops = lora_kernels.drop_positions(gaps[0])
+            if x is not None:
+                xbar.copy_(x).view(-1).index_fill_(0, drops, 0)
+            term.view(-1).index_fill_(0, drops, 0)
+        calls.append(run)
 
     for _ in range(args.layers):
         for group in SIBLINGS:
             d_in, n = shapes[group[0]][0], len(group)
             x, A = torch.randn(tokens, d_in), torch.randn(n * r, d_in)
-            mm(x, A.T)  # H = x [A₁; …; Aₙ]ᵀ
+            xbar, gaps = torch.empty_like(x), [torch.empty(0, dtype=torch.uint8)]
+            if p > 0:
+                dropped(x, xbar, gaps)
+            mm(xbar if p > 0 else x, A.T)  # H = x̄ [A₁; …; Aₙ]ᵀ
             gH = torch.randn(tokens, n * r)
             for name in group:
                 d_out = shapes[name][1]
@@ -152,32 +174,44 @@ def joint_products(args: argparse.Namespace) -> Callable[[], None]:
                 mm(h, B.T)  # the term s·h Bᵀ
                 mm(g, B)  # g_h = s·g B
                 mm(h.T, g) if d_out <= 512 else mm(g.T, h)  # B's gradient, in outer_grad's orientation
-            mm(gH.T, x)  # [g_A₁; …] = g_Hᵀ x
-            mm(gH, A)  # g_H [A₁; …; Aₙ], the input gradient's LoRA term
+            mm(gH.T, xbar if p > 0 else x)  # [g_A₁; …] = g_Hᵀ x̄
+            term = torch.empty(tokens, d_in)
+            calls.append(lambda gH=gH, A=A, term=term: torch.mm(gH, A, out=term))  # g_H [A₁; …; Aₙ]
+            if p > 0:
+                masked(term, gaps, x if group == ("o",) else None, xbar)
 
     def run() -> None:
-        for a, b, out in calls:
-            torch.mm(a, b, out=out)
+        for call in calls:
+            call()
 
     return run
 
 
 def bound(args: argparse.Namespace) -> dict[str, Any]:
-    """The floor step, the floor step followed by LoRA's products alone (``joint_products``), and peftkit's LoRA
-    step at dropout 0 and 0.05, in turns (rotating order), ``--turns`` turns: per-turn ratios to the floor."""
-    products = joint_products(args)
+    """The floor step; the floor step followed by LoRA's products alone (``joint_products``), and with dropout
+    0.05's passes too; peftkit's LoRA step at dropout 0 and 0.05: in turns (rotating order), ``--turns`` turns.
+    Per-turn ratios to the floor, and of each peftkit row to its bound row."""
+    products, with_dropout = joint_products(args), joint_products(args, 0.05)
     floor = bench.train_setup("floor", "-", args)[1]
     rows = {"floor": floor, "floor + LoRA's products": lambda: (floor(), products()),
             "peftkit p 0": bench.train_setup("peftkit", "lora", args)[1],
+            "floor + products + dropout's passes": lambda: (floor(), with_dropout()),
             "peftkit p 0.05": bench.train_setup("peftkit", "lora_p05", args)[1]}
     times = round_robin(rows, args.turns, rotate=True)
-    alone = alternate({"products": products}, args.turns, 1)["products"]
-    ratios = median_ratios(times, "floor")
-    return {"step_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "vs_floor": ratios,
-            "quartiles_vs_floor": {k: statistics.quantiles([a / b for a, b in zip(v, times["floor"], strict=True)], n=4)
-                                   for k, v in times.items() if k != "floor"},
-            "products_alone_ms": statistics.median(alone) * 1e3, "optimizer": getattr(args, "optimizer", "fused"),
-            "times_s": times}
+    alone = alternate({"products": products, "with dropout": with_dropout}, args.turns, 1)
+
+    def per_turn(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(times[a], times[b], strict=True)]
+
+    vs_bound = {"p 0": per_turn("peftkit p 0", "floor + LoRA's products"),
+                "p 0.05": per_turn("peftkit p 0.05", "floor + products + dropout's passes")}
+    return {"step_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+            "vs_floor": median_ratios(times, "floor"),
+            "quartiles_vs_floor": {k: statistics.quantiles(per_turn(k, "floor"), n=4) for k in rows if k != "floor"},
+            "vs_bound": {k: statistics.median(v) for k, v in vs_bound.items()},
+            "quartiles_vs_bound": {k: statistics.quantiles(v, n=4) for k, v in vs_bound.items()},
+            "alone_ms": {k: statistics.median(v) * 1e3 for k, v in alone.items()},
+            "optimizer": getattr(args, "optimizer", "fused"), "times_s": times}
 
 
 def floor_step_ms(args: argparse.Namespace) -> float:
@@ -327,7 +361,11 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
             q = b["quartiles_vs_floor"].get(k)
             lines.append(f"| {k} | {ms:.0f} | **{b['vs_floor'][k]:.3f}** | "
                          + (f"{q[0]:.3f}–{q[2]:.3f}" if q else "-") + " |")
-        lines += ["", f"LoRA's products alone (the same calls, timed by themselves): {b['products_alone_ms']:.1f} ms", ""]
+        lines += ["", "peftkit ÷ its bound row, per turn: " + "; ".join(
+            f"{k} **{v:.3f}** ({b['quartiles_vs_bound'][k][0]:.3f}–{b['quartiles_vs_bound'][k][2]:.3f})"
+            for k, v in b["vs_bound"].items()),
+                  "LoRA's products alone: {products:.1f} ms; with dropout's passes: {with dropout:.1f} ms".format(
+                      **b["alone_ms"]), ""]
     if "orient" in res:
         lines += ["| d_out | gᵀ h ms | (hᵀ g)ᵀ ÷ gᵀ h |", "|---:|---:|---:|"]
         lines += [f"| {d} | {r['plain_ms']:.3f} | {r['transposed_vs_plain']:.2f} |" for d, r in res["orient"].items()]
