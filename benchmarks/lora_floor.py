@@ -141,9 +141,10 @@ def joint_products(args: argparse.Namespace, p: float = 0.0) -> Callable[[], Non
     tokens, r, shapes = args.batch * args.seq, RANK, targets(args.hidden, args.intermediate)
     calls: list[Callable[[], Any]] = []
 
-    def mm(a: torch.Tensor, b: torch.Tensor) -> None:
+    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = torch.empty(a.shape[0], b.shape[1])
         calls.append(lambda: torch.mm(a, b, out=out))
+        return out
 
     def dropped(x: torch.Tensor, xbar: torch.Tensor, gaps: list[torch.Tensor]) -> None:  # forward: draw, x̄
         def run() -> None:
@@ -163,20 +164,22 @@ def joint_products(args: argparse.Namespace, p: float = 0.0) -> Callable[[], Non
         for group in SIBLINGS:
             d_in, n = shapes[group[0]][0], len(group)
             x, A = torch.randn(tokens, d_in), torch.randn(n * r, d_in)
-            xbar, gaps = torch.empty_like(x), [torch.empty(0, dtype=torch.uint8)]
+            xbar, gaps = (torch.empty_like(x), [torch.empty(0, dtype=torch.uint8)]) if p > 0 else (x, [])
             if p > 0:
                 dropped(x, xbar, gaps)
-            mm(xbar if p > 0 else x, A.T)  # H = x̄ [A₁; …; Aₙ]ᵀ
+            mm(xbar, A.T)  # H = x̄ [A₁; …; Aₙ]ᵀ
             gH = torch.randn(tokens, n * r)
             for name in group:
                 d_out = shapes[name][1]
                 h, B, g = torch.randn(tokens, r), torch.randn(d_out, r), torch.randn(tokens, d_out)
                 mm(h, B.T)  # the term s·h Bᵀ
                 mm(g, B)  # g_h = s·g B
-                mm(h.T, g) if d_out <= 512 else mm(g.T, h)  # B's gradient, in outer_grad's orientation
-            mm(gH.T, xbar if p > 0 else x)  # [g_A₁; …] = g_Hᵀ x̄
-            term = torch.empty(tokens, d_in)
-            calls.append(lambda gH=gH, A=A, term=term: torch.mm(gH, A, out=term))  # g_H [A₁; …; Aₙ]
+                if d_out <= lora_kernels.OUTER_TRANSPOSED_UP_TO:  # B's gradient, in outer_grad's orientation
+                    mm(h.T, g)
+                else:
+                    mm(g.T, h)
+            mm(gH.T, xbar)  # [g_A₁; …] = g_Hᵀ x̄
+            term = mm(gH, A)  # g_H [A₁; …; Aₙ], the input gradient's LoRA term
             if p > 0:
                 masked(term, gaps, x if group == ("o",) else None, xbar)
 
@@ -398,7 +401,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--inner", type=int, default=5, help="calls per round of each timed op")
     parser.add_argument("--steps", type=int, default=7, help="floor steps timed (matmuls)")
-    parser.add_argument("--turns", type=int, default=20, help="turns of the bound part's four rows")
+    parser.add_argument("--turns", type=int, default=20, help="turns of the bound part's five rows")
     parser.add_argument("--optimizer", choices=("adamw", "fused"), default="fused",
                         help="the bound part's peftkit rows' AdamW (compare_hf_peft --optimizer)")
     parser.add_argument("--threads", type=int, default=1)

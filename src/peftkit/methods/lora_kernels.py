@@ -459,7 +459,7 @@ def lora_forward(x: torch.Tensor, dropped: torch.Tensor | None, result: torch.Te
     x2 = x.reshape(-1, d_in)
     # the adapter's dtype may be wider than x's (fp32 adapters on a bf16 base): x̄ and h are in A's dtype, the
     # output in x's; x is cast here and in backward, never kept cast
-    h = (dropped.reshape(-1, d_in) if dropped is not None else x2 if A.dtype == x.dtype else x2.to(A.dtype)) @ A.T
+    h = (dropped.reshape(-1, d_in) if dropped is not None else as_dtype(x2, A.dtype)) @ A.T
     # with the adapter's dtype other than x's, the reference's order: (h Bᵀ)·s in A's dtype, cast, added
     term = None if A.dtype == x.dtype else (h @ B.T).mul_(scaling).to(x.dtype)
     if result is None:
@@ -510,14 +510,14 @@ class LoraFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, B.shape[0])
-        ga = g if A.dtype == g.dtype else g.to(A.dtype)
+        ga = as_dtype(g, A.dtype)
         drops = dropped = None
         if p > 0 and (need[0] or need[5]):
             drops, dropped = _dropped_for_backward(x, p, ctx.seed, A.dtype, need[5], gaps, ctx.saved_dropped) \
                 if x is not None else \
                 (_drops_for_backward(ctx.x_shape.numel(), p, ctx.seed, g.device, gaps), None)
         elif need[5]:
-            dropped = x if x.dtype == A.dtype else x.to(A.dtype)
+            dropped = as_dtype(x, A.dtype)
         grad_x = grad_result = grad_bias = grad_A = grad_B = None
         if need[6]:
             grad_B = outer_grad(ga, h, s)
@@ -602,13 +602,22 @@ def lora_term_plus_base(h: torch.Tensor, B: torch.Tensor, s: float, bias: torch.
     return y.addmm_(x, w_t)
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``: t itself when it already is (a no-op ``.to`` still costs ~3 µs of dispatch, several times a
+    target's step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+OUTER_TRANSPOSED_UP_TO = 512  # outer_grad's orientation switch (d_out); benchmarks/lora_floor.py uses it too
+
+
 def outer_grad(g: torch.Tensor, h: torch.Tensor, s: float) -> torch.Tensor:
     """s · gᵀ h, B's gradient (g (tokens, d_out), h (tokens, r)), as a contiguous (d_out, r) tensor. For d_out up to
     512 computed as (hᵀ g)ᵀ: on this project's CPU machine (MKL, one thread, r 16, 1024-2048 tokens) that orientation
     took 0.64-0.83 × the time of gᵀ h at d_out 256 and 512, but 1.05-1.20 × at 688 and 1376
     (benchmarks/lora_floor.py --parts orient). Same products, summed in another order."""
     out = torch.empty((g.shape[1], h.shape[1]), dtype=g.dtype, device=g.device)
-    return torch.mul((h.T @ g).T if g.shape[1] <= 512 else g.T @ h, s, out=out)
+    return torch.mul((h.T @ g).T if g.shape[1] <= OUTER_TRANSPOSED_UP_TO else g.T @ h, s, out=out)
 
 
 def _input_grad(g: torch.Tensor, w: torch.Tensor | None, grad_h: torch.Tensor, A: torch.Tensor,
