@@ -46,6 +46,23 @@ def test_fused_lora_layer_compiles_as_one_graph_forward_and_backward() -> None:
     _compiled_layer_equals_eager(layer, torch.randn(3, 5, layer.in_features, requires_grad=True))
 
 
+def test_an_eager_dropout_forward_left_unverified_does_not_break_the_compiled_graph() -> None:
+    """An eager forward with dropout whose backward never ran leaves its input noted (x̄ saved in its place:
+    lora_kernels.verify_inputs looks for it at the next backward); a compiled backward must leave that
+    process-wide record alone (mutating it from the traced backward is a graph break, an error under fullgraph)."""
+    torch.manual_seed(0)
+    dropping = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["o_proj"], lora_dropout=0.1)).train()
+    x = torch.randn(3, 5, _layer(dropping).in_features, requires_grad=True)
+    _layer(dropping)(x)  # no backward
+    assert lora_kernels._inputs.unverified
+    pm = _two_adapters().train()
+    layer = _layer(pm)
+    torch.manual_seed(1)  # the input of the test above
+    _compiled_layer_equals_eager(layer, torch.randn(3, 5, layer.in_features, requires_grad=True))
+    assert not lora_kernels._inputs.unverified  # the eager backward after it looked (x is alive: the layer keeps x)
+    assert _layer(dropping)._lora_input_choice.keep_input
+
+
 @pytest.mark.parametrize("names, tokens, grouped", [
     (["b", "default", "__base__", "b"], 5, True),  # adapters grouped: two bmm over the stacked tables
     (["default"] * 7 + ["b"], 64, False),  # one large group and long rows: each row gathers its weights

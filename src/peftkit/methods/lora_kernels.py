@@ -439,7 +439,12 @@ def verify_inputs() -> None:
     something else (another node saved it, or the caller holds it): its layer saves x from its next call on, the
     choice that keeps the fewest bytes. Checked once, at the first LoRA node to run in a backward pass: the nodes
     nearest the loss may have freed what they saved by then, so an input only they kept can be missed (costing its
-    bytes, never a number); a LoRA input in any earlier block is still held by whatever keeps it."""
+    bytes, never a number); a LoRA input in any earlier block is still held by whatever keeps it. Not while
+    compiling: a compiled node never saves x̄ in x's place (:func:`saves_dropped`), and touching this process-wide
+    record from a traced backward would break its graph; inputs an eager forward left noted wait for the next
+    eager backward."""
+    if torch.compiler.is_compiling():
+        return
     unverified = _inputs.unverified
     if unverified:
         _inputs.unverified = {}
