@@ -16,6 +16,8 @@ d_in → d_out and rank r, six products per token: x̄ Aᵀ and h Bᵀ (forward)
   the drops' writes both ways), and peftkit's whole LoRA step at dropout 0 and 0.05, in rotating turns: how far
   the step is from "floor + LoRA's matmuls (and dropout's passes), everything else free", measured in the same
   turns rather than counted (not in the default parts: ``--parts bound``).
+* ``optimizer``: one AdamW step over LoRA's trainable tensors, torch's default (on CPU a Python loop), foreach
+  and fused implementations (not in the default parts: ``--parts optimizer``).
 * ``orient``: B's gradient as gᵀ h against (hᵀ g)ᵀ, per d_out (``lora_kernels.outer_grad`` picks by d_out).
 * ``order``: the forward's term-first order (``lora_kernels.lora_term_plus_base``: b + s·h Bᵀ written first, x Wᵀ
   accumulated into it by the matmul) against base-first (x Wᵀ + b, then ``addmm_`` of the term), per target shape.
@@ -30,6 +32,7 @@ Pairs run alternately, ``--rounds`` rounds, medians of per-round ratios (a busy 
     PYTHONPATH=src python benchmarks/lora_floor.py --shape narrow256            # batch 4 × 256, 1 thread
     PYTHONPATH=src python benchmarks/lora_floor.py --shape narrow512 --parts flops,matmuls
     PYTHONPATH=src python benchmarks/lora_floor.py --shape narrow256 --parts bound --turns 30
+    PYTHONPATH=src python benchmarks/lora_floor.py --shape narrow256 --parts optimizer
 
 Writes benchmarks/results/lora_floor_<shape>.json (``--out``) and prints the tables RESULTS.md shows.
 """
@@ -217,6 +220,21 @@ def bound(args: argparse.Namespace) -> dict[str, Any]:
             "optimizer": getattr(args, "optimizer", "fused"), "times_s": times}
 
 
+def optimizer(args: argparse.Namespace) -> dict[str, Any]:
+    """One AdamW step over the trainable tensors of peftkit's LoRA on this shape (gradients set), torch's three
+    implementations in turn, ``--rounds`` rounds: the default (on CPU a Python loop over the tensors), foreach, fused."""
+    pm = bench.train_setup("peftkit", "lora", args)[0]
+    params = [p for p in pm.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    kinds = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    steps = {k: torch.optim.AdamW(params, lr=1e-4, **kw).step for k, kw in kinds.items()}
+    times = alternate(steps, args.rounds, args.inner)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"tensors": len(params), "elements": sum(p.numel() for p in params), "step_ms": ms,
+            "vs_fused": median_ratios(times, "fused")}
+
+
 def floor_step_ms(args: argparse.Namespace) -> float:
     _, step = bench.train_setup("floor", "-", args)
     return statistics.median(alternate({"floor": step}, args.steps, 1)["floor"]) * 1e3
@@ -369,6 +387,12 @@ def table(res: dict[str, Any], args: argparse.Namespace) -> str:
             for k, v in b["vs_bound"].items()),
                   "LoRA's products alone: {products:.1f} ms; with dropout's passes: {with dropout:.1f} ms".format(
                       **b["alone_ms"]), ""]
+    if "optimizer" in res:
+        o = res["optimizer"]
+        lines += [f"AdamW step over LoRA's {o['tensors']} tensors ({o['elements']:,} elements):", "",
+                  "| AdamW | ms a step | × fused |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v:.2f} | {o['vs_fused'][k]:.1f} |" for k, v in o["step_ms"].items()]
+        lines.append("")
     if "orient" in res:
         lines += ["| d_out | gᵀ h ms | (hᵀ g)ᵀ ÷ gᵀ h |", "|---:|---:|---:|"]
         lines += [f"| {d} | {r['plain_ms']:.3f} | {r['transposed_vs_plain']:.2f} |" for d, r in res["orient"].items()]
@@ -419,7 +443,7 @@ def main() -> None:
         res["flops"] = flops(args)
     if "matmuls" in parts:
         res["matmuls"] = matmuls(args, floor_step_ms(args))
-    for part, fn in (("bound", bound), ("orient", orient), ("order", order), ("mask", mask)):
+    for part, fn in (("bound", bound), ("optimizer", optimizer), ("orient", orient), ("order", order), ("mask", mask)):
         if part in parts:
             res[part] = fn(args)
     text = table(res, args)

@@ -76,8 +76,8 @@ def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW takes these tensors (floating point, each on a device torch has the kernel
     for, DTensors included), as transformers' Trainer does by default (``adamw_torch_fused``). On CPU torch's
     default AdamW is a Python loop of ~12 ops a tensor: with LoRA's many small tensors (two a target) that loop
-    is the optimizer's whole cost (112 tensors: 11.7 ms a step against 1.1 ms fused; benchmarks/RESULTS.md,
-    issue 20 session 16). The same update up to rounding (~1e-7 relative)."""
+    is the optimizer's whole cost (112 tensors: 7.2 ms a step against 1.4 ms fused, `benchmarks/lora_floor.py
+    --parts optimizer`; benchmarks/RESULTS.md, issue 20 session 16). The same update up to rounding (~1e-7 relative)."""
     try:
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
         devices = set(_get_fused_kernels_supported_devices())
